@@ -1,0 +1,42 @@
+"""jackpot-jax: JAX-native RL for LLMs with a cheap actor and OBRS (the Jackpot method)."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    # Pallas and the sharding APIs change between JAX minor releases; the kernels and the
+    # multi-host code are written and tested against 0.10.
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12",  # NNX is the model API
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "ml_collections>=1.0",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "matplotlib>=3.8",  # experiment plots
+    # The only release on PyPI (the project is archived). Imported lazily, only by the serving
+    # code; jackpot_jax keeps its one compatibility shim for it, written against 0.2.2's code.
+    "google-jetstream==0.2.2",
+    "tensorflow-datasets>=4.9",  # imported lazily, only by jackpot_jax.data
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest>=8",
+        "hypothesis>=6.100",
+    ],
+    # JAX's CUDA 12 wheels work with every driver that supports H100/H200 (CUDA 13 needs >= 580).
+    "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+}
+
+setup(
+    name="jackpot-jax",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jackpot_jax", "jackpot_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)

@@ -1,0 +1,30 @@
+import zlib
+
+import numpy as np
+import pytest
+
+from tests import reference
+
+VOCABS = (2, 3, 17, 1000, 32768)
+
+
+def random_log_dists(rng, lead_shape, vocab, *, scale=3.0, padded=0, tiny=0):
+    """Random log-distributions ``[*lead_shape, vocab]`` (float64), LLM-like peaky at scale 3.
+
+    ``padded`` trailing columns are ``-inf`` (a padded vocabulary); ``tiny`` random entries per row
+    get probability around 1e-35 (near-zero p_inf).
+    """
+    logits = scale * rng.standard_normal((*lead_shape, vocab))
+    if tiny:
+        rows = logits.reshape(-1, vocab)
+        for row in rows:
+            row[rng.choice(vocab - padded, size=min(tiny, vocab - padded - 1), replace=False)] = -80.0
+    if padded:
+        logits[..., vocab - padded:] = -np.inf
+    return reference.log_softmax(logits)
+
+
+@pytest.fixture
+def rng(request):
+    """A NumPy generator seeded from the test's name, so every test is reproducible."""
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
