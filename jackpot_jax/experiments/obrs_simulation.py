@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jackpot_jax import obrs
-from jackpot_jax.config import validate
+from jackpot_jax.config import ConfigError, validate
 from jackpot_jax.losses import kl_divergence
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "obrs_simulation.py"
@@ -140,7 +140,7 @@ def _simulate(config):
     panel_strengths = config[f"{config.ratio_panel_family}_strengths"]
     if config.ratio_panel_family not in config.families or not (
             -len(panel_strengths) <= config.ratio_panel_level < len(panel_strengths)):
-        raise ValueError(f"config.ratio_panel_family={config.ratio_panel_family!r} with "
+        raise ConfigError(f"config.ratio_panel_family={config.ratio_panel_family!r} with "
                          f"config.ratio_panel_level={config.ratio_panel_level} names no simulated level.")
     levels, panel = [], None
     panel_strength = float(panel_strengths[config.ratio_panel_level])
@@ -259,7 +259,10 @@ def main(argv):
 
     del argv
     config, out = flags.FLAGS.config, flags.FLAGS.out
-    run(config, out)
+    try:
+        run(config, out)
+    except ConfigError as e:  # a bad config value: say which, without a traceback
+        raise SystemExit(f"error: {e}") from None
     print(Path(out, "obrs_simulation.md").read_text())
     print(f"Wrote {os.path.join(out, 'obrs_simulation.png')} and results.json")
 
