@@ -22,9 +22,9 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The checks too long for CI (see README, "Tests").
+# Everything, plus the checks too long for CI (marker `slow`), with 2,000 examples per property.
 test-slow: $(INSTALLED)
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "slow or not slow" --hypothesis-profile=thorough $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

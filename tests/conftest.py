@@ -2,8 +2,14 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from tests import reference
+
+# Property tests: 40 examples each by default (CI); `make test-slow` runs 2,000 each.
+settings.register_profile("default", max_examples=40, deadline=None)
+settings.register_profile("thorough", max_examples=2000, deadline=None)
+settings.load_profile("default")
 
 VOCABS = (2, 3, 17, 1000, 32768)
 

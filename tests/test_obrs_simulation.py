@@ -73,3 +73,14 @@ def test_command_line_with_overrides(tmp_path):
     assert bad.returncode != 0
     assert "error: config.num_positions=0 is not allowed" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_default_simulation_obeys_the_theorems(tmp_path):
+    """The full demo configuration (32k vocabulary, about 70 s on 2 cores)."""
+    results = obrs_simulation.run(get_config(), tmp_path)
+    for level in results["levels"]:
+        for name, s in level["settings"].items():
+            assert s["kl_after"] <= level["kl_before"] * (1 + 1e-9), name
+            if "budget" in name:
+                assert s["accept"] == pytest.approx(float(name.split("=")[1]), abs=1e-8)

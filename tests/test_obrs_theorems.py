@@ -8,13 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from jackpot_jax import obrs
 from tests import reference
 from tests.conftest import random_log_dists
-
-PROPERTY = settings(max_examples=40, deadline=None)
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +46,6 @@ def max_log_ratio(logp_inf, logp_target):
     return float(np.max(logp_target[proposed] - logp_inf[proposed]))
 
 
-@PROPERTY
 @given(dist_pairs(), st.floats(1e-3, 0.999))
 def test_thm_3_3_obrs_never_increases_kl(pair, fraction):
     """KL(p || p'_inf) <= KL(p || p_inf) whenever lam < max_x p/q."""
@@ -58,7 +55,6 @@ def test_thm_3_3_obrs_never_increases_kl(pair, fraction):
     assert kl(logp_target, accepted) <= kl(logp_target, logp_inf) + 1e-12
 
 
-@PROPERTY
 @given(dist_pairs(), st.floats(1.0, 10.0))
 def test_classic_rejection_sampling_is_exact(pair, factor):
     """lam >= max p/q is classic rejection sampling: the accepted tokens follow p exactly,
@@ -70,7 +66,6 @@ def test_classic_rejection_sampling_is_exact(pair, factor):
     np.testing.assert_allclose(obrs.normalizer(logp_inf, logp_target, lam), 1 / lam, rtol=1e-10)
 
 
-@PROPERTY
 @given(dist_pairs(), st.floats(0.01, 10.0))
 def test_z_is_the_expected_acceptance_rate(pair, lam):
     """Z = sum_x p_inf(x) a(x)."""
@@ -79,7 +74,6 @@ def test_z_is_the_expected_acceptance_rate(pair, lam):
     np.testing.assert_allclose(obrs.normalizer(logp_inf, logp_target, lam), expected_accept, rtol=1e-12)
 
 
-@PROPERTY
 @given(dist_pairs(), st.floats(0.01, 1.0))
 def test_thm_3_4_every_budget_has_its_lam(pair, budget):
     """solve_lambda(budget) gives Z(lam) = budget (within the stated 1e-10 in float64), and Z is
@@ -105,7 +99,6 @@ def random_rule_with_budget(rng, p_inf, budget):
     return rule
 
 
-@PROPERTY
 @given(dist_pairs(), st.floats(0.05, 0.99), st.integers(0, 2**32 - 1))
 def test_thm_3_4_obrs_beats_every_rule_of_the_same_budget(pair, budget, seed):
     """Among acceptance rules with sum_x p_inf a = budget, OBRS minimizes KL(p || accepted)."""
@@ -122,7 +115,6 @@ def test_thm_3_4_obrs_beats_every_rule_of_the_same_budget(pair, budget, seed):
         assert kl_obrs <= kl_rule + 1e-9
 
 
-@PROPERTY
 @given(dist_pairs(), st.floats(0.05, 5.0), st.data())
 def test_topk_normalizer_underestimates_and_is_exact_at_full_k(pair, lam, data):
     logp_inf, logp_target = pair
