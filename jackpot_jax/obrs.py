@@ -15,6 +15,7 @@ value is known at trace time and raise ``ValueError`` naming the argument and th
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -159,9 +160,16 @@ def solve_lambda(logp_inf, logp_target, target_accept, valid=None, *, full_vocab
     rounding: below 1e-5 in float32 and 1e-10 in float64 at the default 64 iterations. Acceptance is
     flat at 1 for lam <= min p_target/p_inf; there the largest such lam is returned. A budget higher
     than reachable (p_target = 0 where p_inf > 0) returns the lam of the highest reachable one.
+    lam is a hyper-parameter of the loss, so it carries no gradient.
     """
     check_range("target_accept", target_accept, lambda v: (v > 0) & (v <= 1), "in (0, 1]")
-    logp_inf, logp_target = jnp.asarray(logp_inf), jnp.asarray(logp_target)
+    return _solve_lambda(logp_inf, logp_target, target_accept, valid, full_vocab, num_iters)
+
+
+# Jitted once per shape: called eagerly, a fresh fori_loop body would be compiled on every call.
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _solve_lambda(logp_inf, logp_target, target_accept, valid, full_vocab, num_iters):
+    logp_inf, logp_target = (jax.lax.stop_gradient(jnp.asarray(x)) for x in (logp_inf, logp_target))
     log_w = logp_inf if full_vocab else jnp.zeros_like(logp_inf)  # weight of each entry
     log_w = jnp.where(logp_inf == -jnp.inf, -jnp.inf, log_w)  # never proposed: no weight
     if valid is not None:
