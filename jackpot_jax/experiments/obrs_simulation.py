@@ -10,6 +10,7 @@ KL(p_target || .) before (p_inf) and after (the accepted distribution p'_inf, eq
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -93,10 +94,9 @@ def _before(logp_inf, logp_target):
     return jnp.mean(kl), jnp.mean(classic)
 
 
-_solve_budget = jax.jit(lambda li, lt, b: obrs.solve_lambda(li, lt, b, full_vocab=True))
+_solve_budget = functools.partial(obrs.solve_lambda, full_vocab=True)
 # Verine et al.'s form: one lam per position (state), each meeting the budget exactly.
-_solve_budget_per_position = jax.jit(jax.vmap(
-    lambda li, lt, b: obrs.solve_lambda(li, lt, b, full_vocab=True)[None], (0, 0, None)))
+_solve_budget_per_position = jax.jit(jax.vmap(lambda li, lt, b: _solve_budget(li, lt, b)[None], (0, 0, None)))
 
 
 def _settings(config):
@@ -156,17 +156,17 @@ def _simulate(config):
                 "lam": float(jnp.mean(lam)), "accept": float(accept), "kl_after": float(kl_after)}
         levels.append(level)
         if (family, strength) == (config.ratio_panel_family, panel_strength):
-            panel = _ratio_histograms(logp_inf, logp_target, ("lam", float(config.ratio_panel_lam)))
+            panel = _ratio_histograms(logp_inf, logp_target, float(config.ratio_panel_lam))
             panel.update(family=family, strength=strength)
     return {"config": config.to_dict(), "levels": levels, "ratio_panel": panel}
 
 
-def _ratio_histograms(logp_inf, logp_target, setting):
+def _ratio_histograms(logp_inf, logp_target, lam):
     """Distribution of log10 p_target/p_inf under x ~ p_inf, and of log10 p_target/p'_inf under
-    x ~ p'_inf, at one level and setting: exact histograms weighted by the sampling probabilities."""
-    logp_acc = obrs.accepted_log_distribution(logp_inf, logp_target, _lam(setting, logp_inf, logp_target))
+    x ~ p'_inf, at one level and lam: exact histograms weighted by the sampling probabilities."""
+    logp_acc = obrs.accepted_log_distribution(logp_inf, logp_target, lam)
     edges = np.linspace(-6, 3, 91)
-    out = {"setting": _label(*setting), "edges": edges.tolist()}
+    out = {"setting": _label("lam", lam), "edges": edges.tolist()}
     for name, logq in (("before", logp_inf), ("after", logp_acc)):
         log10_ratio = np.asarray((logp_target - logq) / np.log(10)).ravel()
         weights = np.asarray(jnp.exp(logq)).ravel() / logq.shape[0]
