@@ -1,6 +1,107 @@
-"""Vocabulary-streaming kernels for the OBRS statistics (log-probs, top-k, Z, distillation KL).
+"""OBRS statistics over the vocabulary without materializing the logits.
 
-Not implemented yet: this package is reserved by the project layout and is built in the issue
-"Pallas kernels: OBRS statistics over the vocabulary without materializing logits". Until then the
-materialized definitions in :mod:`jackpot_jax.obrs` and :mod:`jackpot_jax.losses` are the only path.
+Inputs are hidden states ``h [N, D]`` (tokens flattened) and a model's unembedding ``w [D, V]``;
+the logits of token ``n`` are ``h[n] @ w / temperature``. Columns ``>= vocab_size`` (a padded
+vocabulary, e.g. 151,936 columns for 151,665 real tokens) are excluded: their probability is 0.
+
+Public ops (each jit- and shard-friendly: static ``k``, no host callbacks):
+  * :func:`fused_token_stats`: per token, log p(target), lse, top-k log-probs and ids.
+  * :func:`fused_obrs_normalizer`: Z_approx over the union of both top-k sets (section 4.4.1 of the
+    paper, as :func:`jackpot_jax.obrs.topk_normalizer`) and, with ``exact``, the exact Z of eq. 4.
+  * :func:`fused_distill_kl`: the per-token distillation KL of eq. 7 (or its reverse) over the
+    full vocabulary.
+
+Implementations, chosen by ``impl``:
+  * ``"reference"``: materialized jnp over ``[N, V]``, built on :mod:`jackpot_jax.obrs`: the
+    definition (:mod:`pallas_kernels.reference`).
+  * ``"chunked"``: XLA ``lax.scan`` over vocabulary blocks with online logsumexp and a running top-k
+    merge; memory linear in N (:mod:`pallas_kernels.chunked`).
+  * ``"auto"``: ``"chunked"`` on every backend for now. The Pallas TPU and GPU kernels are not
+    written yet; when they are, "auto" will pick them on TPU and GPU.
 """
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels import _validate, chunked, reference
+
+__all__ = ["fused_token_stats", "fused_obrs_normalizer", "fused_distill_kl", "IMPLS"]
+
+IMPLS = _validate.IMPLS
+
+# Columns per vocabulary block of the chunked implementation, per backend.
+_BLOCK_V = {"cpu": 2048, "gpu": 8192, "tpu": 8192}
+
+
+def _resolve(impl, block_v):
+    _validate.choice("impl", impl, IMPLS)
+    impl = "chunked" if impl == "auto" else impl
+    if block_v is None:
+        block_v = _BLOCK_V.get(jax.default_backend(), 4096)
+    elif not isinstance(block_v, int) or block_v < 1:
+        raise ValueError(f"block_v={block_v!r} is not allowed: it must be a positive integer.")
+    return impl, block_v
+
+
+def fused_token_stats(h, w, targets, k: int, *, temperature=1.0, vocab_size=None, impl="auto",
+                      block_v=None):
+    """Per token ``n``: ``(logp [N], lse [N], topk_logp [N, k], topk_ids [N, k])``.
+
+    ``logp[n] = log softmax(h[n] @ w / temperature)[targets[n]]``, ``lse`` the log-normalizer of
+    the tempered logits, and the top-k of the same log-distribution (ids int32, best first).
+    Differentiable in ``h`` and ``w`` through ``logp`` and ``lse``; the top-k is stop-gradient.
+    The chunked backward recomputes the vocabulary blocks and saves no N x V residual.
+    """
+    impl, block_v = _resolve(impl, block_v)
+    vocab_size = _validate.head("h", h, "w", w, vocab_size)
+    _validate.targets(targets, h.shape[0])
+    _validate.top_k(k, vocab_size)
+    _validate.temperature("temperature", temperature)
+    if impl == "reference":
+        return reference.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size)
+    return chunked.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size,
+                               block_v=block_v)
+
+
+def fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k: int,
+                          exact: bool = False, *, temperature_inf=1.0, vocab_size=None,
+                          impl="auto", block_v=None):
+    """``(z_topk [N], z_exact [N] or None)`` for p_inf = softmax(h_inf @ w_inf / temperature_inf)
+    and p_target = softmax(h_tgt @ w_tgt), given their ``lse`` from :func:`fused_token_stats`.
+
+    ``z_topk`` sums min(p_inf, p_target / lam) over topk(p_inf) U topk(p_target) (each token once);
+    ``z_exact`` over the whole vocabulary (eq. 4). Both are stop-gradient. ``lam`` may be traced.
+    """
+    impl, block_v = _resolve(impl, block_v)
+    vocab_size = _validate.head("h_inf", h_inf, "w_inf", w_inf, vocab_size)
+    _validate.same_vocab("w_inf", w_inf, "w_tgt", w_tgt)
+    _validate.head("h_tgt", h_tgt, "w_tgt", w_tgt, vocab_size)
+    _validate.same_tokens("h_inf", h_inf, "h_tgt", h_tgt)
+    _validate.per_token("lse_inf", lse_inf, h_inf.shape[0])
+    _validate.per_token("lse_tgt", lse_tgt, h_inf.shape[0])
+    _validate.top_k(k, vocab_size)
+    _validate.temperature("temperature_inf", temperature_inf)
+    _validate.check_range("lam", lam, lambda v: v > 0, "> 0")
+    args = (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, exact)
+    if impl == "reference":
+        return reference.obrs_normalizer(*args, temperature_inf=temperature_inf, vocab_size=vocab_size)
+    return chunked.obrs_normalizer(*args, temperature_inf=temperature_inf, vocab_size=vocab_size,
+                                   block_v=block_v)
+
+
+def fused_distill_kl(h_teacher, w_teacher, h_student, w_student, direction: str = "forward", *,
+                     vocab_size=None, impl="auto", block_v=None):
+    """Per-token KL over the full vocabulary ``[N]``: ``forward`` is eq. 7, KL(p_teacher ||
+    p_student); ``reverse`` is KL(p_student || p_teacher). Differentiable in the student's ``h`` and
+    ``w`` only; the teacher (the policy) is stop-gradient."""
+    impl, block_v = _resolve(impl, block_v)
+    _validate.choice("direction", direction, _validate.DIRECTIONS)
+    vocab_size = _validate.head("h_teacher", h_teacher, "w_teacher", w_teacher, vocab_size)
+    _validate.same_vocab("w_teacher", w_teacher, "w_student", w_student)
+    _validate.head("h_student", h_student, "w_student", w_student, vocab_size)
+    _validate.same_tokens("h_teacher", h_teacher, "h_student", h_student)
+    if impl == "reference":
+        return reference.distill_kl(h_teacher, w_teacher, h_student, w_student, direction,
+                                    vocab_size=vocab_size)
+    return chunked.distill_kl(h_teacher, w_teacher, h_student, w_student, direction,
+                              vocab_size=vocab_size, block_v=block_v)

@@ -1,0 +1,72 @@
+"""Input checks shared by every implementation: bad input fails here, with a ValueError that names
+the argument, never deep inside JAX."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jackpot_jax.obrs import check_range
+
+IMPLS = ("auto", "reference", "chunked")
+DIRECTIONS = ("forward", "reverse")
+
+
+def _float_matrix(name, x):
+    if jnp.ndim(x) != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {jnp.shape(x)}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} has dtype {x.dtype}; it must be a floating dtype (float32, bfloat16, float16).")
+
+
+def head(h_name, h, w_name, w, vocab_size):
+    """Hidden states ``h [N, D]`` and an unembedding ``w [D, V]``; returns the real vocab size."""
+    _float_matrix(h_name, h)
+    _float_matrix(w_name, w)
+    if h.shape[1] != w.shape[0]:
+        raise ValueError(f"{h_name} has D={h.shape[1]} but {w_name} has D={w.shape[0]}: "
+                         f"{h_name} [N, D] and {w_name} [D, V] must agree on D.")
+    num_columns = w.shape[1]
+    if vocab_size is None:
+        return num_columns
+    if not isinstance(vocab_size, (int, np.integer)) or not 1 <= vocab_size <= num_columns:
+        raise ValueError(f"vocab_size={vocab_size!r} is not allowed: it must be an integer in "
+                         f"[1, {num_columns}] (the columns of {w_name}).")
+    return int(vocab_size)
+
+
+def same_tokens(a_name, a, b_name, b):
+    """Two models' hidden states: the same N tokens (their widths D may differ)."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{a_name} has N={a.shape[0]} tokens but {b_name} has N={b.shape[0]}: "
+                         "both models must see the same tokens.")
+
+
+def same_vocab(a_name, a, b_name, b):
+    """Two models' unembeddings: the same V columns (one shared tokenizer)."""
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{a_name} has V={a.shape[1]} columns but {b_name} has V={b.shape[1]}: "
+                         "both models must share one vocabulary.")
+
+
+def targets(t, n):
+    if jnp.ndim(t) != 1 or t.shape[0] != n or not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"targets must be an integer array of shape [{n}], got {t.dtype} {jnp.shape(t)}.")
+
+
+def per_token(name, x, n):
+    if jnp.shape(x) != (n,):
+        raise ValueError(f"{name} must have shape [{n}], got {jnp.shape(x)}.")
+
+
+def top_k(k, vocab_size):
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= vocab_size:
+        raise ValueError(f"k={k!r} is not allowed: k must be an integer with 1 <= k <= V={vocab_size}.")
+
+
+def temperature(name, t):
+    check_range(name, t, lambda v: v > 0, "> 0")
+
+
+def choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed: {name} must be one of {allowed}.")

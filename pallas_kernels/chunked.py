@@ -1,0 +1,263 @@
+"""Chunked XLA implementations: ``lax.scan`` over vocabulary blocks, never a tokens x vocab tensor.
+
+Each op computes the logits of one block of columns, ``h @ w[:, block] / temperature`` (float32
+accumulation), folds it into per-token running statistics (online logsumexp, a running top-k merge,
+running sums), and moves on. Peak memory is O(N x block_v) for the block plus O(N x k) state,
+instead of the O(N x V) of the materialized reference.
+
+Blocks and a vocabulary that does not divide: block ``i`` reads columns ``[start_i, start_i +
+block_v)`` with ``start_i = min(i * block_v, V - block_v)``, so the last block overlaps the one
+before it instead of reading past the end; columns below ``i * block_v`` were already counted and
+are masked out (``fresh``), as are columns ``>= vocab_size`` (a padded vocabulary). Nothing is padded
+or copied.
+
+Backward passes (custom VJPs) recompute each block's logits from ``h`` and ``w`` and keep only
+per-token residuals (``lse``, KL), so no N x V array is saved between the passes either.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NEG_INF = -jnp.inf
+
+
+class _Blocks:
+    """Static blocking of a vocabulary of ``V`` columns, ``vocab_size`` of them real."""
+
+    def __init__(self, num_columns: int, block_v: int, vocab_size: int, min_block: int = 1):
+        self.num_columns = num_columns
+        self.size = min(max(block_v, min_block), num_columns)
+        self.count = math.ceil(num_columns / self.size)
+        self.vocab_size = vocab_size
+
+    def start(self, i):
+        return jnp.minimum(i * self.size, self.num_columns - self.size)
+
+    def columns(self, i):
+        """(start, global column ids [Bv], mask of columns this block counts [Bv])."""
+        start = self.start(i)
+        cols = start + jnp.arange(self.size)
+        return start, cols, (cols >= i * self.size) & (cols < self.vocab_size)
+
+
+def _logits(h, w, start, blocks, scale, counted):
+    """``h @ w[:, start:start+Bv] * scale`` in float32, ``-inf`` where a column is not counted."""
+    w_blk = lax.dynamic_slice_in_dim(w, start, blocks.size, axis=1)
+    logits = jnp.dot(h, w_blk, preferred_element_type=jnp.float32) * scale
+    return jnp.where(counted[None, :], logits, NEG_INF)
+
+
+def _lse_update(m, s, logits):
+    """Online logsumexp: fold a block ``[N, Bv]`` into running max ``m`` and scaled sum ``s``."""
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(logits - m_safe[:, None]), axis=-1)
+    return m_new, s
+
+
+def _lse(m, s):
+    return jnp.where(s > 0, m + jnp.log(s), NEG_INF)
+
+
+def _topk_merge(values, payloads, block_values, block_payloads, k):
+    """Merge a block's candidates into the running top-k; ``payloads`` ride along with values."""
+    bk = min(k, block_values.shape[-1])
+    block_top, idx = lax.top_k(block_values, bk)
+    cand = jnp.concatenate([values, block_top], axis=-1)
+    top, pick = lax.top_k(cand, k)
+    merged = []
+    for running, block in zip(payloads, block_payloads):
+        block = jnp.take_along_axis(block, idx, axis=-1)
+        merged.append(jnp.take_along_axis(jnp.concatenate([running, block], axis=-1), pick, axis=-1))
+    return top, merged
+
+
+# ----------------------------------------------------------------------------- token stats
+
+
+def token_stats(h, w, targets, k, *, temperature=1.0, vocab_size=None, block_v=2048):
+    """Per token: log-prob of ``targets``, lse, top-k log-probs and ids. See the package docs."""
+    vocab_size = w.shape[1] if vocab_size is None else vocab_size
+    logp, lse, topk_logp, topk_ids = _token_stats(h, w, targets, k, float(temperature), vocab_size, block_v)
+    return logp, lse, lax.stop_gradient(topk_logp), topk_ids
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _token_stats(h, w, targets, k, temperature, vocab_size, block_v):
+    return _token_stats_fwd(h, w, targets, k, temperature, vocab_size, block_v)[0]
+
+
+def _token_stats_fwd(h, w, targets, k, temperature, vocab_size, block_v):
+    n = h.shape[0]
+    blocks = _Blocks(w.shape[1], block_v, vocab_size, min_block=k)
+    scale = 1.0 / temperature
+
+    def body(carry, i):
+        m, s, target_logit, top_v, top_i = carry
+        start, cols, counted = blocks.columns(i)
+        logits = _logits(h, w, start, blocks, scale, counted)
+        m, s = _lse_update(m, s, logits)
+        local = targets - start
+        here = (targets >= i * blocks.size) & (local < blocks.size)
+        hit = jnp.take_along_axis(logits, jnp.clip(local, 0, blocks.size - 1)[:, None], axis=-1)[:, 0]
+        target_logit = jnp.where(here, hit, target_logit)
+        ids = jnp.broadcast_to(cols[None, :], logits.shape)
+        top_v, (top_i,) = _topk_merge(top_v, (top_i,), logits, (ids,), k)
+        return (m, s, target_logit, top_v, top_i), None
+
+    init = (jnp.full((n,), NEG_INF), jnp.zeros((n,)), jnp.full((n,), NEG_INF),
+            jnp.full((n, k), NEG_INF), jnp.zeros((n, k), jnp.int32))
+    (m, s, target_logit, top_v, top_i), _ = lax.scan(body, init, jnp.arange(blocks.count))
+    lse = _lse(m, s)
+    out = (target_logit - lse, lse, top_v - lse[:, None], top_i)
+    return out, (h, w, targets, lse)
+
+
+def _token_stats_bwd(k, temperature, vocab_size, block_v, residuals, cotangents):
+    """d logp_t / d logits_j = 1[j = t] - p_j and d lse / d logits_j = p_j; top-k carry none."""
+    h, w, targets, lse = residuals
+    g_logp, g_lse = cotangents[0], cotangents[1]
+    blocks = _Blocks(w.shape[1], block_v, vocab_size, min_block=k)
+    scale = 1.0 / temperature
+
+    def dlogits_fn(i, start, cols, counted):
+        p = jnp.exp(_logits(h, w, start, blocks, scale, counted) - lse[:, None])
+        onehot = (cols[None, :] == targets[:, None]) & counted[None, :]
+        return (g_logp[:, None] * (onehot - p) + g_lse[:, None] * p) * scale
+
+    dh, dw = _recompute_grads(h, w, blocks, dlogits_fn)
+    return dh, dw, None
+
+
+_token_stats.defvjp(_token_stats_fwd, _token_stats_bwd)
+
+
+def _recompute_grads(h, w, blocks, dlogits_fn):
+    """Backward over vocabulary blocks: dh accumulates in float32; each block's dw is complete
+    within its iteration (summed over all tokens by the matmul) and written once, in w's dtype."""
+
+    def body(carry, i):
+        dh, dw = carry
+        start, cols, counted = blocks.columns(i)
+        dlogits = jnp.where(counted[None, :], dlogits_fn(i, start, cols, counted), 0.0)
+        w_blk = lax.dynamic_slice_in_dim(w, start, blocks.size, axis=1)
+        dh = dh + jnp.dot(dlogits.astype(w.dtype), w_blk.T, preferred_element_type=jnp.float32)
+        dw_blk = jnp.dot(h.T, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
+        old = lax.dynamic_slice_in_dim(dw, start, blocks.size, axis=1)
+        dw_blk = jnp.where((cols >= i * blocks.size)[None, :], dw_blk.astype(dw.dtype), old)
+        return (dh, lax.dynamic_update_slice_in_dim(dw, dw_blk, start, axis=1)), None
+
+    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype))
+    (dh, dw), _ = lax.scan(body, init, jnp.arange(blocks.count))
+    return dh.astype(h.dtype), dw
+
+
+# ----------------------------------------------------------------------------- OBRS normalizer
+
+
+def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, exact, *,
+                    temperature_inf=1.0, vocab_size=None, block_v=2048):
+    """Z_approx over the union of both top-k sets (and the exact Z) in one pass. Stop-gradient."""
+    vocab_size = w_inf.shape[1] if vocab_size is None else vocab_size
+    blocks = _Blocks(w_inf.shape[1], block_v, vocab_size, min_block=k)
+    args = [lax.stop_gradient(x) for x in (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt)]
+    return _obrs_normalizer(*args, jnp.log(lam), k, exact, 1.0 / temperature_inf, blocks)
+
+
+def _obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, log_lam, k, exact, scale_inf, blocks):
+    n = h_inf.shape[0]
+
+    def body(carry, i):
+        m, s, inf_v, inf_mass, inf_ids, tgt_v, tgt_mass, tgt_ids = carry
+        start, cols, counted = blocks.columns(i)
+        logp_inf = _logits(h_inf, w_inf, start, blocks, scale_inf, counted) - lse_inf[:, None]
+        logp_tgt = _logits(h_tgt, w_tgt, start, blocks, 1.0, counted) - lse_tgt[:, None]
+        log_mass = jnp.minimum(logp_inf, logp_tgt - log_lam)  # eq. 4 summand
+        if exact:
+            m, s = _lse_update(m, s, log_mass)
+        ids = jnp.broadcast_to(cols[None, :], log_mass.shape)
+        inf_v, (inf_mass, inf_ids) = _topk_merge(inf_v, (inf_mass, inf_ids), logp_inf, (log_mass, ids), k)
+        tgt_v, (tgt_mass, tgt_ids) = _topk_merge(tgt_v, (tgt_mass, tgt_ids), logp_tgt, (log_mass, ids), k)
+        return (m, s, inf_v, inf_mass, inf_ids, tgt_v, tgt_mass, tgt_ids), None
+
+    neg = jnp.full((n, k), NEG_INF)
+    zeros_i = jnp.zeros((n, k), jnp.int32)
+    init = (jnp.full((n,), NEG_INF), jnp.zeros((n,)), neg, neg, zeros_i, neg, neg, zeros_i)
+    (m, s, _, inf_mass, inf_ids, _, tgt_mass, tgt_ids), _ = lax.scan(body, init, jnp.arange(blocks.count))
+    in_both = jnp.any(tgt_ids[:, :, None] == inf_ids[:, None, :], axis=-1)
+    terms = jnp.concatenate([inf_mass, jnp.where(in_both, NEG_INF, tgt_mass)], axis=-1)
+    z_topk = jnp.exp(jax.nn.logsumexp(terms, axis=-1))
+    return z_topk, (jnp.exp(_lse(m, s)) if exact else None)
+
+
+# ----------------------------------------------------------------------------- distillation KL
+
+
+def distill_kl(h_teacher, w_teacher, h_student, w_student, direction="forward", *,
+               vocab_size=None, block_v=2048):
+    """Per-token KL between teacher and student softmaxes; gradient to the student only."""
+    vocab_size = w_teacher.shape[1] if vocab_size is None else vocab_size
+    return _distill_kl(lax.stop_gradient(h_teacher), lax.stop_gradient(w_teacher), h_student,
+                       w_student, direction == "forward", vocab_size, block_v)
+
+
+def _kl_stats(h_a, w_a, h_b, w_b, blocks):
+    """One pass: lse of a and b, and E_{p_a}[a - b] = sum_j p_a,j (a_j - b_j), online."""
+    n = h_a.shape[0]
+
+    def body(carry, i):
+        m_a, s_a, u, m_b, s_b = carry
+        start, _, counted = blocks.columns(i)
+        a = _logits(h_a, w_a, start, blocks, 1.0, counted)
+        b = _logits(h_b, w_b, start, blocks, 1.0, counted)
+        m_new, s_a_new = _lse_update(m_a, s_a, a)
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        diff = jnp.where(counted[None, :], a - b, 0.0)
+        u = u * jnp.exp(m_a - m_safe) + jnp.sum(jnp.exp(a - m_safe[:, None]) * diff, axis=-1)
+        m_b, s_b = _lse_update(m_b, s_b, b)
+        return (m_new, s_a_new, u, m_b, s_b), None
+
+    init = (jnp.full((n,), NEG_INF), jnp.zeros((n,)), jnp.zeros((n,)), jnp.full((n,), NEG_INF), jnp.zeros((n,)))
+    (m_a, s_a, u, m_b, s_b), _ = lax.scan(body, init, jnp.arange(blocks.count))
+    lse_a, lse_b = _lse(m_a, s_a), _lse(m_b, s_b)
+    return lse_a, lse_b, u / s_a - lse_a + lse_b  # KL(p_a || p_b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _distill_kl(h_t, w_t, h_s, w_s, forward, vocab_size, block_v):
+    return _distill_kl_fwd(h_t, w_t, h_s, w_s, forward, vocab_size, block_v)[0]
+
+
+def _distill_kl_fwd(h_t, w_t, h_s, w_s, forward, vocab_size, block_v):
+    blocks = _Blocks(w_t.shape[1], block_v, vocab_size)
+    if forward:  # KL(p_teacher || p_student)
+        lse_t, lse_s, kl = _kl_stats(h_t, w_t, h_s, w_s, blocks)
+    else:  # KL(p_student || p_teacher)
+        lse_s, lse_t, kl = _kl_stats(h_s, w_s, h_t, w_t, blocks)
+    return kl, (h_t, w_t, h_s, w_s, lse_t, lse_s, kl)
+
+
+def _distill_kl_bwd(forward, vocab_size, block_v, residuals, g):
+    """Forward KL: d/d b_j = p_s,j - p_t,j. Reverse KL: d/d b_j = p_s,j (log p_s,j - log p_t,j - KL)."""
+    h_t, w_t, h_s, w_s, lse_t, lse_s, kl = residuals
+    blocks = _Blocks(w_t.shape[1], block_v, vocab_size)
+
+    def dlogits_fn(i, start, cols, counted):
+        logp_t = _logits(h_t, w_t, start, blocks, 1.0, counted) - lse_t[:, None]
+        logp_s = _logits(h_s, w_s, start, blocks, 1.0, counted) - lse_s[:, None]
+        p_s = jnp.exp(logp_s)
+        if forward:
+            return g[:, None] * (p_s - jnp.exp(logp_t))
+        log_ratio = jnp.where(counted[None, :], logp_s - logp_t, 0.0)
+        return g[:, None] * p_s * (log_ratio - kl[:, None])
+
+    dh_s, dw_s = _recompute_grads(h_s, w_s, blocks, dlogits_fn)
+    return jnp.zeros_like(h_t), jnp.zeros_like(w_t), dh_s, dw_s
+
+
+_distill_kl.defvjp(_distill_kl_fwd, _distill_kl_bwd)

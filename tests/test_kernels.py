@@ -1,0 +1,231 @@
+"""pallas_kernels: every implementation against the materialized reference (forward values, top-k
+ids, gradients), on small and odd shapes with padded vocabularies; memory structure; bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from jackpot_jax import obrs
+
+STREAMING = ["chunked"]
+
+# (N, D, V, vocab_size, k, block_v): vocabularies that do not divide the block, a padded tail,
+# a single block, blocks of one column more than k, and k = V.
+SHAPES = [
+    (1, 4, 2, 2, 1, 8),
+    (13, 8, 37, 30, 5, 8),
+    (7, 16, 300, 300, 20, 64),
+    (5, 6, 11, 11, 11, 4),
+    (9, 12, 1000, 997, 3, 128),
+]
+
+
+def head(rng, n, d, v, scale=1.0, dtype=jnp.float32):
+    h = jnp.asarray(rng.normal(size=(n, d)), dtype)
+    w = jnp.asarray(rng.normal(size=(d, v)) * scale / np.sqrt(d) * 3, dtype)
+    return h, w
+
+
+def assert_topk_equal(got_logp, got_ids, want_logp, want_ids, rtol):
+    np.testing.assert_allclose(got_logp, want_logp, rtol=rtol, atol=rtol)
+    # ids must match except where the log-probs tie (continuous data: practically never)
+    same = np.asarray(got_ids) == np.asarray(want_ids)
+    ties = np.isclose(np.asarray(want_logp)[:, :, None], np.asarray(want_logp)[:, None, :], rtol=1e-6).sum(-1) > 1
+    assert np.all(same | ties)
+
+
+@pytest.mark.parametrize("impl", STREAMING)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_stats_forward_matches_reference(rng, impl, shape, temperature):
+    n, d, v, vocab_size, k, block_v = shape
+    h, w = head(rng, n, d, v)
+    targets = jnp.asarray(rng.integers(0, vocab_size, n))
+    opts = dict(temperature=temperature, vocab_size=vocab_size)
+    got = pk.fused_token_stats(h, w, targets, k, impl=impl, block_v=block_v, **opts)
+    want = pk.fused_token_stats(h, w, targets, k, impl="reference", **opts)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert_topk_equal(got[2], got[3], want[2], want[3], rtol=1e-5)
+    assert got[3].dtype == jnp.int32 and np.all(np.asarray(got[3]) < vocab_size)
+
+
+@pytest.mark.parametrize("impl", STREAMING)
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_token_stats_gradients_match_reference(rng, impl, shape):
+    n, d, v, vocab_size, k, block_v = shape
+    h, w = head(rng, n, d, v)
+    targets = jnp.asarray(rng.integers(0, vocab_size, n))
+    g_logp, g_lse = jnp.asarray(rng.normal(size=n)), jnp.asarray(rng.normal(size=n))
+
+    def objective(impl):
+        def f(h, w):
+            logp, lse, _, _ = pk.fused_token_stats(h, w, targets, k, temperature=0.8, vocab_size=vocab_size,
+                                                   impl=impl, block_v=block_v)
+            return jnp.sum(g_logp * logp + g_lse * lse)
+        return jax.grad(f, argnums=(0, 1))
+
+    got_h, got_w = objective(impl)(h, w)
+    want_h, want_w = objective("reference")(h, w)
+    np.testing.assert_allclose(got_h, want_h, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(got_w)[:, vocab_size:] == 0)  # padded columns get no gradient
+
+
+@pytest.mark.parametrize("impl", STREAMING)
+def test_token_stats_bfloat16(rng, impl):
+    h, w = head(rng, 16, 32, 500, dtype=jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, 500, 16))
+    got = pk.fused_token_stats(h, w, targets, 4, impl=impl, block_v=96)
+    want = pk.fused_token_stats(h, w, targets, 4, impl="reference")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+    grads = jax.grad(lambda h, w: pk.fused_token_stats(h, w, targets, 4, impl=impl, block_v=96)[0].sum(),
+                     argnums=(0, 1))(h, w)
+    assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("impl", STREAMING)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("lam,temperature_inf", [(1.0, 1.0), (0.4, 0.7), (3.0, 1.3)])
+def test_obrs_normalizer_matches_reference(rng, impl, shape, lam, temperature_inf):
+    n, d, v, vocab_size, k, block_v = shape
+    h_inf, w_inf = head(rng, n, d, v)
+    h_tgt, w_tgt = head(rng, n, d + 3, v)  # the policy is wider than the actor
+    targets = jnp.zeros(n, jnp.int32)
+    lse_inf = pk.fused_token_stats(h_inf, w_inf, targets, 1, temperature=temperature_inf, vocab_size=vocab_size)[1]
+    lse_tgt = pk.fused_token_stats(h_tgt, w_tgt, targets, 1, vocab_size=vocab_size)[1]
+    args = (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, True)
+    opts = dict(temperature_inf=temperature_inf, vocab_size=vocab_size)
+    z_topk, z_exact = pk.fused_obrs_normalizer(*args, impl=impl, block_v=block_v, **opts)
+    want_topk, want_exact = pk.fused_obrs_normalizer(*args, impl="reference", **opts)
+    np.testing.assert_allclose(z_topk, want_topk, rtol=2e-5)
+    np.testing.assert_allclose(z_exact, want_exact, rtol=2e-5)
+    assert np.all(np.asarray(z_topk) <= np.asarray(z_exact) * (1 + 1e-5))
+    assert pk.fused_obrs_normalizer(*args[:-1], False, impl=impl, block_v=block_v, **opts)[1] is None
+
+
+def test_reference_normalizer_is_obrs_on_the_materialized_logits(rng):
+    h_inf, w_inf = head(rng, 6, 8, 50)
+    h_tgt, w_tgt = head(rng, 6, 8, 50)
+    logp_inf = jax.nn.log_softmax(h_inf @ w_inf / 0.9)
+    logp_tgt = jax.nn.log_softmax(h_tgt @ w_tgt)
+    lse_inf = jax.nn.logsumexp(h_inf @ w_inf / 0.9, axis=-1)
+    lse_tgt = jax.nn.logsumexp(h_tgt @ w_tgt, axis=-1)
+    z_topk, z_exact = pk.fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, 0.8, 4, True,
+                                               temperature_inf=0.9, impl="chunked", block_v=16)
+    np.testing.assert_allclose(z_topk, obrs.topk_normalizer(logp_inf, logp_tgt, 0.8, 4), rtol=1e-5)
+    np.testing.assert_allclose(z_exact, obrs.normalizer(logp_inf, logp_tgt, 0.8), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", STREAMING)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_distill_kl_value_and_gradient_match_reference(rng, impl, shape, direction):
+    n, d, v, vocab_size, _, block_v = shape
+    h_t, w_t = head(rng, n, d + 2, v)
+    h_s, w_s = head(rng, n, d, v)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, n))
+
+    def loss(impl):
+        def f(h_t, w_t, h_s, w_s):
+            kl = pk.fused_distill_kl(h_t, w_t, h_s, w_s, direction, vocab_size=vocab_size, impl=impl,
+                                     block_v=block_v)
+            return jnp.sum(g * kl), kl
+        return jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)
+
+    got_grads, got = loss(impl)(h_t, w_t, h_s, w_s)
+    want_grads, want = loss("reference")(h_t, w_t, h_s, w_s)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(got) >= -1e-5)
+    for name, a, b in zip(("h_student", "w_student"), got_grads[2:], want_grads[2:]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    for teacher_grad in got_grads[:2]:
+        assert np.all(np.asarray(teacher_grad) == 0)
+
+
+def _largest_intermediate(fn, *args):
+    """Number of elements of the largest array in the jaxpr of ``fn``, nested jaxprs included."""
+    sizes = []
+
+    def walk(param):
+        if hasattr(param, "eqns"):  # a Jaxpr
+            for eqn in param.eqns:
+                sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape"))
+                for value in eqn.params.values():
+                    walk(value)
+        elif hasattr(param, "jaxpr"):  # a ClosedJaxpr
+            walk(param.jaxpr)
+        elif isinstance(param, (tuple, list)):
+            for item in param:
+                walk(item)
+
+    walk(jax.make_jaxpr(fn)(*args))
+    return max(sizes)
+
+
+def test_chunked_forward_and_backward_never_form_tokens_by_vocab(rng):
+    n, d, v, block_v = 256, 8, 4096, 256
+    h, w = head(rng, n, d, v)
+    h2, w2 = head(rng, n, d, v)
+    targets = jnp.asarray(rng.integers(0, v, n))
+
+    def stats(h, w, h2, w2, impl):
+        logp, lse, _, _ = pk.fused_token_stats(h, w, targets, 20, impl=impl, block_v=block_v)
+        logp2, lse2, _, _ = pk.fused_token_stats(h2, w2, targets, 20, impl=impl, block_v=block_v)
+        z, z_exact = pk.fused_obrs_normalizer(h, w, lse, h2, w2, lse2, 0.9, 20, True, impl=impl, block_v=block_v)
+        kl = pk.fused_distill_kl(h, w, h2, w2, impl=impl, block_v=block_v)
+        return jnp.sum(logp + logp2 + kl + z + z_exact)
+
+    grad = jax.grad(stats, argnums=(0, 1, 2, 3))
+    # a block of logits, the weights, or the k x k union test of the top-k sets
+    bound = max(n * block_v, d * v, n * 20 * 20)
+    assert _largest_intermediate(lambda *a: grad(*a, "chunked"), h, w, h2, w2) <= bound
+    assert _largest_intermediate(lambda *a: grad(*a, "reference"), h, w, h2, w2) >= n * v  # the check bites
+
+
+def test_ops_jit_with_traced_lam(rng):
+    h, w = head(rng, 8, 8, 64)
+    targets = jnp.asarray(rng.integers(0, 64, 8))
+
+    @jax.jit
+    def step(h, w, lam):
+        logp, lse, _, _ = pk.fused_token_stats(h, w, targets, 4)
+        return pk.fused_obrs_normalizer(h, w, lse, h, w, lse, lam, 4, True)
+
+    z_topk, z_exact = step(h, w, 2.0)
+    np.testing.assert_allclose(z_exact, 0.5, rtol=1e-5)  # p_inf = p_target: Z = 1 / lam
+    np.testing.assert_allclose(z_topk, step(h, w, 2.0)[0], rtol=0)
+
+
+def _bad_inputs(rng):
+    h, w = head(rng, 4, 8, 10)
+    lse = jnp.zeros(4)
+    t = jnp.zeros(4, jnp.int32)
+    return [
+        ("h has D=8 but w has D=7", lambda: pk.fused_token_stats(h, w[:7], t, 2)),
+        ("k=11 is not allowed", lambda: pk.fused_token_stats(h, w, t, 11)),
+        ("k=6 is not allowed", lambda: pk.fused_token_stats(h, w, t, 6, vocab_size=5)),
+        ("h has dtype int32", lambda: pk.fused_token_stats(h.astype(jnp.int32), w, t, 2)),
+        ("targets must be an integer array", lambda: pk.fused_token_stats(h, w, t.astype(jnp.float32), 2)),
+        ("targets must be an integer array of shape \\[4\\]", lambda: pk.fused_token_stats(h, w, t[:3], 2)),
+        ("temperature=0", lambda: pk.fused_token_stats(h, w, t, 2, temperature=0.0)),
+        ("vocab_size=11 is not allowed", lambda: pk.fused_token_stats(h, w, t, 2, vocab_size=11)),
+        ("impl='pallas' is not allowed", lambda: pk.fused_token_stats(h, w, t, 2, impl="pallas")),
+        ("block_v=0", lambda: pk.fused_token_stats(h, w, t, 2, block_v=0)),
+        ("lam=0", lambda: pk.fused_obrs_normalizer(h, w, lse, h, w, lse, 0.0, 2)),
+        ("lam=-1", lambda: pk.fused_obrs_normalizer(h, w, lse, h, w, lse, -1.0, 2)),
+        ("lse_tgt must have shape \\[4\\]", lambda: pk.fused_obrs_normalizer(h, w, lse, h, w, lse[:2], 1.0, 2)),
+        ("h_inf has N=4 tokens but h_tgt has N=3", lambda: pk.fused_obrs_normalizer(h, w, lse, h[:3], w, lse, 1.0, 2)),
+        ("w_inf has V=10 columns but w_tgt has V=9", lambda: pk.fused_obrs_normalizer(h, w, lse, h, w[:, :9], lse, 1.0, 2)),
+        ("direction='sideways'", lambda: pk.fused_distill_kl(h, w, h, w, "sideways")),
+        ("h_student has D=7 but w_student has D=8", lambda: pk.fused_distill_kl(h, w, h[:, :7], w)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(17))
+def test_bad_input_gives_a_clear_value_error(rng, index):
+    match, call = _bad_inputs(rng)[index]
+    with pytest.raises(ValueError, match=match):
+        call()
