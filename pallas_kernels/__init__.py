@@ -10,6 +10,10 @@ Public ops (each jit- and shard-friendly: static ``k``, no host callbacks):
     paper, as :func:`jackpot_jax.obrs.topk_normalizer`) and, with ``exact``, the exact Z of eq. 4.
   * :func:`fused_distill_kl`: the per-token distillation KL of eq. 7 (or its reverse) over the
     full vocabulary.
+  * :func:`fused_jackpot_stats`: all of the above for a policy and an actor in one call, the op an
+    update step uses: two forward passes and one backward pass over the vocabulary, and each
+    model's weight gradient written once (separate ops would each produce a D x V gradient for the
+    actor, summed afterwards).
 
 Implementations, chosen by ``impl``:
   * ``"reference"``: materialized jnp over ``[N, V]``, built on :mod:`jackpot_jax.obrs`: the
@@ -25,7 +29,10 @@ import jax
 
 from pallas_kernels import _validate, chunked, reference
 
-__all__ = ["fused_token_stats", "fused_obrs_normalizer", "fused_distill_kl", "IMPLS"]
+__all__ = ["fused_token_stats", "fused_obrs_normalizer", "fused_distill_kl", "fused_jackpot_stats",
+           "JackpotStats", "IMPLS"]
+
+JackpotStats = reference.JackpotStats
 
 IMPLS = _validate.IMPLS
 
@@ -105,3 +112,32 @@ def fused_distill_kl(h_teacher, w_teacher, h_student, w_student, direction: str 
                                     vocab_size=vocab_size)
     return chunked.distill_kl(h_teacher, w_teacher, h_student, w_student, direction,
                               vocab_size=vocab_size, block_v=block_v)
+
+
+def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, lam, *,
+                        temperature_actor=1.0, exact: bool = False, direction: str = "forward",
+                        vocab_size=None, impl="auto", block_v=None) -> JackpotStats:
+    """All vocabulary statistics of one update step, as a :class:`JackpotStats`.
+
+    The policy is p_new = softmax(h_policy @ w_policy); the actor is p_inf = softmax(h_actor @
+    w_actor / temperature_actor), both as :func:`fused_token_stats`. ``z_topk``/``z_exact`` are
+    :func:`fused_obrs_normalizer` with the actor as p_inf and the policy as target;
+    ``distill_kl`` is :func:`fused_distill_kl` with the policy as teacher and the actor (at its
+    temperature) as student. Gradients: the policy's through ``logp_new`` and ``lse_new``; the
+    actor's through ``logp_actor``, ``lse_actor`` and ``distill_kl``.
+    """
+    impl, block_v = _resolve(impl, block_v)
+    _validate.choice("direction", direction, _validate.DIRECTIONS)
+    vocab_size = _validate.head("h_policy", h_policy, "w_policy", w_policy, vocab_size)
+    _validate.same_vocab("w_policy", w_policy, "w_actor", w_actor)
+    _validate.head("h_actor", h_actor, "w_actor", w_actor, vocab_size)
+    _validate.same_tokens("h_policy", h_policy, "h_actor", h_actor)
+    _validate.targets(targets, h_policy.shape[0])
+    _validate.top_k(k, vocab_size)
+    _validate.temperature("temperature_actor", temperature_actor)
+    _validate.check_range("lam", lam, lambda v: v > 0, "> 0")
+    args = (h_policy, w_policy, h_actor, w_actor, targets, k, lam)
+    opts = dict(temperature_actor=temperature_actor, exact=exact, direction=direction, vocab_size=vocab_size)
+    if impl == "reference":
+        return reference.jackpot_stats(*args, **opts)
+    return chunked.jackpot_stats(*args, block_v=block_v, **opts)

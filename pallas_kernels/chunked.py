@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.reference import JackpotStats
+
 NEG_INF = -jnp.inf
 
 
@@ -126,35 +128,47 @@ def _token_stats_bwd(k, temperature, vocab_size, block_v, residuals, cotangents)
     scale = 1.0 / temperature
 
     def dlogits_fn(i, start, cols, counted):
-        p = jnp.exp(_logits(h, w, start, blocks, scale, counted) - lse[:, None])
-        onehot = (cols[None, :] == targets[:, None]) & counted[None, :]
-        return (g_logp[:, None] * (onehot - p) + g_lse[:, None] * p) * scale
+        logp = _logits(h, w, start, blocks, scale, counted) - lse[:, None]
+        return (_dlogits_stats(logp, cols, targets, counted, g_logp, g_lse) * scale,)
 
-    dh, dw = _recompute_grads(h, w, blocks, dlogits_fn)
+    ((dh, dw),) = _recompute_grads(((h, w),), blocks, dlogits_fn)
     return dh, dw, None
+
+
+def _dlogits_stats(logp, cols, targets, counted, g_logp, g_lse):
+    """Cotangent of the logits from those of logp(target) and lse: d logp_t / d logit_j =
+    1[j = t] - p_j, d lse / d logit_j = p_j."""
+    p = jnp.exp(logp)
+    onehot = (cols[None, :] == targets[:, None]) & counted[None, :]
+    return g_logp[:, None] * (onehot - p) + g_lse[:, None] * p
 
 
 _token_stats.defvjp(_token_stats_fwd, _token_stats_bwd)
 
 
-def _recompute_grads(h, w, blocks, dlogits_fn):
-    """Backward over vocabulary blocks: dh accumulates in float32; each block's dw is complete
-    within its iteration (summed over all tokens by the matmul) and written once, in w's dtype."""
+def _recompute_grads(models, blocks, dlogits_fn):
+    """Backward over vocabulary blocks for ``models = ((h, w), ...)``; ``dlogits_fn(i, start, cols,
+    counted)`` returns one ``[N, Bv]`` cotangent of the raw logits per model. dh accumulates in
+    float32; each block's dw is complete within its iteration (summed over all tokens by the
+    matmul) and written once, in w's dtype, so no float32 copy of w's gradient is ever held."""
 
     def body(carry, i):
-        dh, dw = carry
         start, cols, counted = blocks.columns(i)
-        dlogits = jnp.where(counted[None, :], dlogits_fn(i, start, cols, counted), 0.0)
-        w_blk = lax.dynamic_slice_in_dim(w, start, blocks.size, axis=1)
-        dh = dh + jnp.dot(dlogits.astype(w.dtype), w_blk.T, preferred_element_type=jnp.float32)
-        dw_blk = jnp.dot(h.T, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
-        old = lax.dynamic_slice_in_dim(dw, start, blocks.size, axis=1)
-        dw_blk = jnp.where((cols >= i * blocks.size)[None, :], dw_blk.astype(dw.dtype), old)
-        return (dh, lax.dynamic_update_slice_in_dim(dw, dw_blk, start, axis=1)), None
+        fresh = (cols >= i * blocks.size)[None, :]
+        out = []
+        for (h, w), (dh, dw), dlogits in zip(models, carry, dlogits_fn(i, start, cols, counted)):
+            dlogits = jnp.where(counted[None, :], dlogits, 0.0)
+            w_blk = lax.dynamic_slice_in_dim(w, start, blocks.size, axis=1)
+            dh = dh + jnp.dot(dlogits.astype(w.dtype), w_blk.T, preferred_element_type=jnp.float32)
+            dw_blk = jnp.dot(h.T, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
+            old = lax.dynamic_slice_in_dim(dw, start, blocks.size, axis=1)
+            dw_blk = jnp.where(fresh, dw_blk.astype(dw.dtype), old)
+            out.append((dh, lax.dynamic_update_slice_in_dim(dw, dw_blk, start, axis=1)))
+        return tuple(out), None
 
-    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype))
-    (dh, dw), _ = lax.scan(body, init, jnp.arange(blocks.count))
-    return dh.astype(h.dtype), dw
+    init = tuple((jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype)) for h, w in models)
+    grads, _ = lax.scan(body, init, jnp.arange(blocks.count))
+    return tuple((dh.astype(h.dtype), dw) for (h, _), (dh, dw) in zip(models, grads))
 
 
 # ----------------------------------------------------------------------------- OBRS normalizer
@@ -166,10 +180,11 @@ def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, exact,
     vocab_size = w_inf.shape[1] if vocab_size is None else vocab_size
     blocks = _Blocks(w_inf.shape[1], block_v, vocab_size, min_block=k)
     args = [lax.stop_gradient(x) for x in (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt)]
-    return _obrs_normalizer(*args, jnp.log(lam), k, exact, 1.0 / temperature_inf, blocks)
+    return _obrs_normalizer(*args, jnp.log(lam), k, exact, 1.0 / temperature_inf, blocks)[:2]
 
 
 def _obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, log_lam, k, exact, scale_inf, blocks):
+    """One pass: Z_topk, Z_exact (or None), and both top-k sets ``(logp [N, k], ids [N, k])``."""
     n = h_inf.shape[0]
 
     def body(carry, i):
@@ -188,11 +203,11 @@ def _obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, log_lam, k, e
     neg = jnp.full((n, k), NEG_INF)
     zeros_i = jnp.zeros((n, k), jnp.int32)
     init = (jnp.full((n,), NEG_INF), jnp.zeros((n,)), neg, neg, zeros_i, neg, neg, zeros_i)
-    (m, s, _, inf_mass, inf_ids, _, tgt_mass, tgt_ids), _ = lax.scan(body, init, jnp.arange(blocks.count))
+    (m, s, inf_v, inf_mass, inf_ids, tgt_v, tgt_mass, tgt_ids), _ = lax.scan(body, init, jnp.arange(blocks.count))
     in_both = jnp.any(tgt_ids[:, :, None] == inf_ids[:, None, :], axis=-1)
     terms = jnp.concatenate([inf_mass, jnp.where(in_both, NEG_INF, tgt_mass)], axis=-1)
     z_topk = jnp.exp(jax.nn.logsumexp(terms, axis=-1))
-    return z_topk, (jnp.exp(_lse(m, s)) if exact else None)
+    return z_topk, (jnp.exp(_lse(m, s)) if exact else None), (inf_v, inf_ids), (tgt_v, tgt_ids)
 
 
 # ----------------------------------------------------------------------------- distillation KL
@@ -206,26 +221,34 @@ def distill_kl(h_teacher, w_teacher, h_student, w_student, direction="forward", 
                        w_student, direction == "forward", vocab_size, block_v)
 
 
-def _kl_stats(h_a, w_a, h_b, w_b, blocks):
-    """One pass: lse of a and b, and E_{p_a}[a - b] = sum_j p_a,j (a_j - b_j), online."""
+def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None):
+    """One pass over both models' logits a and b: their lse, KL(p_a || p_b) = E_{p_a}[a - b] -
+    lse_a + lse_b (online, like the lse), and, given ``targets``, both models' target logits."""
     n = h_a.shape[0]
 
     def body(carry, i):
-        m_a, s_a, u, m_b, s_b = carry
+        m_a, s_a, u, m_b, s_b, t_a, t_b = carry
         start, _, counted = blocks.columns(i)
-        a = _logits(h_a, w_a, start, blocks, 1.0, counted)
-        b = _logits(h_b, w_b, start, blocks, 1.0, counted)
-        m_new, s_a_new = _lse_update(m_a, s_a, a)
+        a = _logits(h_a, w_a, start, blocks, scale_a, counted)
+        b = _logits(h_b, w_b, start, blocks, scale_b, counted)
+        m_new, s_a = _lse_update(m_a, s_a, a)
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         diff = jnp.where(counted[None, :], a - b, 0.0)
         u = u * jnp.exp(m_a - m_safe) + jnp.sum(jnp.exp(a - m_safe[:, None]) * diff, axis=-1)
         m_b, s_b = _lse_update(m_b, s_b, b)
-        return (m_new, s_a_new, u, m_b, s_b), None
+        if targets is not None:
+            local = targets - start
+            here = (targets >= i * blocks.size) & (local < blocks.size)
+            pick = jnp.clip(local, 0, blocks.size - 1)[:, None]
+            t_a = jnp.where(here, jnp.take_along_axis(a, pick, axis=-1)[:, 0], t_a)
+            t_b = jnp.where(here, jnp.take_along_axis(b, pick, axis=-1)[:, 0], t_b)
+        return (m_new, s_a, u, m_b, s_b, t_a, t_b), None
 
-    init = (jnp.full((n,), NEG_INF), jnp.zeros((n,)), jnp.zeros((n,)), jnp.full((n,), NEG_INF), jnp.zeros((n,)))
-    (m_a, s_a, u, m_b, s_b), _ = lax.scan(body, init, jnp.arange(blocks.count))
+    neg, zero = jnp.full((n,), NEG_INF), jnp.zeros((n,))
+    (m_a, s_a, u, m_b, s_b, t_a, t_b), _ = lax.scan(body, (neg, zero, zero, neg, zero, neg, neg),
+                                                    jnp.arange(blocks.count))
     lse_a, lse_b = _lse(m_a, s_a), _lse(m_b, s_b)
-    return lse_a, lse_b, u / s_a - lse_a + lse_b  # KL(p_a || p_b)
+    return lse_a, lse_b, u / s_a - lse_a + lse_b, t_a, t_b
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -236,9 +259,9 @@ def _distill_kl(h_t, w_t, h_s, w_s, forward, vocab_size, block_v):
 def _distill_kl_fwd(h_t, w_t, h_s, w_s, forward, vocab_size, block_v):
     blocks = _Blocks(w_t.shape[1], block_v, vocab_size)
     if forward:  # KL(p_teacher || p_student)
-        lse_t, lse_s, kl = _kl_stats(h_t, w_t, h_s, w_s, blocks)
+        lse_t, lse_s, kl, _, _ = _two_model_pass(h_t, w_t, 1.0, h_s, w_s, 1.0, blocks)
     else:  # KL(p_student || p_teacher)
-        lse_s, lse_t, kl = _kl_stats(h_s, w_s, h_t, w_t, blocks)
+        lse_s, lse_t, kl, _, _ = _two_model_pass(h_s, w_s, 1.0, h_t, w_t, 1.0, blocks)
     return kl, (h_t, w_t, h_s, w_s, lse_t, lse_s, kl)
 
 
@@ -250,14 +273,75 @@ def _distill_kl_bwd(forward, vocab_size, block_v, residuals, g):
     def dlogits_fn(i, start, cols, counted):
         logp_t = _logits(h_t, w_t, start, blocks, 1.0, counted) - lse_t[:, None]
         logp_s = _logits(h_s, w_s, start, blocks, 1.0, counted) - lse_s[:, None]
-        p_s = jnp.exp(logp_s)
-        if forward:
-            return g[:, None] * (p_s - jnp.exp(logp_t))
-        log_ratio = jnp.where(counted[None, :], logp_s - logp_t, 0.0)
-        return g[:, None] * p_s * (log_ratio - kl[:, None])
+        return (_dlogits_kl(logp_t, logp_s, kl, g, forward, counted),)
 
-    dh_s, dw_s = _recompute_grads(h_s, w_s, blocks, dlogits_fn)
+    ((dh_s, dw_s),) = _recompute_grads(((h_s, w_s),), blocks, dlogits_fn)
     return jnp.zeros_like(h_t), jnp.zeros_like(w_t), dh_s, dw_s
 
 
+def _dlogits_kl(logp_t, logp_s, kl, g, forward, counted):
+    """Cotangent of the student's logits. Forward KL(t || s): p_s - p_t. Reverse KL(s || t):
+    p_s (log p_s - log p_t - KL)."""
+    p_s = jnp.exp(logp_s)
+    if forward:
+        return g[:, None] * (p_s - jnp.exp(logp_t))
+    log_ratio = jnp.where(counted[None, :], logp_s - logp_t, 0.0)
+    return g[:, None] * p_s * (log_ratio - kl[:, None])
+
+
 _distill_kl.defvjp(_distill_kl_fwd, _distill_kl_bwd)
+
+
+# ----------------------------------------------------------------------------- all statistics
+
+
+def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_actor=1.0, exact=False,
+                  direction="forward", vocab_size=None, block_v=2048):
+    """Policy and actor token stats, the OBRS normalizers and the distillation KL in two forward
+    passes and one backward pass over the vocabulary; each model's dw is written once."""
+    vocab_size = w_pol.shape[1] if vocab_size is None else vocab_size
+    blocks = _Blocks(w_pol.shape[1], block_v, vocab_size, min_block=k)
+    scale_act = 1.0 / float(temperature_actor)
+    logp_new, lse_new, logp_act, lse_act, kl = _jackpot_core(
+        h_pol, w_pol, h_act, w_act, targets, scale_act, direction == "forward", vocab_size, blocks.size)
+    sg = lax.stop_gradient
+    z_topk, z_exact, (act_v, act_ids), (pol_v, pol_ids) = _obrs_normalizer(
+        sg(h_act), sg(w_act), sg(lse_act), sg(h_pol), sg(w_pol), sg(lse_new), jnp.log(lam), k, exact,
+        scale_act, blocks)
+    return JackpotStats(logp_new, lse_new, pol_v, pol_ids, logp_act, lse_act, act_v, act_ids, z_topk,
+                        z_exact, kl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _jackpot_core(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v):
+    return _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v)[0]
+
+
+def _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v):
+    blocks = _Blocks(w_pol.shape[1], block_v, vocab_size)
+    if forward:  # KL(p_new || p_actor)
+        lse_new, lse_act, kl, t_new, t_act = _two_model_pass(h_pol, w_pol, 1.0, h_act, w_act, scale_act, blocks, targets)
+    else:  # KL(p_actor || p_new)
+        lse_act, lse_new, kl, t_act, t_new = _two_model_pass(h_act, w_act, scale_act, h_pol, w_pol, 1.0, blocks, targets)
+    out = (t_new - lse_new, lse_new, t_act - lse_act, lse_act, kl)
+    return out, (h_pol, w_pol, h_act, w_act, targets, lse_new, lse_act, kl)
+
+
+def _jackpot_core_bwd(scale_act, forward, vocab_size, block_v, residuals, cotangents):
+    h_pol, w_pol, h_act, w_act, targets, lse_new, lse_act, kl = residuals
+    g_logp_new, g_lse_new, g_logp_act, g_lse_act, g_kl = cotangents
+    blocks = _Blocks(w_pol.shape[1], block_v, vocab_size)
+
+    def dlogits_fn(i, start, cols, counted):
+        logp_new = _logits(h_pol, w_pol, start, blocks, 1.0, counted) - lse_new[:, None]
+        logp_act = _logits(h_act, w_act, start, blocks, scale_act, counted) - lse_act[:, None]
+        d_pol = _dlogits_stats(logp_new, cols, targets, counted, g_logp_new, g_lse_new)
+        d_act = (_dlogits_stats(logp_act, cols, targets, counted, g_logp_act, g_lse_act)
+                 + _dlogits_kl(lax.stop_gradient(logp_new), logp_act, kl, g_kl, forward, counted))
+        return d_pol, d_act * scale_act
+
+    (dh_pol, dw_pol), (dh_act, dw_act) = _recompute_grads(((h_pol, w_pol), (h_act, w_act)), blocks, dlogits_fn)
+    return dh_pol, dw_pol, dh_act, dw_act, None
+
+
+_jackpot_core.defvjp(_jackpot_core_fwd, _jackpot_core_bwd)

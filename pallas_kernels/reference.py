@@ -5,11 +5,31 @@ They form the full ``[N, V]`` logits, so they cost O(N x V) memory; they are bui
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jackpot_jax import losses, obrs
+
+
+class JackpotStats(NamedTuple):
+    """Everything one update step needs from the vocabulary. Differentiable: ``logp_new``,
+    ``lse_new`` (policy); ``logp_actor``, ``lse_actor``, ``distill_kl`` (actor). The rest is
+    stop-gradient."""
+
+    logp_new: jax.Array  # [N] policy log p_new(target)
+    lse_new: jax.Array  # [N]
+    topk_logp_new: jax.Array  # [N, k]
+    topk_ids_new: jax.Array  # [N, k]
+    logp_actor: jax.Array  # [N] actor log p(target) at temperature_actor
+    lse_actor: jax.Array  # [N]
+    topk_logp_actor: jax.Array  # [N, k]
+    topk_ids_actor: jax.Array  # [N, k]
+    z_topk: jax.Array  # [N] Z_approx over the union of both top-k sets (actor = p_inf, policy = target)
+    z_exact: jax.Array | None  # [N] exact Z of eq. 4, when asked for
+    distill_kl: jax.Array  # [N] eq. 7 (forward) or its reverse, policy teacher, actor student
 
 
 def _logits(h, w, scale, vocab_size):
@@ -43,3 +63,19 @@ def distill_kl(h_teacher, w_teacher, h_student, w_student, direction="forward", 
     logp_teacher = jax.nn.log_softmax(_logits(h_teacher, w_teacher, 1.0, vocab_size))
     logp_student = jax.nn.log_softmax(_logits(h_student, w_student, 1.0, vocab_size))
     return losses.distill_kl(logp_teacher, logp_student, direction)
+
+
+def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_actor=1.0, exact=False,
+                  direction="forward", vocab_size=None):
+    vocab_size = w_pol.shape[1] if vocab_size is None else vocab_size
+    logp_new, lse_new, topk_new, ids_new = token_stats(h_pol, w_pol, targets, k, vocab_size=vocab_size)
+    logp_act, lse_act, topk_act, ids_act = token_stats(h_act, w_act, targets, k, temperature=temperature_actor,
+                                                       vocab_size=vocab_size)
+    logp_new_all = jax.nn.log_softmax(_logits(h_pol, w_pol, 1.0, vocab_size))
+    logp_act_all = jax.nn.log_softmax(_logits(h_act, w_act, 1.0 / temperature_actor, vocab_size))
+    sg = lax.stop_gradient
+    z_topk = obrs.topk_normalizer(sg(logp_act_all), sg(logp_new_all), lam, k)
+    z_exact = obrs.normalizer(sg(logp_act_all), sg(logp_new_all), lam) if exact else None
+    kl = losses.distill_kl(logp_new_all, logp_act_all, direction)
+    return JackpotStats(logp_new, lse_new, topk_new, ids_new, logp_act, lse_act, topk_act, ids_act,
+                        z_topk, z_exact, kl)

@@ -229,3 +229,38 @@ def test_bad_input_gives_a_clear_value_error(rng, index):
     match, call = _bad_inputs(rng)[index]
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("impl", STREAMING)
+@pytest.mark.parametrize("shape", SHAPES[1:])
+@pytest.mark.parametrize("direction,temperature", [("forward", 1.0), ("reverse", 0.8)])
+def test_jackpot_stats_match_reference_and_the_separate_ops(rng, impl, shape, direction, temperature):
+    n, d, v, vocab_size, k, block_v = shape
+    h_pol, w_pol = head(rng, n, d + 4, v)
+    h_act, w_act = head(rng, n, d, v)
+    targets = jnp.asarray(rng.integers(0, vocab_size, n))
+    cot = {name: jnp.asarray(rng.normal(size=n)) for name in ("logp_new", "lse_new", "logp_actor", "lse_actor", "distill_kl")}
+
+    def run(impl):
+        def f(h_pol, w_pol, h_act, w_act):
+            stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, 0.9, temperature_actor=temperature,
+                                           exact=True, direction=direction, vocab_size=vocab_size, impl=impl,
+                                           block_v=block_v)
+            return sum(jnp.sum(c * getattr(stats, name)) for name, c in cot.items()), stats
+        return jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)(h_pol, w_pol, h_act, w_act)
+
+    got_grads, got = run(impl)
+    want_grads, want = run("reference")
+    for field in ("logp_new", "lse_new", "logp_actor", "lse_actor", "z_topk", "z_exact", "distill_kl"):
+        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=2e-5, atol=2e-5, err_msg=field)
+    assert_topk_equal(got.topk_logp_new, got.topk_ids_new, want.topk_logp_new, want.topk_ids_new, rtol=1e-5)
+    assert_topk_equal(got.topk_logp_actor, got.topk_ids_actor, want.topk_logp_actor, want.topk_ids_actor, rtol=1e-5)
+    for name, a, b in zip(("h_policy", "w_policy", "h_actor", "w_actor"), got_grads, want_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=name)
+    # the fused op is the separate ops put together
+    separate = pk.fused_distill_kl(h_pol, w_pol, h_act, w_act / temperature, direction, vocab_size=vocab_size,
+                                   impl=impl, block_v=block_v)
+    np.testing.assert_allclose(got.distill_kl, separate, rtol=1e-4, atol=1e-5)
+    z_topk, _ = pk.fused_obrs_normalizer(h_act, w_act, got.lse_actor, h_pol, w_pol, got.lse_new, 0.9, k,
+                                         temperature_inf=temperature, vocab_size=vocab_size, impl=impl, block_v=block_v)
+    np.testing.assert_allclose(got.z_topk, z_topk, rtol=1e-6)
