@@ -182,6 +182,12 @@ def test_chunked_forward_and_backward_never_form_tokens_by_vocab(rng):
     # a block of logits, the weights, or the k x k union test of the top-k sets
     bound = max(n * block_v, d * v, n * 20 * 20)
     assert _largest_intermediate(lambda *a: grad(*a, "chunked"), h, w, h2, w2) <= bound
+
+    def fused(h, w, h2, w2):
+        stats = pk.fused_jackpot_stats(h, w, h2, w2, targets, 20, 0.9, exact=True, impl="chunked", block_v=block_v)
+        return sum(jnp.sum(x) for x in stats if x is not None and x.dtype != jnp.int32)
+
+    assert _largest_intermediate(jax.grad(fused, argnums=(0, 1, 2, 3)), h, w, h2, w2) <= bound
     assert _largest_intermediate(lambda *a: grad(*a, "reference"), h, w, h2, w2) >= n * v  # the check bites
 
 
