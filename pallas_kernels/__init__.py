@@ -80,10 +80,7 @@ def fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k: 
     ``z_exact`` over the whole vocabulary (eq. 4). Both are stop-gradient. ``lam`` may be traced.
     """
     impl, block_v = _resolve(impl, block_v)
-    vocab_size = _validate.head("h_inf", h_inf, "w_inf", w_inf, vocab_size)
-    _validate.same_vocab("w_inf", w_inf, "w_tgt", w_tgt)
-    _validate.head("h_tgt", h_tgt, "w_tgt", w_tgt, vocab_size)
-    _validate.same_tokens("h_inf", h_inf, "h_tgt", h_tgt)
+    vocab_size = _validate.two_heads("inf", h_inf, w_inf, "tgt", h_tgt, w_tgt, vocab_size)
     _validate.per_token("lse_inf", lse_inf, h_inf.shape[0])
     _validate.per_token("lse_tgt", lse_tgt, h_inf.shape[0])
     _validate.top_k(k, vocab_size)
@@ -103,10 +100,8 @@ def fused_distill_kl(h_teacher, w_teacher, h_student, w_student, direction: str 
     ``w`` only; the teacher (the policy) is stop-gradient."""
     impl, block_v = _resolve(impl, block_v)
     _validate.choice("direction", direction, _validate.DIRECTIONS)
-    vocab_size = _validate.head("h_teacher", h_teacher, "w_teacher", w_teacher, vocab_size)
-    _validate.same_vocab("w_teacher", w_teacher, "w_student", w_student)
-    _validate.head("h_student", h_student, "w_student", w_student, vocab_size)
-    _validate.same_tokens("h_teacher", h_teacher, "h_student", h_student)
+    vocab_size = _validate.two_heads("teacher", h_teacher, w_teacher, "student", h_student, w_student,
+                                     vocab_size)
     if impl == "reference":
         return reference.distill_kl(h_teacher, w_teacher, h_student, w_student, direction,
                                     vocab_size=vocab_size)
@@ -128,10 +123,7 @@ def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, l
     """
     impl, block_v = _resolve(impl, block_v)
     _validate.choice("direction", direction, _validate.DIRECTIONS)
-    vocab_size = _validate.head("h_policy", h_policy, "w_policy", w_policy, vocab_size)
-    _validate.same_vocab("w_policy", w_policy, "w_actor", w_actor)
-    _validate.head("h_actor", h_actor, "w_actor", w_actor, vocab_size)
-    _validate.same_tokens("h_policy", h_policy, "h_actor", h_actor)
+    vocab_size = _validate.two_heads("policy", h_policy, w_policy, "actor", h_actor, w_actor, vocab_size)
     _validate.targets(targets, h_policy.shape[0])
     _validate.top_k(k, vocab_size)
     _validate.temperature("temperature_actor", temperature_actor)

@@ -48,6 +48,16 @@ def same_vocab(a_name, a, b_name, b):
                          "both models must share one vocabulary.")
 
 
+def two_heads(a, h_a, w_a, b, h_b, w_b, vocab_size):
+    """Two models (names ``a``, ``b``) over the same tokens and one shared vocabulary; each has
+    its own width D. Returns the real vocab size."""
+    vocab_size = head(f"h_{a}", h_a, f"w_{a}", w_a, vocab_size)
+    same_vocab(f"w_{a}", w_a, f"w_{b}", w_b)
+    head(f"h_{b}", h_b, f"w_{b}", w_b, vocab_size)
+    same_tokens(f"h_{a}", h_a, f"h_{b}", h_b)
+    return vocab_size
+
+
 def targets(t, n):
     if jnp.ndim(t) != 1 or t.shape[0] != n or not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"targets must be an integer array of shape [{n}], got {t.dtype} {jnp.shape(t)}.")

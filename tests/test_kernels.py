@@ -227,10 +227,14 @@ def _bad_inputs(rng):
         ("w_inf has V=10 columns but w_tgt has V=9", lambda: pk.fused_obrs_normalizer(h, w, lse, h, w[:, :9], lse, 1.0, 2)),
         ("direction='sideways'", lambda: pk.fused_distill_kl(h, w, h, w, "sideways")),
         ("h_student has D=7 but w_student has D=8", lambda: pk.fused_distill_kl(h, w, h[:, :7], w)),
+        ("h_actor has D=7 but w_actor has D=8", lambda: pk.fused_jackpot_stats(h, w, h[:, :7], w, t, 2, 1.0)),
+        ("k=0 is not allowed", lambda: pk.fused_jackpot_stats(h, w, h, w, t, 0, 1.0)),
+        ("lam=0", lambda: pk.fused_jackpot_stats(h, w, h, w, t, 2, 0.0)),
+        ("temperature_actor=-1", lambda: pk.fused_jackpot_stats(h, w, h, w, t, 2, 1.0, temperature_actor=-1.0)),
     ]
 
 
-@pytest.mark.parametrize("index", range(17))
+@pytest.mark.parametrize("index", range(21))
 def test_bad_input_gives_a_clear_value_error(rng, index):
     match, call = _bad_inputs(rng)[index]
     with pytest.raises(ValueError, match=match):
