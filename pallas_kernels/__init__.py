@@ -20,14 +20,16 @@ Implementations, chosen by ``impl``:
     definition (:mod:`pallas_kernels.reference`).
   * ``"chunked"``: XLA ``lax.scan`` over vocabulary blocks with online logsumexp and a running top-k
     merge; memory linear in N (:mod:`pallas_kernels.chunked`).
-  * ``"auto"``: ``"chunked"`` on every backend for now. The Pallas TPU and GPU kernels are not
-    written yet; when they are, "auto" will pick them on TPU and GPU.
+  * ``"pallas"``: so far :func:`fused_token_stats` only, with a Pallas TPU (Mosaic) forward kernel
+    and the chunked backward (:mod:`pallas_kernels.pallas_tpu`); interpreted on CPU for tests. It
+    lowers for TPU but has not run on TPU hardware yet. No GPU kernel yet.
+  * ``"auto"``: ``"chunked"`` on every backend, until the Pallas kernels are checked on hardware.
 """
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels import _validate, chunked, reference
+from pallas_kernels import _validate, chunked, pallas_tpu, reference
 
 __all__ = ["fused_token_stats", "fused_obrs_normalizer", "fused_distill_kl", "fused_jackpot_stats",
            "JackpotStats", "IMPLS"]
@@ -40,9 +42,15 @@ IMPLS = _validate.IMPLS
 _BLOCK_V = {"cpu": 2048, "gpu": 8192, "tpu": 8192}
 
 
-def _resolve(impl, block_v):
+def _resolve(impl, block_v, pallas_ok=False):
+    """The implementation and block size to run. "pallas" exists only for the token stats and
+    only on TPU (or interpreted on CPU, for tests); "auto" stays on "chunked" until the Pallas
+    kernels have been checked on real hardware."""
     _validate.choice("impl", impl, IMPLS)
     impl = "chunked" if impl == "auto" else impl
+    if impl == "pallas" and not (pallas_ok and jax.default_backend() in ("tpu", "cpu")):
+        raise ValueError(f"impl='pallas' is not available for this op on {jax.default_backend()}: so far only "
+                         "fused_token_stats has a Pallas kernel, for TPU (interpreted on CPU). Use 'chunked'.")
     if block_v is None:
         block_v = _BLOCK_V.get(jax.default_backend(), 4096)
     elif not isinstance(block_v, int) or block_v < 1:
@@ -59,13 +67,16 @@ def fused_token_stats(h, w, targets, k: int, *, temperature=1.0, vocab_size=None
     Differentiable in ``h`` and ``w`` through ``logp`` and ``lse``; the top-k is stop-gradient.
     The chunked backward recomputes the vocabulary blocks and saves no N x V residual.
     """
-    impl, block_v = _resolve(impl, block_v)
+    impl, block_v = _resolve(impl, block_v, pallas_ok=True)
     vocab_size = _validate.head("h", h, "w", w, vocab_size)
     _validate.targets(targets, h.shape[0])
     _validate.top_k(k, vocab_size)
     _validate.temperature("temperature", temperature)
     if impl == "reference":
         return reference.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size)
+    if impl == "pallas":
+        return pallas_tpu.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size,
+                                      interpret=jax.default_backend() == "cpu")
     return chunked.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size,
                                block_v=block_v)
 

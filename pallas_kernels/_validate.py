@@ -7,7 +7,7 @@ import numpy as np
 
 from jackpot_jax.obrs import check_range
 
-IMPLS = ("auto", "reference", "chunked")
+IMPLS = ("auto", "reference", "chunked", "pallas")
 DIRECTIONS = ("forward", "reverse")
 
 

@@ -120,7 +120,7 @@ def _token_stats_fwd(h, w, targets, k, temperature, vocab_size, block_v):
     return out, (h, w, targets, lse)
 
 
-def _token_stats_bwd(k, temperature, vocab_size, block_v, residuals, cotangents):
+def token_stats_bwd(k, temperature, vocab_size, block_v, residuals, cotangents):
     """d logp_t / d logits_j = 1[j = t] - p_j and d lse / d logits_j = p_j; top-k carry none."""
     h, w, targets, lse = residuals
     g_logp, g_lse = cotangents[0], cotangents[1]
@@ -143,7 +143,7 @@ def _dlogits_stats(logp, cols, targets, counted, g_logp, g_lse):
     return g_logp[:, None] * (onehot - p) + g_lse[:, None] * p
 
 
-_token_stats.defvjp(_token_stats_fwd, _token_stats_bwd)
+_token_stats.defvjp(_token_stats_fwd, token_stats_bwd)
 
 
 def _recompute_grads(models, blocks, dlogits_fn):

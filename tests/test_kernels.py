@@ -9,6 +9,7 @@ import pallas_kernels as pk
 from jackpot_jax import obrs
 
 STREAMING = ["chunked"]
+TOKEN_STATS = ["chunked", "pallas"]  # "pallas": the TPU kernel, interpreted on CPU
 
 # (N, D, V, vocab_size, k, block_v): vocabularies that do not divide the block, a padded tail,
 # a single block, blocks of one column more than k, and k = V.
@@ -35,7 +36,7 @@ def assert_topk_equal(got_logp, got_ids, want_logp, want_ids, rtol):
     assert np.all(same | ties)
 
 
-@pytest.mark.parametrize("impl", STREAMING)
+@pytest.mark.parametrize("impl", TOKEN_STATS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_stats_forward_matches_reference(rng, impl, shape, temperature):
@@ -51,7 +52,7 @@ def test_token_stats_forward_matches_reference(rng, impl, shape, temperature):
     assert got[3].dtype == jnp.int32 and np.all(np.asarray(got[3]) < vocab_size)
 
 
-@pytest.mark.parametrize("impl", STREAMING)
+@pytest.mark.parametrize("impl", TOKEN_STATS)
 @pytest.mark.parametrize("shape", SHAPES[1:])
 def test_token_stats_gradients_match_reference(rng, impl, shape):
     n, d, v, vocab_size, k, block_v = shape
@@ -73,7 +74,7 @@ def test_token_stats_gradients_match_reference(rng, impl, shape):
     assert np.all(np.asarray(got_w)[:, vocab_size:] == 0)  # padded columns get no gradient
 
 
-@pytest.mark.parametrize("impl", STREAMING)
+@pytest.mark.parametrize("impl", TOKEN_STATS)
 def test_token_stats_bfloat16(rng, impl):
     h, w = head(rng, 16, 32, 500, dtype=jnp.bfloat16)
     targets = jnp.asarray(rng.integers(0, 500, 16))
@@ -218,7 +219,8 @@ def _bad_inputs(rng):
         ("targets must be an integer array of shape \\[4\\]", lambda: pk.fused_token_stats(h, w, t[:3], 2)),
         ("temperature=0", lambda: pk.fused_token_stats(h, w, t, 2, temperature=0.0)),
         ("vocab_size=11 is not allowed", lambda: pk.fused_token_stats(h, w, t, 2, vocab_size=11)),
-        ("impl='pallas' is not allowed", lambda: pk.fused_token_stats(h, w, t, 2, impl="pallas")),
+        ("impl='triton' is not allowed", lambda: pk.fused_token_stats(h, w, t, 2, impl="triton")),
+        ("impl='pallas' is not available for this op", lambda: pk.fused_distill_kl(h, w, h, w, impl="pallas")),
         ("block_v=0", lambda: pk.fused_token_stats(h, w, t, 2, block_v=0)),
         ("lam=0", lambda: pk.fused_obrs_normalizer(h, w, lse, h, w, lse, 0.0, 2)),
         ("lam=-1", lambda: pk.fused_obrs_normalizer(h, w, lse, h, w, lse, -1.0, 2)),
@@ -234,7 +236,7 @@ def _bad_inputs(rng):
     ]
 
 
-@pytest.mark.parametrize("index", range(21))
+@pytest.mark.parametrize("index", range(22))
 def test_bad_input_gives_a_clear_value_error(rng, index):
     match, call = _bad_inputs(rng)[index]
     with pytest.raises(ValueError, match=match):
@@ -274,3 +276,38 @@ def test_jackpot_stats_match_reference_and_the_separate_ops(rng, impl, shape, di
     z_topk, _ = pk.fused_obrs_normalizer(h_act, w_act, got.lse_actor, h_pol, w_pol, got.lse_new, 0.9, k,
                                          temperature_inf=temperature, vocab_size=vocab_size, impl=impl, block_v=block_v)
     np.testing.assert_allclose(got.z_topk, z_topk, rtol=1e-6)
+
+
+def test_pallas_tpu_kernel_lowers_for_tpu_at_a_realistic_shape():
+    """Pallas -> Mosaic lowering from this CPU host (an unsupported op inside the kernel would fail
+    here); compiling and running needs a TPU. Qwen3-8B-like head: D=4096, V=151,936, k=20."""
+    from pallas_kernels import pallas_tpu
+
+    n, d, v = 8192, 4096, 151936
+    s = jax.ShapeDtypeStruct
+    fn = jax.jit(lambda h, w, t: pallas_tpu.token_stats_forward(h, w, t, 20, temperature=0.8))
+    lowered = fn.trace(s((n, d), jnp.bfloat16), s((d, v), jnp.bfloat16), s((n,), jnp.int32)).lower(
+        lowering_platforms=("tpu",))
+    assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_pallas_tpu_kernel_rejects_k_above_its_lanes(rng):
+    h, w = head(rng, 4, 8, 300)
+    with pytest.raises(ValueError, match="k=129 is not allowed for the Pallas TPU kernel"):
+        pk.fused_token_stats(h, w, jnp.zeros(4, jnp.int32), 129, impl="pallas")
+
+
+@pytest.mark.parametrize("impl", TOKEN_STATS)
+def test_topk_ties_keep_the_lower_column_first(rng, impl):
+    """Small integer h and w give exactly tied logits (no rounding in the matmul); like
+    lax.top_k, every implementation lists tied tokens by increasing id, across blocks too."""
+    h = jnp.asarray(rng.integers(-2, 3, size=(9, 8)), jnp.float32)
+    w = jnp.asarray(rng.integers(-3, 4, size=(8, 300)), jnp.float32)
+    targets = jnp.zeros(9, jnp.int32)
+    got = pk.fused_token_stats(h, w, targets, 20, impl=impl, block_v=128)
+    want = pk.fused_token_stats(h, w, targets, 20, impl="reference")
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[3], want[3])
+    values, ids = np.asarray(got[2]), np.asarray(got[3])
+    tied = values[:, 1:] == values[:, :-1]
+    assert tied.sum() > 50 and np.all(np.diff(ids, axis=1)[tied] > 0)
