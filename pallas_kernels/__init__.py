@@ -20,16 +20,18 @@ Implementations, chosen by ``impl``:
     definition (:mod:`pallas_kernels.reference`).
   * ``"chunked"``: XLA ``lax.scan`` over vocabulary blocks with online logsumexp and a running top-k
     merge; memory linear in N (:mod:`pallas_kernels.chunked`).
-  * ``"pallas"``: so far :func:`fused_token_stats` only, with a Pallas TPU (Mosaic) forward kernel
-    and the chunked backward (:mod:`pallas_kernels.pallas_tpu`); interpreted on CPU for tests. It
-    lowers for TPU but has not run on TPU hardware yet. No GPU kernel yet.
+  * ``"pallas"``: so far :func:`fused_token_stats` only: a Pallas forward kernel, Mosaic on TPU
+    (:mod:`pallas_kernels.pallas_tpu`) or Triton on GPU (:mod:`pallas_kernels.pallas_gpu`), with
+    the chunked backward; elsewhere the TPU kernel runs interpreted (for tests). Both lower for
+    their targets from a CPU host and match the reference interpreted, but have not yet run on
+    TPU or GPU hardware.
   * ``"auto"``: ``"chunked"`` on every backend, until the Pallas kernels are checked on hardware.
 """
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels import _validate, chunked, pallas_tpu, reference
+from pallas_kernels import _validate, chunked, pallas_gpu, pallas_tpu, reference
 
 __all__ = ["fused_token_stats", "fused_obrs_normalizer", "fused_distill_kl", "fused_jackpot_stats",
            "JackpotStats", "IMPLS"]
@@ -43,14 +45,13 @@ _BLOCK_V = {"cpu": 2048, "gpu": 8192, "tpu": 8192}
 
 
 def _resolve(impl, block_v, pallas_ok=False):
-    """The implementation and block size to run. "pallas" exists only for the token stats and
-    only on TPU (or interpreted on CPU, for tests); "auto" stays on "chunked" until the Pallas
-    kernels have been checked on real hardware."""
+    """The implementation and block size to run. "pallas" exists only for the token stats; "auto"
+    stays on "chunked" until the Pallas kernels have been checked on real hardware."""
     _validate.choice("impl", impl, IMPLS)
     impl = "chunked" if impl == "auto" else impl
-    if impl == "pallas" and not (pallas_ok and jax.default_backend() in ("tpu", "cpu")):
-        raise ValueError(f"impl='pallas' is not available for this op on {jax.default_backend()}: so far only "
-                         "fused_token_stats has a Pallas kernel, for TPU (interpreted on CPU). Use 'chunked'.")
+    if impl == "pallas" and not pallas_ok:
+        raise ValueError("impl='pallas' is not available for this op: so far only fused_token_stats has "
+                         "Pallas kernels (TPU and GPU). Use 'chunked'.")
     if block_v is None:
         block_v = _BLOCK_V.get(jax.default_backend(), 4096)
     elif not isinstance(block_v, int) or block_v < 1:
@@ -75,8 +76,10 @@ def fused_token_stats(h, w, targets, k: int, *, temperature=1.0, vocab_size=None
     if impl == "reference":
         return reference.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size)
     if impl == "pallas":
-        return pallas_tpu.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size,
-                                      interpret=jax.default_backend() == "cpu")
+        backend = jax.default_backend()
+        kernel = pallas_gpu if backend == "gpu" else pallas_tpu
+        return kernel.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size,
+                                  interpret=backend not in ("gpu", "tpu"))
     return chunked.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size,
                                block_v=block_v)
 

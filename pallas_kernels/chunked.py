@@ -135,6 +135,33 @@ def token_stats_bwd(k, temperature, vocab_size, block_v, residuals, cotangents):
     return dh, dw, None
 
 
+def with_chunked_backward(forward):
+    """A token-stats op whose forward pass is ``forward(h, w, targets, k, *, temperature,
+    vocab_size, interpret)`` (a Pallas kernel) and whose backward pass is the chunked one above."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+    def stats(h, w, targets, k, temperature, vocab_size, block_v, interpret):
+        return stats_fwd(h, w, targets, k, temperature, vocab_size, block_v, interpret)[0]
+
+    def stats_fwd(h, w, targets, k, temperature, vocab_size, block_v, interpret):
+        out = forward(h, w, targets, k, temperature=temperature, vocab_size=vocab_size, interpret=interpret)
+        return out, (h, w, targets, out[1])
+
+    def stats_bwd(k, temperature, vocab_size, block_v, interpret, residuals, cotangents):
+        return token_stats_bwd(k, temperature, vocab_size, block_v, residuals, cotangents)
+
+    stats.defvjp(stats_fwd, stats_bwd)
+
+    def op(h, w, targets, k, *, temperature=1.0, vocab_size=None, block_v=2048, interpret=False):
+        """Per token: log-prob of ``targets``, lse, top-k log-probs (stop-gradient) and ids."""
+        vocab_size = w.shape[1] if vocab_size is None else vocab_size
+        logp, lse, topk_logp, topk_ids = stats(h, w, targets, k, float(temperature), vocab_size, block_v,
+                                               interpret)
+        return logp, lse, lax.stop_gradient(topk_logp), topk_ids
+
+    return op
+
+
 def _dlogits_stats(logp, cols, targets, counted, g_logp, g_lse):
     """Cotangent of the logits from those of logp(target) and lse: d logp_t / d logit_j =
     1[j = t] - p_j, d lse / d logit_j = p_j."""

@@ -7,10 +7,9 @@ multiplies an ``[bn, D]`` block of ``h`` by a ``[D, bv]`` block of ``w`` on the 
 ``[bn, bv]`` logits block exists at any time. Partial blocks (N or V not a multiple of the block)
 are masked: columns ``>= vocab_size`` are ``-inf``; rows past N are computed and dropped.
 
-The top-k is kept sorted in the first ``k`` of 128 lanes and merged with each block by ``k``
-rounds of "take the larger head": a block candidate wins only if strictly larger, so among equal
-values the lower column id (seen earlier) comes first, as ``lax.top_k`` orders them. Indices are
-carried as float32 (exact below 2**24 columns), which Mosaic reduces natively.
+The top-k is kept sorted in the first ``k`` of 128 lanes and merged with each block by
+:func:`pallas_kernels._topk.merge_topk` (``lax.top_k`` has no Mosaic lowering); ids are carried as
+float32, which Mosaic reduces natively.
 
 The backward pass is the chunked XLA one (:mod:`pallas_kernels.chunked`).
 """
@@ -25,10 +24,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import chunked
+from pallas_kernels._topk import NEG_INF, merge_topk
 
 LANES = 128
-NEG_INF = float("-inf")
-_NO_INDEX = float(2**24)
 
 
 def _round_up(x, m):
@@ -65,20 +63,7 @@ def _kernel(targets_ref, h_ref, w_ref, logp_ref, lse_ref, topv_ref, topi_ref,
     # merge the block into the running top-k
     run_v, run_i = topv_sc[...], topi_sc[...]
     lane = lax.broadcasted_iota(jnp.int32, run_v.shape, 1).astype(jnp.float32)
-    new_v = jnp.full(run_v.shape, NEG_INF, jnp.float32)
-    new_i = jnp.zeros(run_i.shape, jnp.float32)
-    cand = logits
-    for r in range(k):
-        block_max = jnp.max(cand, axis=1, keepdims=True)
-        run_max = jnp.max(run_v, axis=1, keepdims=True)
-        from_block = block_max > run_max
-        block_idx = jnp.min(jnp.where(cand == block_max, cols, _NO_INDEX), axis=1, keepdims=True)
-        run_pos = jnp.min(jnp.where(run_v == run_max, lane, _NO_INDEX), axis=1, keepdims=True)
-        run_idx = jnp.sum(jnp.where(lane == run_pos, run_i, 0.0), axis=1, keepdims=True)
-        new_v = jnp.where(lane == r, jnp.where(from_block, block_max, run_max), new_v)
-        new_i = jnp.where(lane == r, jnp.where(from_block, block_idx, run_idx), new_i)
-        cand = jnp.where(from_block & (cols == block_idx), NEG_INF, cand)
-        run_v = jnp.where(~from_block & (lane == run_pos), NEG_INF, run_v)
+    new_v, new_i = merge_topk(logits, cols, run_v, run_i, lane, k)
     topv_sc[...] = new_v
     topi_sc[...] = new_i
 
@@ -121,27 +106,5 @@ def token_stats_forward(h, w, targets, k, *, temperature=1.0, vocab_size=None, b
     return logp[:, 0], lse[:, 0], top_v[:, :k], top_i[:, :k]
 
 
-def token_stats(h, w, targets, k, *, temperature=1.0, vocab_size=None, block_v=512, interpret=False):
-    """:func:`token_stats_forward` with the chunked backward; top-k outputs are stop-gradient."""
-    vocab_size = w.shape[1] if vocab_size is None else vocab_size
-    logp, lse, topk_logp, topk_ids = _token_stats(h, w, targets, k, float(temperature), vocab_size, block_v,
-                                                  interpret)
-    return logp, lse, lax.stop_gradient(topk_logp), topk_ids
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _token_stats(h, w, targets, k, temperature, vocab_size, block_v, interpret):
-    return _token_stats_fwd(h, w, targets, k, temperature, vocab_size, block_v, interpret)[0]
-
-
-def _token_stats_fwd(h, w, targets, k, temperature, vocab_size, block_v, interpret):
-    out = token_stats_forward(h, w, targets, k, temperature=temperature, vocab_size=vocab_size,
-                              block_v=block_v, interpret=interpret)
-    return out, (h, w, targets, out[1])
-
-
-def _token_stats_bwd(k, temperature, vocab_size, block_v, interpret, residuals, cotangents):
-    return chunked.token_stats_bwd(k, temperature, vocab_size, block_v, residuals, cotangents)
-
-
-_token_stats.defvjp(_token_stats_fwd, _token_stats_bwd)
+# The forward kernel with the chunked backward; top-k outputs are stop-gradient.
+token_stats = chunked.with_chunked_backward(token_stats_forward)

@@ -6,10 +6,21 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from pallas_kernels import pallas_gpu, pallas_tpu
 from jackpot_jax import obrs
 
 STREAMING = ["chunked"]
-TOKEN_STATS = ["chunked", "pallas"]  # "pallas": the TPU kernel, interpreted on CPU
+# The Pallas kernels run interpreted on this CPU; each is the forward kernel + the chunked backward.
+TOKEN_STATS = ["chunked", "pallas_tpu", "pallas_gpu"]
+
+
+def token_stats(impl, h, w, targets, k, **opts):
+    """fused_token_stats through the public API, or one Pallas kernel interpreted."""
+    if impl.startswith("pallas_"):
+        kernel = {"pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}[impl]
+        opts.pop("block_v", None)
+        return kernel.token_stats(h, w, targets, k, interpret=True, **opts)
+    return pk.fused_token_stats(h, w, targets, k, impl=impl, **opts)
 
 # (N, D, V, vocab_size, k, block_v): vocabularies that do not divide the block, a padded tail,
 # a single block, blocks of one column more than k, and k = V.
@@ -44,7 +55,7 @@ def test_token_stats_forward_matches_reference(rng, impl, shape, temperature):
     h, w = head(rng, n, d, v)
     targets = jnp.asarray(rng.integers(0, vocab_size, n))
     opts = dict(temperature=temperature, vocab_size=vocab_size)
-    got = pk.fused_token_stats(h, w, targets, k, impl=impl, block_v=block_v, **opts)
+    got = token_stats(impl, h, w, targets, k, block_v=block_v, **opts)
     want = pk.fused_token_stats(h, w, targets, k, impl="reference", **opts)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
@@ -62,8 +73,8 @@ def test_token_stats_gradients_match_reference(rng, impl, shape):
 
     def objective(impl):
         def f(h, w):
-            logp, lse, _, _ = pk.fused_token_stats(h, w, targets, k, temperature=0.8, vocab_size=vocab_size,
-                                                   impl=impl, block_v=block_v)
+            logp, lse, _, _ = token_stats(impl, h, w, targets, k, temperature=0.8, vocab_size=vocab_size,
+                                          block_v=block_v)
             return jnp.sum(g_logp * logp + g_lse * lse)
         return jax.grad(f, argnums=(0, 1))
 
@@ -78,11 +89,11 @@ def test_token_stats_gradients_match_reference(rng, impl, shape):
 def test_token_stats_bfloat16(rng, impl):
     h, w = head(rng, 16, 32, 500, dtype=jnp.bfloat16)
     targets = jnp.asarray(rng.integers(0, 500, 16))
-    got = pk.fused_token_stats(h, w, targets, 4, impl=impl, block_v=96)
+    got = token_stats(impl, h, w, targets, 4, block_v=96)
     want = pk.fused_token_stats(h, w, targets, 4, impl="reference")
     np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
-    grads = jax.grad(lambda h, w: pk.fused_token_stats(h, w, targets, 4, impl=impl, block_v=96)[0].sum(),
+    grads = jax.grad(lambda h, w: token_stats(impl, h, w, targets, 4, block_v=96)[0].sum(),
                      argnums=(0, 1))(h, w)
     assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
 
@@ -278,23 +289,23 @@ def test_jackpot_stats_match_reference_and_the_separate_ops(rng, impl, shape, di
     np.testing.assert_allclose(got.z_topk, z_topk, rtol=1e-6)
 
 
-def test_pallas_tpu_kernel_lowers_for_tpu_at_a_realistic_shape():
-    """Pallas -> Mosaic lowering from this CPU host (an unsupported op inside the kernel would fail
-    here); compiling and running needs a TPU. Qwen3-8B-like head: D=4096, V=151,936, k=20."""
-    from pallas_kernels import pallas_tpu
-
+@pytest.mark.parametrize("kernel,platform,custom_call", [
+    (pallas_tpu, "tpu", "tpu_custom_call"), (pallas_gpu, "cuda", "xla.gpu.triton")])
+def test_pallas_kernels_lower_for_their_targets_at_a_realistic_shape(kernel, platform, custom_call):
+    """Pallas -> Mosaic TPU / Triton lowering from this CPU host (an op a backend cannot lower fails
+    here); compiling and running needs the device. Qwen3-8B-like head: D=4096, V=151,936, k=20."""
     n, d, v = 8192, 4096, 151936
     s = jax.ShapeDtypeStruct
-    fn = jax.jit(lambda h, w, t: pallas_tpu.token_stats_forward(h, w, t, 20, temperature=0.8))
+    fn = jax.jit(lambda h, w, t: kernel.token_stats_forward(h, w, t, 20, temperature=0.8))
     lowered = fn.trace(s((n, d), jnp.bfloat16), s((d, v), jnp.bfloat16), s((n,), jnp.int32)).lower(
-        lowering_platforms=("tpu",))
-    assert "tpu_custom_call" in lowered.as_text()
+        lowering_platforms=(platform,))
+    assert custom_call in lowered.as_text()
 
 
 def test_pallas_tpu_kernel_rejects_k_above_its_lanes(rng):
     h, w = head(rng, 4, 8, 300)
     with pytest.raises(ValueError, match="k=129 is not allowed for the Pallas TPU kernel"):
-        pk.fused_token_stats(h, w, jnp.zeros(4, jnp.int32), 129, impl="pallas")
+        pk.fused_token_stats(h, w, jnp.zeros(4, jnp.int32), 129, impl="pallas")  # TPU kernel on CPU
 
 
 @pytest.mark.parametrize("impl", TOKEN_STATS)
@@ -304,7 +315,7 @@ def test_topk_ties_keep_the_lower_column_first(rng, impl):
     h = jnp.asarray(rng.integers(-2, 3, size=(9, 8)), jnp.float32)
     w = jnp.asarray(rng.integers(-3, 4, size=(8, 300)), jnp.float32)
     targets = jnp.zeros(9, jnp.int32)
-    got = pk.fused_token_stats(h, w, targets, 20, impl=impl, block_v=128)
+    got = token_stats(impl, h, w, targets, 20, block_v=128)
     want = pk.fused_token_stats(h, w, targets, 20, impl="reference")
     np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[3], want[3])

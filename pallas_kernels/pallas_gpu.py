@@ -1,0 +1,102 @@
+"""Pallas GPU kernel (Triton backend) for the forward pass of the token statistics.
+
+Why Triton rather than Mosaic GPU: in JAX 0.10 ``pallas_call`` lowers to Triton by default on
+NVIDIA GPUs, and one kernel serves Ampere and Hopper; the op is a tiled matmul followed by row
+reductions, which Triton schedules well. Mosaic GPU (Hopper and newer, hand-managed WGMMA and TMA
+pipelines) is the JAX team's recommended path and the Triton backend is maintained on a
+best-effort basis: if measurements on H100 show Triton short of the matmul floor, a Mosaic GPU
+kernel replaces this one behind the same dispatch.
+
+One program per block of ``bn`` tokens; it walks the vocabulary in blocks of ``bv`` columns, each
+block's logits accumulated over ``bd``-wide slices of D on the tensor cores, and folds them into
+the running logsumexp, the target's logit and a running top-k (the TPU kernel's merge,
+:func:`pallas_kernels._topk.merge_topk`). Loads past N, V or D are masked. The backward pass is
+the chunked XLA one.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels import chunked
+from pallas_kernels._topk import NEG_INF, merge_topk
+
+
+
+def _next_pow2(x):
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _kernel(targets_ref, h_ref, w_ref, logp_ref, lse_ref, topv_ref, topi_ref, *, n, d, v, vocab_size,
+            k, kp, bn, bv, bd, scale):
+    i = pl.program_id(0)
+    rows = i * bn + jnp.arange(bn)
+    row_ok = rows < n
+    targets = pltr.load(targets_ref.at[pl.ds(i * bn, bn)], mask=row_ok, other=0).astype(jnp.float32)
+    lane = lax.broadcasted_iota(jnp.int32, (bn, kp), 1).astype(jnp.float32)
+
+    def vocab_block(j, carry):
+        m, s, tgt, run_v, run_i = carry
+        col_ids = j * bv + jnp.arange(bv)
+        col_ok = col_ids < v
+
+        def d_slice(c, acc):
+            d_ids = c * bd + jnp.arange(bd)
+            hb = pltr.load(h_ref.at[pl.ds(i * bn, bn), pl.ds(c * bd, bd)],
+                           mask=row_ok[:, None] & (d_ids < d)[None, :], other=0.0)
+            wb = pltr.load(w_ref.at[pl.ds(c * bd, bd), pl.ds(j * bv, bv)],
+                           mask=(d_ids < d)[:, None] & col_ok[None, :], other=0.0)
+            return acc + jnp.dot(hb, wb, preferred_element_type=jnp.float32)
+
+        logits = lax.fori_loop(0, pl.cdiv(d, bd), d_slice, jnp.zeros((bn, bv), jnp.float32)) * scale
+        cols = jnp.broadcast_to(col_ids.astype(jnp.float32)[None, :], (bn, bv))
+        logits = jnp.where(cols < vocab_size, logits, NEG_INF)
+
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(logits - m_safe[:, None]), axis=1)
+        hit = cols == targets[:, None]
+        tgt = jnp.maximum(tgt, jnp.max(jnp.where(hit, logits, NEG_INF), axis=1))
+
+        new_v, new_i = merge_topk(logits, cols, run_v, run_i, lane, k)
+        return m_new, s, tgt, new_v, new_i
+
+    init = (jnp.full((bn,), NEG_INF, jnp.float32), jnp.zeros((bn,), jnp.float32),
+            jnp.full((bn,), NEG_INF, jnp.float32), jnp.full((bn, kp), NEG_INF, jnp.float32),
+            jnp.zeros((bn, kp), jnp.float32))
+    m, s, tgt, top_v, top_i = lax.fori_loop(0, pl.cdiv(v, bv), vocab_block, init)
+    lse = m + jnp.log(s)
+    pltr.store(lse_ref.at[pl.ds(i * bn, bn)], lse, mask=row_ok)
+    pltr.store(logp_ref.at[pl.ds(i * bn, bn)], tgt - lse, mask=row_ok)
+    pltr.store(topv_ref.at[pl.ds(i * bn, bn), :], top_v - lse[:, None], mask=row_ok[:, None])
+    pltr.store(topi_ref.at[pl.ds(i * bn, bn), :], top_i.astype(jnp.int32), mask=row_ok[:, None])
+
+
+def token_stats_forward(h, w, targets, k, *, temperature=1.0, vocab_size=None, block_n=32, block_v=128,
+                        block_d=64, num_warps=4, num_stages=2, interpret=False):
+    """``(logp [N], lse [N], topk_logp [N, k], topk_ids [N, k])`` as :func:`chunked.token_stats`."""
+    n, d = h.shape
+    v = w.shape[1]
+    vocab_size = v if vocab_size is None else vocab_size
+    kp = _next_pow2(max(k, 16))
+    bn, bv, bd = (_next_pow2(b) for b in (block_n, block_v, block_d))
+    kernel = functools.partial(_kernel, n=n, d=d, v=v, vocab_size=vocab_size, k=k, kp=kp, bn=bn, bv=bv,
+                               bd=bd, scale=1.0 / temperature)
+    logp, lse, top_v, top_i = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, bn),),
+        out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32),
+                   jax.ShapeDtypeStruct((n, kp), jnp.float32), jax.ShapeDtypeStruct((n, kp), jnp.int32)],
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+    )(targets.astype(jnp.int32), h, w)
+    return logp, lse, top_v[:, :k], top_i[:, :k]
+
+
+# The forward kernel with the chunked backward; top-k outputs are stop-gradient.
+token_stats = chunked.with_chunked_backward(token_stats_forward)
