@@ -2,6 +2,7 @@
 the argument, never deep inside JAX."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -74,6 +75,11 @@ def top_k(k, vocab_size):
 
 
 def temperature(name, t):
+    """A static positive number (the sampling temperature is fixed per run, not traced)."""
+    try:
+        float(t)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        raise ValueError(f"{name} must be a static Python number (it is fixed per run), got {t!r}.") from None
     check_range(name, t, lambda v: v > 0, "> 0")
 
 

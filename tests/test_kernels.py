@@ -244,10 +244,12 @@ def _bad_inputs(rng):
         ("k=0 is not allowed", lambda: pk.fused_jackpot_stats(h, w, h, w, t, 0, 1.0)),
         ("lam=0", lambda: pk.fused_jackpot_stats(h, w, h, w, t, 2, 0.0)),
         ("temperature_actor=-1", lambda: pk.fused_jackpot_stats(h, w, h, w, t, 2, 1.0, temperature_actor=-1.0)),
+        ("temperature must be a static Python number",
+         lambda: jax.jit(lambda temp: pk.fused_token_stats(h, w, t, 2, temperature=temp))(0.5)),
     ]
 
 
-@pytest.mark.parametrize("index", range(22))
+@pytest.mark.parametrize("index", range(23))
 def test_bad_input_gives_a_clear_value_error(rng, index):
     match, call = _bad_inputs(rng)[index]
     with pytest.raises(ValueError, match=match):
