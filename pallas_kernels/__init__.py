@@ -20,11 +20,11 @@ Implementations, chosen by ``impl``:
     definition (:mod:`pallas_kernels.reference`).
   * ``"chunked"``: XLA ``lax.scan`` over vocabulary blocks with online logsumexp and a running top-k
     merge; memory linear in N (:mod:`pallas_kernels.chunked`).
-  * ``"pallas"``: so far :func:`fused_token_stats` only: a Pallas forward kernel, Mosaic on TPU
-    (:mod:`pallas_kernels.pallas_tpu`) or Triton on GPU (:mod:`pallas_kernels.pallas_gpu`), with
-    the chunked backward; elsewhere the TPU kernel runs interpreted (for tests). Both lower for
-    their targets from a CPU host and match the reference interpreted, but have not yet run on
-    TPU or GPU hardware.
+  * ``"pallas"``: :func:`fused_token_stats` (a forward kernel, Mosaic on TPU in
+    :mod:`pallas_kernels.pallas_tpu` or Triton on GPU in :mod:`pallas_kernels.pallas_gpu`, with the
+    chunked backward) and :func:`fused_obrs_normalizer` (TPU only so far). On CPU the TPU kernels
+    run interpreted (for tests). They lower for their targets from a CPU host and match the
+    reference interpreted, but have not yet run on TPU or GPU hardware.
   * ``"auto"``: ``"chunked"`` on every backend, until the Pallas kernels are checked on hardware.
 """
 from __future__ import annotations
@@ -44,14 +44,17 @@ IMPLS = _validate.IMPLS
 _BLOCK_V = {"cpu": 2048, "gpu": 8192, "tpu": 8192}
 
 
-def _resolve(impl, block_v, pallas_ok=False):
-    """The implementation and block size to run. "pallas" exists only for the token stats; "auto"
-    stays on "chunked" until the Pallas kernels have been checked on real hardware."""
+def _resolve(impl, block_v, pallas_backends=()):
+    """The implementation and block size to run. "pallas" runs where the op has a Pallas kernel
+    (``pallas_backends``), and interpreted on CPU when it has the TPU one; "auto" stays on
+    "chunked" until the Pallas kernels have been checked on real hardware."""
     _validate.choice("impl", impl, IMPLS)
     impl = "chunked" if impl == "auto" else impl
-    if impl == "pallas" and not pallas_ok:
-        raise ValueError("impl='pallas' is not available for this op: so far only fused_token_stats has "
-                         "Pallas kernels (TPU and GPU). Use 'chunked'.")
+    backend = jax.default_backend()
+    runnable = backend in pallas_backends or (backend == "cpu" and "tpu" in pallas_backends)
+    if impl == "pallas" and not runnable:
+        raise ValueError(f"impl='pallas' is not available for this op on {backend}: it has Pallas kernels "
+                         f"for {pallas_backends or 'no backend yet'}. Use 'chunked'.")
     if block_v is None:
         block_v = _BLOCK_V.get(jax.default_backend(), 4096)
     elif not isinstance(block_v, int) or block_v < 1:
@@ -68,7 +71,7 @@ def fused_token_stats(h, w, targets, k: int, *, temperature=1.0, vocab_size=None
     Differentiable in ``h`` and ``w`` through ``logp`` and ``lse``; the top-k is stop-gradient.
     The chunked backward recomputes the vocabulary blocks and saves no N x V residual.
     """
-    impl, block_v = _resolve(impl, block_v, pallas_ok=True)
+    impl, block_v = _resolve(impl, block_v, pallas_backends=("tpu", "gpu"))
     vocab_size = _validate.head("h", h, "w", w, vocab_size)
     _validate.targets(targets, h.shape[0])
     _validate.top_k(k, vocab_size)
@@ -93,7 +96,7 @@ def fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k: 
     ``z_topk`` sums min(p_inf, p_target / lam) over topk(p_inf) U topk(p_target) (each token once);
     ``z_exact`` over the whole vocabulary (eq. 4). Both are stop-gradient. ``lam`` may be traced.
     """
-    impl, block_v = _resolve(impl, block_v)
+    impl, block_v = _resolve(impl, block_v, pallas_backends=("tpu",))
     vocab_size = _validate.two_heads("inf", h_inf, w_inf, "tgt", h_tgt, w_tgt, vocab_size)
     _validate.per_token("lse_inf", lse_inf, h_inf.shape[0])
     _validate.per_token("lse_tgt", lse_tgt, h_inf.shape[0])
@@ -103,6 +106,10 @@ def fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k: 
     args = (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, exact)
     if impl == "reference":
         return reference.obrs_normalizer(*args, temperature_inf=temperature_inf, vocab_size=vocab_size)
+    if impl == "pallas":
+        z_topk, z_exact = pallas_tpu.obrs_normalizer(*args[:-1], temperature_inf=temperature_inf,
+                                                     vocab_size=vocab_size, interpret=jax.default_backend() == "cpu")
+        return z_topk, (z_exact if exact else None)
     return chunked.obrs_normalizer(*args, temperature_inf=temperature_inf, vocab_size=vocab_size,
                                    block_v=block_v)
 

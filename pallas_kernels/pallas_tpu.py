@@ -24,13 +24,26 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import chunked
-from pallas_kernels._topk import NEG_INF, merge_topk
+from pallas_kernels._topk import NEG_INF, merge_topk, union_mass
 
 LANES = 128
 
 
 def _round_up(x, m):
     return (x + m - 1) // m * m
+
+
+def _tiling(n, v, vocab_size, k, block_n, block_v):
+    """(real vocab size, token block, vocabulary block, grid) for ``N`` tokens and ``V`` columns."""
+    if k > LANES:
+        raise ValueError(f"k={k} is not allowed for the Pallas TPU kernel: k must be <= {LANES}.")
+    bn = min(block_n, _round_up(n, 8))
+    bv = min(_round_up(block_v, LANES), _round_up(v, LANES))
+    return (v if vocab_size is None else vocab_size), bn, bv, (pl.cdiv(n, bn), pl.cdiv(v, bv))
+
+
+def _row(i, j):
+    return i, 0
 
 
 def _kernel(targets_ref, h_ref, w_ref, logp_ref, lse_ref, topv_ref, topi_ref,
@@ -80,21 +93,14 @@ def token_stats_forward(h, w, targets, k, *, temperature=1.0, vocab_size=None, b
                         block_v=512, interpret=False):
     """``(logp [N], lse [N], topk_logp [N, k], topk_ids [N, k])`` as :func:`chunked.token_stats`."""
     n, d = h.shape
-    v = w.shape[1]
-    vocab_size = v if vocab_size is None else vocab_size
-    if k > LANES:
-        raise ValueError(f"k={k} is not allowed for the Pallas TPU kernel: k must be <= {LANES}.")
-    bn = min(block_n, _round_up(n, 8))
-    bv = min(_round_up(block_v, LANES), _round_up(v, LANES))
-    grid = (pl.cdiv(n, bn), pl.cdiv(v, bv))
-    row = lambda i, j: (i, 0)
-    column = pl.BlockSpec((bn, 1), row)
+    vocab_size, bn, bv, grid = _tiling(n, w.shape[1], vocab_size, k, block_n, block_v)
+    column = pl.BlockSpec((bn, 1), _row)
     kernel = functools.partial(_kernel, block_v=bv, vocab_size=vocab_size, k=k, scale=1.0 / temperature)
     logp, lse, top_v, top_i = pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[column, pl.BlockSpec((bn, d), row), pl.BlockSpec((d, bv), lambda i, j: (0, j))],
-        out_specs=[column, column, pl.BlockSpec((bn, LANES), row), pl.BlockSpec((bn, LANES), row)],
+        in_specs=[column, pl.BlockSpec((bn, d), _row), pl.BlockSpec((d, bv), lambda i, j: (0, j))],
+        out_specs=[column, column, pl.BlockSpec((bn, LANES), _row), pl.BlockSpec((bn, LANES), _row)],
         out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32), jax.ShapeDtypeStruct((n, 1), jnp.float32),
                    jax.ShapeDtypeStruct((n, LANES), jnp.float32), jax.ShapeDtypeStruct((n, LANES), jnp.int32)],
         scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32), pltpu.VMEM((bn, 1), jnp.float32),
@@ -104,6 +110,74 @@ def token_stats_forward(h, w, targets, k, *, temperature=1.0, vocab_size=None, b
         interpret=interpret,
     )(targets.reshape(n, 1).astype(jnp.int32), h, w)
     return logp[:, 0], lse[:, 0], top_v[:, :k], top_i[:, :k]
+
+
+def _normalizer_kernel(log_lam_ref, h_inf_ref, w_inf_ref, lse_inf_ref, h_tgt_ref, w_tgt_ref, lse_tgt_ref,
+                       z_topk_ref, z_exact_ref, m_sc, s_sc, inf_v, inf_i, inf_m, tgt_v, tgt_i, tgt_m, *,
+                       block_v, vocab_size, k, scale_inf):
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
+        s_sc[...] = jnp.zeros(s_sc.shape, jnp.float32)
+        for ref in (inf_v, inf_m, tgt_v, tgt_m):
+            ref[...] = jnp.full(ref.shape, NEG_INF, jnp.float32)
+        inf_i[...] = jnp.zeros(inf_i.shape, jnp.float32)
+        tgt_i[...] = jnp.zeros(tgt_i.shape, jnp.float32)
+
+    dot = lambda h_ref, w_ref: jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32)
+    logp_inf = dot(h_inf_ref, w_inf_ref) * scale_inf - lse_inf_ref[...]
+    logp_tgt = dot(h_tgt_ref, w_tgt_ref) - lse_tgt_ref[...]
+    cols = (j * block_v + lax.broadcasted_iota(jnp.int32, logp_inf.shape, 1)).astype(jnp.float32)
+    counted = cols < vocab_size
+    logp_inf = jnp.where(counted, logp_inf, NEG_INF)
+    logp_tgt = jnp.where(counted, logp_tgt, NEG_INF)
+    log_mass = jnp.minimum(logp_inf, logp_tgt - log_lam_ref[...])  # eq. 4 summand
+
+    m_old = m_sc[...]
+    m_new = jnp.maximum(m_old, jnp.max(log_mass, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    s_sc[...] = s_sc[...] * jnp.exp(m_old - m_safe) + jnp.sum(jnp.exp(log_mass - m_safe), axis=1, keepdims=True)
+    m_sc[...] = m_new
+
+    lane = lax.broadcasted_iota(jnp.int32, inf_v.shape, 1).astype(jnp.float32)
+    for v_ref, i_ref, m_ref, logp in ((inf_v, inf_i, inf_m, logp_inf), (tgt_v, tgt_i, tgt_m, logp_tgt)):
+        v_ref[...], i_ref[...], m_ref[...] = merge_topk(logp, cols, v_ref[...], i_ref[...], lane, k,
+                                                        log_mass, m_ref[...])
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _finish():
+        z_exact_ref[...] = s_sc[...] * jnp.exp(m_sc[...])
+        z_topk_ref[...] = union_mass(inf_i[...], inf_m[...], tgt_i[...], tgt_m[...], lane, k)
+
+
+def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, *, temperature_inf=1.0,
+                    vocab_size=None, block_n=128, block_v=512, interpret=False):
+    """``(z_topk [N], z_exact [N])`` as :func:`chunked.obrs_normalizer` (both always computed: the
+    exact sum costs one reduction per block on top of the two matmuls). Stop-gradient."""
+    n = h_inf.shape[0]
+    vocab_size, bn, bv, grid = _tiling(n, w_inf.shape[1], vocab_size, k, block_n, block_v)
+    column = pl.BlockSpec((bn, 1), _row)
+    column_block = lambda d: pl.BlockSpec((d, bv), lambda i, j: (0, j))
+    kernel = functools.partial(_normalizer_kernel, block_v=bv, vocab_size=vocab_size, k=k,
+                               scale_inf=1.0 / temperature_inf)
+    state = [pltpu.VMEM((bn, LANES), jnp.float32)] * 6
+    args = [lax.stop_gradient(x) for x in (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt)]
+    z_topk, z_exact = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[pl.BlockSpec((1, 1), lambda i, j: (0, 0)),
+                  pl.BlockSpec((bn, h_inf.shape[1]), _row), column_block(h_inf.shape[1]), column,
+                  pl.BlockSpec((bn, h_tgt.shape[1]), _row), column_block(h_tgt.shape[1]), column],
+        out_specs=[column, column],
+        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 2,
+        scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32), pltpu.VMEM((bn, 1), jnp.float32)] + state,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=interpret,
+    )(jnp.log(jnp.asarray(lam, jnp.float32)).reshape(1, 1), args[0], args[1], args[2].reshape(n, 1),
+      args[3], args[4], args[5].reshape(n, 1))
+    return z_topk[:, 0], z_exact[:, 0]
 
 
 # The forward kernel with the chunked backward; top-k outputs are stop-gradient.

@@ -22,6 +22,14 @@ def token_stats(impl, h, w, targets, k, **opts):
         return kernel.token_stats(h, w, targets, k, interpret=True, **opts)
     return pk.fused_token_stats(h, w, targets, k, impl=impl, **opts)
 
+
+def obrs_normalizer(impl, *args, **opts):
+    """fused_obrs_normalizer; "pallas_tpu" runs the TPU kernel interpreted through the API."""
+    if impl == "pallas_tpu":
+        opts.pop("block_v", None)
+        impl = "pallas"
+    return pk.fused_obrs_normalizer(*args, impl=impl, **opts)
+
 # (N, D, V, vocab_size, k, block_v): vocabularies that do not divide the block, a padded tail,
 # a single block, blocks of one column more than k, and k = V.
 SHAPES = [
@@ -98,7 +106,7 @@ def test_token_stats_bfloat16(rng, impl):
     assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("impl", STREAMING)
+@pytest.mark.parametrize("impl", ["chunked", "pallas_tpu"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("lam,temperature_inf", [(1.0, 1.0), (0.4, 0.7), (3.0, 1.3)])
 def test_obrs_normalizer_matches_reference(rng, impl, shape, lam, temperature_inf):
@@ -110,12 +118,12 @@ def test_obrs_normalizer_matches_reference(rng, impl, shape, lam, temperature_in
     lse_tgt = pk.fused_token_stats(h_tgt, w_tgt, targets, 1, vocab_size=vocab_size)[1]
     args = (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, True)
     opts = dict(temperature_inf=temperature_inf, vocab_size=vocab_size)
-    z_topk, z_exact = pk.fused_obrs_normalizer(*args, impl=impl, block_v=block_v, **opts)
+    z_topk, z_exact = obrs_normalizer(impl, *args, block_v=block_v, **opts)
     want_topk, want_exact = pk.fused_obrs_normalizer(*args, impl="reference", **opts)
     np.testing.assert_allclose(z_topk, want_topk, rtol=2e-5)
     np.testing.assert_allclose(z_exact, want_exact, rtol=2e-5)
     assert np.all(np.asarray(z_topk) <= np.asarray(z_exact) * (1 + 1e-5))
-    assert pk.fused_obrs_normalizer(*args[:-1], False, impl=impl, block_v=block_v, **opts)[1] is None
+    assert obrs_normalizer(impl, *args[:-1], False, block_v=block_v, **opts)[1] is None
 
 
 def test_reference_normalizer_is_obrs_on_the_materialized_logits(rng):
@@ -231,7 +239,7 @@ def _bad_inputs(rng):
         ("temperature=0", lambda: pk.fused_token_stats(h, w, t, 2, temperature=0.0)),
         ("vocab_size=11 is not allowed", lambda: pk.fused_token_stats(h, w, t, 2, vocab_size=11)),
         ("impl='triton' is not allowed", lambda: pk.fused_token_stats(h, w, t, 2, impl="triton")),
-        ("impl='pallas' is not available for this op", lambda: pk.fused_distill_kl(h, w, h, w, impl="pallas")),
+        ("impl='pallas' is not available for this op on cpu", lambda: pk.fused_distill_kl(h, w, h, w, impl="pallas")),
         ("block_v=0", lambda: pk.fused_token_stats(h, w, t, 2, block_v=0)),
         ("lam=0", lambda: pk.fused_obrs_normalizer(h, w, lse, h, w, lse, 0.0, 2)),
         ("lam=-1", lambda: pk.fused_obrs_normalizer(h, w, lse, h, w, lse, -1.0, 2)),
@@ -289,6 +297,18 @@ def test_jackpot_stats_match_reference_and_the_separate_ops(rng, impl, shape, di
     z_topk, _ = pk.fused_obrs_normalizer(h_act, w_act, got.lse_actor, h_pol, w_pol, got.lse_new, 0.9, k,
                                          temperature_inf=temperature, vocab_size=vocab_size, impl=impl, block_v=block_v)
     np.testing.assert_allclose(got.z_topk, z_topk, rtol=1e-6)
+
+
+def test_pallas_tpu_normalizer_lowers_for_tpu_at_a_realistic_shape():
+    """Qwen3-1.7B-like actor (D=2048) and Qwen3-8B-like policy (D=4096), V=151,936, k=20."""
+    n, v = 8192, 151936
+    s = jax.ShapeDtypeStruct
+    fn = jax.jit(lambda hi, wi, li, ht, wt, lt, lam: pallas_tpu.obrs_normalizer(hi, wi, li, ht, wt, lt, lam, 20,
+                                                                                 temperature_inf=0.8))
+    lowered = fn.trace(s((n, 2048), jnp.bfloat16), s((2048, v), jnp.bfloat16), s((n,), jnp.float32),
+                       s((n, 4096), jnp.bfloat16), s((4096, v), jnp.bfloat16), s((n,), jnp.float32),
+                       s((), jnp.float32)).lower(lowering_platforms=("tpu",))
+    assert "tpu_custom_call" in lowered.as_text()
 
 
 @pytest.mark.parametrize("kernel,platform,custom_call", [
