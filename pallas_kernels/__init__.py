@@ -22,7 +22,7 @@ Implementations, chosen by ``impl``:
     merge; memory linear in N (:mod:`pallas_kernels.chunked`).
   * ``"pallas"``: :func:`fused_token_stats` (a forward kernel, Mosaic on TPU in
     :mod:`pallas_kernels.pallas_tpu` or Triton on GPU in :mod:`pallas_kernels.pallas_gpu`, with the
-    chunked backward) and :func:`fused_obrs_normalizer` (TPU only so far). On CPU the TPU kernels
+    chunked backward) and :func:`fused_obrs_normalizer`, for both. On CPU the TPU kernels
     run interpreted (for tests). They lower for their targets from a CPU host and match the
     reference interpreted, but have not yet run on TPU or GPU hardware.
   * ``"auto"``: ``"chunked"`` on every backend, until the Pallas kernels are checked on hardware.
@@ -62,6 +62,12 @@ def _resolve(impl, block_v, pallas_backends=()):
     return impl, block_v
 
 
+def _pallas_kernel():
+    """The Pallas kernel module for this backend, and whether it must run interpreted (CPU)."""
+    backend = jax.default_backend()
+    return (pallas_gpu if backend == "gpu" else pallas_tpu), backend not in ("gpu", "tpu")
+
+
 def fused_token_stats(h, w, targets, k: int, *, temperature=1.0, vocab_size=None, impl="auto",
                       block_v=None):
     """Per token ``n``: ``(logp [N], lse [N], topk_logp [N, k], topk_ids [N, k])``.
@@ -79,10 +85,9 @@ def fused_token_stats(h, w, targets, k: int, *, temperature=1.0, vocab_size=None
     if impl == "reference":
         return reference.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size)
     if impl == "pallas":
-        backend = jax.default_backend()
-        kernel = pallas_gpu if backend == "gpu" else pallas_tpu
+        kernel, interpret = _pallas_kernel()
         return kernel.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size,
-                                  interpret=backend not in ("gpu", "tpu"))
+                                  interpret=interpret)
     return chunked.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size,
                                block_v=block_v)
 
@@ -96,7 +101,7 @@ def fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k: 
     ``z_topk`` sums min(p_inf, p_target / lam) over topk(p_inf) U topk(p_target) (each token once);
     ``z_exact`` over the whole vocabulary (eq. 4). Both are stop-gradient. ``lam`` may be traced.
     """
-    impl, block_v = _resolve(impl, block_v, pallas_backends=("tpu",))
+    impl, block_v = _resolve(impl, block_v, pallas_backends=("tpu", "gpu"))
     vocab_size = _validate.two_heads("inf", h_inf, w_inf, "tgt", h_tgt, w_tgt, vocab_size)
     _validate.per_token("lse_inf", lse_inf, h_inf.shape[0])
     _validate.per_token("lse_tgt", lse_tgt, h_inf.shape[0])
@@ -107,8 +112,9 @@ def fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k: 
     if impl == "reference":
         return reference.obrs_normalizer(*args, temperature_inf=temperature_inf, vocab_size=vocab_size)
     if impl == "pallas":
-        z_topk, z_exact = pallas_tpu.obrs_normalizer(*args[:-1], temperature_inf=temperature_inf,
-                                                     vocab_size=vocab_size, interpret=jax.default_backend() == "cpu")
+        kernel, interpret = _pallas_kernel()
+        z_topk, z_exact = kernel.obrs_normalizer(*args[:-1], temperature_inf=temperature_inf,
+                                                 vocab_size=vocab_size, interpret=interpret)
         return z_topk, (z_exact if exact else None)
     return chunked.obrs_normalizer(*args, temperature_inf=temperature_inf, vocab_size=vocab_size,
                                    block_v=block_v)

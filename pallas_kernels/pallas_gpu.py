@@ -24,12 +24,29 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import chunked
-from pallas_kernels._topk import NEG_INF, merge_topk
+from pallas_kernels._topk import NEG_INF, merge_topk, union_mass
 
 
 
 def _next_pow2(x):
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _block_logits(h_ref, w_ref, i, j, n, d, v, bn, bv, bd):
+    """Logits of token block ``i`` and vocabulary block ``j``, ``[bn, bv]`` float32, accumulated
+    over ``bd``-wide slices of D; loads past N, D or V read zeros."""
+    rows_ok = (i * bn + jnp.arange(bn)) < n
+    cols_ok = (j * bv + jnp.arange(bv)) < v
+
+    def d_slice(c, acc):
+        d_ok = (c * bd + jnp.arange(bd)) < d
+        hb = pltr.load(h_ref.at[pl.ds(i * bn, bn), pl.ds(c * bd, bd)], mask=rows_ok[:, None] & d_ok[None, :],
+                       other=0.0)
+        wb = pltr.load(w_ref.at[pl.ds(c * bd, bd), pl.ds(j * bv, bv)], mask=d_ok[:, None] & cols_ok[None, :],
+                       other=0.0)
+        return acc + jnp.dot(hb, wb, preferred_element_type=jnp.float32)
+
+    return lax.fori_loop(0, pl.cdiv(d, bd), d_slice, jnp.zeros((bn, bv), jnp.float32))
 
 
 def _kernel(targets_ref, h_ref, w_ref, logp_ref, lse_ref, topv_ref, topi_ref, *, n, d, v, vocab_size,
@@ -42,19 +59,8 @@ def _kernel(targets_ref, h_ref, w_ref, logp_ref, lse_ref, topv_ref, topi_ref, *,
 
     def vocab_block(j, carry):
         m, s, tgt, run_v, run_i = carry
-        col_ids = j * bv + jnp.arange(bv)
-        col_ok = col_ids < v
-
-        def d_slice(c, acc):
-            d_ids = c * bd + jnp.arange(bd)
-            hb = pltr.load(h_ref.at[pl.ds(i * bn, bn), pl.ds(c * bd, bd)],
-                           mask=row_ok[:, None] & (d_ids < d)[None, :], other=0.0)
-            wb = pltr.load(w_ref.at[pl.ds(c * bd, bd), pl.ds(j * bv, bv)],
-                           mask=(d_ids < d)[:, None] & col_ok[None, :], other=0.0)
-            return acc + jnp.dot(hb, wb, preferred_element_type=jnp.float32)
-
-        logits = lax.fori_loop(0, pl.cdiv(d, bd), d_slice, jnp.zeros((bn, bv), jnp.float32)) * scale
-        cols = jnp.broadcast_to(col_ids.astype(jnp.float32)[None, :], (bn, bv))
+        logits = _block_logits(h_ref, w_ref, i, j, n, d, v, bn, bv, bd) * scale
+        cols = jnp.broadcast_to((j * bv + jnp.arange(bv)).astype(jnp.float32)[None, :], (bn, bv))
         logits = jnp.where(cols < vocab_size, logits, NEG_INF)
 
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
@@ -96,6 +102,63 @@ def token_stats_forward(h, w, targets, k, *, temperature=1.0, vocab_size=None, b
         interpret=interpret,
     )(targets.astype(jnp.int32), h, w)
     return logp, lse, top_v[:, :k], top_i[:, :k]
+
+
+def _normalizer_kernel(log_lam_ref, h_inf_ref, w_inf_ref, lse_inf_ref, h_tgt_ref, w_tgt_ref, lse_tgt_ref,
+                       z_topk_ref, z_exact_ref, *, n, d_inf, d_tgt, v, vocab_size, k, kp, bn, bv, bd,
+                       scale_inf):
+    i = pl.program_id(0)
+    rows = i * bn + jnp.arange(bn)
+    row_ok = rows < n
+    log_lam = pltr.load(log_lam_ref.at[pl.ds(0, 1)])
+    lse_inf = pltr.load(lse_inf_ref.at[pl.ds(i * bn, bn)], mask=row_ok, other=0.0)
+    lse_tgt = pltr.load(lse_tgt_ref.at[pl.ds(i * bn, bn)], mask=row_ok, other=0.0)
+    lane = lax.broadcasted_iota(jnp.int32, (bn, kp), 1).astype(jnp.float32)
+
+    def vocab_block(j, carry):
+        m, s, inf_v, inf_i, inf_m, tgt_v, tgt_i, tgt_m = carry
+        logits_inf = _block_logits(h_inf_ref, w_inf_ref, i, j, n, d_inf, v, bn, bv, bd) * scale_inf
+        logits_tgt = _block_logits(h_tgt_ref, w_tgt_ref, i, j, n, d_tgt, v, bn, bv, bd)
+        cols = jnp.broadcast_to((j * bv + jnp.arange(bv)).astype(jnp.float32)[None, :], (bn, bv))
+        counted = cols < vocab_size
+        logp_inf = jnp.where(counted, logits_inf - lse_inf[:, None], NEG_INF)
+        logp_tgt = jnp.where(counted, logits_tgt - lse_tgt[:, None], NEG_INF)
+        log_mass = jnp.minimum(logp_inf, logp_tgt - log_lam[:, None])  # eq. 4 summand
+        m_new = jnp.maximum(m, jnp.max(log_mass, axis=1, keepdims=True))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(log_mass - m_safe), axis=1, keepdims=True)
+        inf_v, inf_i, inf_m = merge_topk(logp_inf, cols, inf_v, inf_i, lane, k, log_mass, inf_m)
+        tgt_v, tgt_i, tgt_m = merge_topk(logp_tgt, cols, tgt_v, tgt_i, lane, k, log_mass, tgt_m)
+        return m_new, s, inf_v, inf_i, inf_m, tgt_v, tgt_i, tgt_m
+
+    neg = jnp.full((bn, kp), NEG_INF, jnp.float32)
+    zeros = jnp.zeros((bn, kp), jnp.float32)
+    init = (jnp.full((bn, 1), NEG_INF, jnp.float32), jnp.zeros((bn, 1), jnp.float32), neg, zeros, neg, neg, zeros, neg)
+    m, s, _, inf_i, inf_m, _, tgt_i, tgt_m = lax.fori_loop(0, pl.cdiv(v, bv), vocab_block, init)
+    pltr.store(z_exact_ref.at[pl.ds(i * bn, bn)], (s * jnp.exp(m))[:, 0], mask=row_ok)
+    pltr.store(z_topk_ref.at[pl.ds(i * bn, bn)], union_mass(inf_i, inf_m, tgt_i, tgt_m, lane, k)[:, 0], mask=row_ok)
+
+
+def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, *, temperature_inf=1.0,
+                    vocab_size=None, block_n=32, block_v=128, block_d=64, num_warps=4, num_stages=2,
+                    interpret=False):
+    """``(z_topk [N], z_exact [N])`` as :func:`chunked.obrs_normalizer`. Stop-gradient."""
+    n = h_inf.shape[0]
+    v = w_inf.shape[1]
+    kp = _next_pow2(max(k, 16))
+    bn, bv, bd = (_next_pow2(b) for b in (block_n, block_v, block_d))
+    kernel = functools.partial(_normalizer_kernel, n=n, d_inf=h_inf.shape[1], d_tgt=h_tgt.shape[1], v=v,
+                               vocab_size=v if vocab_size is None else vocab_size, k=k, kp=kp, bn=bn, bv=bv,
+                               bd=bd, scale_inf=1.0 / temperature_inf)
+    args = [lax.stop_gradient(x) for x in (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt)]
+    z_topk, z_exact = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, bn),),
+        out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 2,
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+    )(jnp.log(jnp.asarray(lam, jnp.float32)).reshape(1), *args)
+    return z_topk, z_exact
 
 
 # The forward kernel with the chunked backward; top-k outputs are stop-gradient.

@@ -24,10 +24,13 @@ def token_stats(impl, h, w, targets, k, **opts):
 
 
 def obrs_normalizer(impl, *args, **opts):
-    """fused_obrs_normalizer; "pallas_tpu" runs the TPU kernel interpreted through the API."""
-    if impl == "pallas_tpu":
+    """fused_obrs_normalizer through the public API, or one Pallas kernel interpreted."""
+    if impl.startswith("pallas_"):
+        kernel = {"pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}[impl]
         opts.pop("block_v", None)
-        impl = "pallas"
+        *args, exact = args
+        z_topk, z_exact = kernel.obrs_normalizer(*args, interpret=True, **opts)
+        return z_topk, (z_exact if exact else None)
     return pk.fused_obrs_normalizer(*args, impl=impl, **opts)
 
 # (N, D, V, vocab_size, k, block_v): vocabularies that do not divide the block, a padded tail,
@@ -106,7 +109,7 @@ def test_token_stats_bfloat16(rng, impl):
     assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("impl", ["chunked", "pallas_tpu"])
+@pytest.mark.parametrize("impl", TOKEN_STATS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("lam,temperature_inf", [(1.0, 1.0), (0.4, 0.7), (3.0, 1.3)])
 def test_obrs_normalizer_matches_reference(rng, impl, shape, lam, temperature_inf):
@@ -299,16 +302,18 @@ def test_jackpot_stats_match_reference_and_the_separate_ops(rng, impl, shape, di
     np.testing.assert_allclose(got.z_topk, z_topk, rtol=1e-6)
 
 
-def test_pallas_tpu_normalizer_lowers_for_tpu_at_a_realistic_shape():
+@pytest.mark.parametrize("kernel,platform,custom_call", [
+    (pallas_tpu, "tpu", "tpu_custom_call"), (pallas_gpu, "cuda", "xla.gpu.triton")])
+def test_pallas_normalizers_lower_for_their_targets_at_a_realistic_shape(kernel, platform, custom_call):
     """Qwen3-1.7B-like actor (D=2048) and Qwen3-8B-like policy (D=4096), V=151,936, k=20."""
     n, v = 8192, 151936
     s = jax.ShapeDtypeStruct
-    fn = jax.jit(lambda hi, wi, li, ht, wt, lt, lam: pallas_tpu.obrs_normalizer(hi, wi, li, ht, wt, lt, lam, 20,
-                                                                                 temperature_inf=0.8))
+    fn = jax.jit(lambda hi, wi, li, ht, wt, lt, lam: kernel.obrs_normalizer(hi, wi, li, ht, wt, lt, lam, 20,
+                                                                             temperature_inf=0.8))
     lowered = fn.trace(s((n, 2048), jnp.bfloat16), s((2048, v), jnp.bfloat16), s((n,), jnp.float32),
                        s((n, 4096), jnp.bfloat16), s((4096, v), jnp.bfloat16), s((n,), jnp.float32),
-                       s((), jnp.float32)).lower(lowering_platforms=("tpu",))
-    assert "tpu_custom_call" in lowered.as_text()
+                       s((), jnp.float32)).lower(lowering_platforms=(platform,))
+    assert custom_call in lowered.as_text()
 
 
 @pytest.mark.parametrize("kernel,platform,custom_call", [
