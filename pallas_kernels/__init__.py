@@ -20,14 +20,17 @@ Implementations, chosen by ``impl``:
     definition (:mod:`pallas_kernels.reference`).
   * ``"chunked"``: XLA ``lax.scan`` over vocabulary blocks with online logsumexp and a running top-k
     merge; memory linear in N (:mod:`pallas_kernels.chunked`).
-  * ``"pallas"``: :func:`fused_token_stats` (a forward kernel, Mosaic on TPU in
-    :mod:`pallas_kernels.pallas_tpu` or Triton on GPU in :mod:`pallas_kernels.pallas_gpu`, with the
-    chunked backward) and :func:`fused_obrs_normalizer`, for both. On CPU the TPU kernels
-    run interpreted (for tests). They lower for their targets from a CPU host and match the
+  * ``"pallas"``: forward kernels, Mosaic on TPU (:mod:`pallas_kernels.pallas_tpu`) or Triton on
+    GPU (:mod:`pallas_kernels.pallas_gpu`), for every op: the token stats, the normalizers, the
+    two-model pass behind the distillation KL and the first pass of :func:`fused_jackpot_stats`;
+    backward passes (and that op's second pass) are the chunked ones. On CPU the TPU kernels run
+    interpreted (for tests). They lower for their targets from a CPU host and match the
     reference interpreted, but have not yet run on TPU or GPU hardware.
   * ``"auto"``: ``"chunked"`` on every backend, until the Pallas kernels are checked on hardware.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 
@@ -44,17 +47,11 @@ IMPLS = _validate.IMPLS
 _BLOCK_V = {"cpu": 2048, "gpu": 8192, "tpu": 8192}
 
 
-def _resolve(impl, block_v, pallas_backends=()):
-    """The implementation and block size to run. "pallas" runs where the op has a Pallas kernel
-    (``pallas_backends``), and interpreted on CPU when it has the TPU one; "auto" stays on
-    "chunked" until the Pallas kernels have been checked on real hardware."""
+def _resolve(impl, block_v):
+    """The implementation and block size to run; "auto" stays on "chunked" until the Pallas
+    kernels have been checked on real hardware."""
     _validate.choice("impl", impl, IMPLS)
     impl = "chunked" if impl == "auto" else impl
-    backend = jax.default_backend()
-    runnable = backend in pallas_backends or (backend == "cpu" and "tpu" in pallas_backends)
-    if impl == "pallas" and not runnable:
-        raise ValueError(f"impl='pallas' is not available for this op on {backend}: it has Pallas kernels "
-                         f"for {pallas_backends or 'no backend yet'}. Use 'chunked'.")
     if block_v is None:
         block_v = _BLOCK_V.get(jax.default_backend(), 4096)
     elif not isinstance(block_v, int) or block_v < 1:
@@ -68,6 +65,13 @@ def _pallas_kernel():
     return (pallas_gpu if backend == "gpu" else pallas_tpu), backend not in ("gpu", "tpu")
 
 
+@functools.lru_cache(maxsize=None)
+def _pallas_two_model_pass():
+    """This backend's Pallas two-model pass, one object per process (it keys traced computations)."""
+    kernel, interpret = _pallas_kernel()
+    return functools.partial(kernel.two_model_pass, interpret=interpret)
+
+
 def fused_token_stats(h, w, targets, k: int, *, temperature=1.0, vocab_size=None, impl="auto",
                       block_v=None):
     """Per token ``n``: ``(logp [N], lse [N], topk_logp [N, k], topk_ids [N, k])``.
@@ -77,7 +81,7 @@ def fused_token_stats(h, w, targets, k: int, *, temperature=1.0, vocab_size=None
     Differentiable in ``h`` and ``w`` through ``logp`` and ``lse``; the top-k is stop-gradient.
     The chunked backward recomputes the vocabulary blocks and saves no N x V residual.
     """
-    impl, block_v = _resolve(impl, block_v, pallas_backends=("tpu", "gpu"))
+    impl, block_v = _resolve(impl, block_v)
     vocab_size = _validate.head("h", h, "w", w, vocab_size)
     _validate.targets(targets, h.shape[0])
     _validate.top_k(k, vocab_size)
@@ -101,7 +105,7 @@ def fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k: 
     ``z_topk`` sums min(p_inf, p_target / lam) over topk(p_inf) U topk(p_target) (each token once);
     ``z_exact`` over the whole vocabulary (eq. 4). Both are stop-gradient. ``lam`` may be traced.
     """
-    impl, block_v = _resolve(impl, block_v, pallas_backends=("tpu", "gpu"))
+    impl, block_v = _resolve(impl, block_v)
     vocab_size = _validate.two_heads("inf", h_inf, w_inf, "tgt", h_tgt, w_tgt, vocab_size)
     _validate.per_token("lse_inf", lse_inf, h_inf.shape[0])
     _validate.per_token("lse_tgt", lse_tgt, h_inf.shape[0])
@@ -124,7 +128,8 @@ def fused_distill_kl(h_teacher, w_teacher, h_student, w_student, direction: str 
                      vocab_size=None, impl="auto", block_v=None):
     """Per-token KL over the full vocabulary ``[N]``: ``forward`` is eq. 7, KL(p_teacher ||
     p_student); ``reverse`` is KL(p_student || p_teacher). Differentiable in the student's ``h`` and
-    ``w`` only; the teacher (the policy) is stop-gradient."""
+    ``w`` only; the teacher (the policy) is stop-gradient. With ``impl="pallas"`` the forward pass
+    is a Pallas kernel and the backward the chunked one."""
     impl, block_v = _resolve(impl, block_v)
     _validate.choice("direction", direction, _validate.DIRECTIONS)
     vocab_size = _validate.two_heads("teacher", h_teacher, w_teacher, "student", h_student, w_student,
@@ -132,8 +137,9 @@ def fused_distill_kl(h_teacher, w_teacher, h_student, w_student, direction: str 
     if impl == "reference":
         return reference.distill_kl(h_teacher, w_teacher, h_student, w_student, direction,
                                     vocab_size=vocab_size)
+    pass_fn = _pallas_two_model_pass() if impl == "pallas" else None
     return chunked.distill_kl(h_teacher, w_teacher, h_student, w_student, direction,
-                              vocab_size=vocab_size, block_v=block_v)
+                              vocab_size=vocab_size, block_v=block_v, pass_fn=pass_fn)
 
 
 def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, lam, *,
@@ -146,7 +152,9 @@ def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, l
     :func:`fused_obrs_normalizer` with the actor as p_inf and the policy as target;
     ``distill_kl`` is :func:`fused_distill_kl` with the policy as teacher and the actor (at its
     temperature) as student. Gradients: the policy's through ``logp_new`` and ``lse_new``; the
-    actor's through ``logp_actor``, ``lse_actor`` and ``distill_kl``.
+    actor's through ``logp_actor``, ``lse_actor`` and ``distill_kl``. With ``impl="pallas"`` the
+    first forward pass (both lse, targets, KL) is a Pallas kernel; the second (normalizers and
+    top-k lists) and the backward pass are chunked.
     """
     impl, block_v = _resolve(impl, block_v)
     _validate.choice("direction", direction, _validate.DIRECTIONS)
@@ -159,4 +167,5 @@ def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, l
     opts = dict(temperature_actor=temperature_actor, exact=exact, direction=direction, vocab_size=vocab_size)
     if impl == "reference":
         return reference.jackpot_stats(*args, **opts)
-    return chunked.jackpot_stats(*args, block_v=block_v, **opts)
+    pass_fn = _pallas_two_model_pass() if impl == "pallas" else None
+    return chunked.jackpot_stats(*args, block_v=block_v, pass_fn=pass_fn, **opts)

@@ -241,11 +241,21 @@ def _obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, log_lam, k, e
 
 
 def distill_kl(h_teacher, w_teacher, h_student, w_student, direction="forward", *,
-               vocab_size=None, block_v=2048):
-    """Per-token KL between teacher and student softmaxes; gradient to the student only."""
+               vocab_size=None, block_v=2048, pass_fn=None):
+    """Per-token KL between teacher and student softmaxes; gradient to the student only.
+    ``pass_fn`` computes the forward pass (:func:`two_model_pass`, or a Pallas kernel's)."""
     vocab_size = w_teacher.shape[1] if vocab_size is None else vocab_size
+    pass_fn = pass_fn or two_model_pass
     return _distill_kl(lax.stop_gradient(h_teacher), lax.stop_gradient(w_teacher), h_student,
-                       w_student, direction == "forward", vocab_size, block_v)
+                       w_student, direction == "forward", vocab_size, block_v, pass_fn)
+
+
+def two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, vocab_size, block_v, targets=None):
+    """(lse_a, lse_b, KL(p_a || p_b), target logit of a, of b) ``[N]`` each, in one pass over the
+    vocabulary; the target logits are -inf without ``targets``. The Pallas kernels provide the
+    same function."""
+    return _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, _Blocks(w_a.shape[1], block_v, vocab_size),
+                           targets)
 
 
 def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None):
@@ -278,21 +288,20 @@ def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None):
     return lse_a, lse_b, u / s_a - lse_a + lse_b, t_a, t_b
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _distill_kl(h_t, w_t, h_s, w_s, forward, vocab_size, block_v):
-    return _distill_kl_fwd(h_t, w_t, h_s, w_s, forward, vocab_size, block_v)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _distill_kl(h_t, w_t, h_s, w_s, forward, vocab_size, block_v, pass_fn):
+    return _distill_kl_fwd(h_t, w_t, h_s, w_s, forward, vocab_size, block_v, pass_fn)[0]
 
 
-def _distill_kl_fwd(h_t, w_t, h_s, w_s, forward, vocab_size, block_v):
-    blocks = _Blocks(w_t.shape[1], block_v, vocab_size)
+def _distill_kl_fwd(h_t, w_t, h_s, w_s, forward, vocab_size, block_v, pass_fn):
     if forward:  # KL(p_teacher || p_student)
-        lse_t, lse_s, kl, _, _ = _two_model_pass(h_t, w_t, 1.0, h_s, w_s, 1.0, blocks)
+        lse_t, lse_s, kl, _, _ = pass_fn(h_t, w_t, 1.0, h_s, w_s, 1.0, vocab_size, block_v)
     else:  # KL(p_student || p_teacher)
-        lse_s, lse_t, kl, _, _ = _two_model_pass(h_s, w_s, 1.0, h_t, w_t, 1.0, blocks)
+        lse_s, lse_t, kl, _, _ = pass_fn(h_s, w_s, 1.0, h_t, w_t, 1.0, vocab_size, block_v)
     return kl, (h_t, w_t, h_s, w_s, lse_t, lse_s, kl)
 
 
-def _distill_kl_bwd(forward, vocab_size, block_v, residuals, g):
+def _distill_kl_bwd(forward, vocab_size, block_v, pass_fn, residuals, g):
     """Forward KL: d/d b_j = p_s,j - p_t,j. Reverse KL: d/d b_j = p_s,j (log p_s,j - log p_t,j - KL)."""
     h_t, w_t, h_s, w_s, lse_t, lse_s, kl = residuals
     blocks = _Blocks(w_t.shape[1], block_v, vocab_size)
@@ -323,14 +332,15 @@ _distill_kl.defvjp(_distill_kl_fwd, _distill_kl_bwd)
 
 
 def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_actor=1.0, exact=False,
-                  direction="forward", vocab_size=None, block_v=2048):
+                  direction="forward", vocab_size=None, block_v=2048, pass_fn=None):
     """Policy and actor token stats, the OBRS normalizers and the distillation KL in two forward
     passes and one backward pass over the vocabulary; each model's dw is written once."""
     vocab_size = w_pol.shape[1] if vocab_size is None else vocab_size
     blocks = _Blocks(w_pol.shape[1], block_v, vocab_size, min_block=k)
     scale_act = 1.0 / float(temperature_actor)
+    pass_fn = pass_fn or two_model_pass
     logp_new, lse_new, logp_act, lse_act, kl = _jackpot_core(
-        h_pol, w_pol, h_act, w_act, targets, scale_act, direction == "forward", vocab_size, blocks.size)
+        h_pol, w_pol, h_act, w_act, targets, scale_act, direction == "forward", vocab_size, blocks.size, pass_fn)
     sg = lax.stop_gradient
     z_topk, z_exact, (act_v, act_ids), (pol_v, pol_ids) = _obrs_normalizer(
         sg(h_act), sg(w_act), sg(lse_act), sg(h_pol), sg(w_pol), sg(lse_new), jnp.log(lam), k, exact,
@@ -339,22 +349,24 @@ def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_ac
                         z_exact, kl)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _jackpot_core(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v):
-    return _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _jackpot_core(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v, pass_fn):
+    return _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v,
+                             pass_fn)[0]
 
 
-def _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v):
-    blocks = _Blocks(w_pol.shape[1], block_v, vocab_size)
+def _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v, pass_fn):
     if forward:  # KL(p_new || p_actor)
-        lse_new, lse_act, kl, t_new, t_act = _two_model_pass(h_pol, w_pol, 1.0, h_act, w_act, scale_act, blocks, targets)
+        lse_new, lse_act, kl, t_new, t_act = pass_fn(h_pol, w_pol, 1.0, h_act, w_act, scale_act, vocab_size,
+                                                     block_v, targets)
     else:  # KL(p_actor || p_new)
-        lse_act, lse_new, kl, t_act, t_new = _two_model_pass(h_act, w_act, scale_act, h_pol, w_pol, 1.0, blocks, targets)
+        lse_act, lse_new, kl, t_act, t_new = pass_fn(h_act, w_act, scale_act, h_pol, w_pol, 1.0, vocab_size,
+                                                     block_v, targets)
     out = (t_new - lse_new, lse_new, t_act - lse_act, lse_act, kl)
     return out, (h_pol, w_pol, h_act, w_act, targets, lse_new, lse_act, kl)
 
 
-def _jackpot_core_bwd(scale_act, forward, vocab_size, block_v, residuals, cotangents):
+def _jackpot_core_bwd(scale_act, forward, vocab_size, block_v, pass_fn, residuals, cotangents):
     h_pol, w_pol, h_act, w_act, targets, lse_new, lse_act, kl = residuals
     g_logp_new, g_lse_new, g_logp_act, g_lse_act, g_kl = cotangents
     blocks = _Blocks(w_pol.shape[1], block_v, vocab_size)

@@ -161,5 +161,58 @@ def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, *, tem
     return z_topk, z_exact
 
 
+def _two_model_kernel(targets_ref, h_a_ref, w_a_ref, h_b_ref, w_b_ref, lse_a_ref, lse_b_ref, kl_ref, t_a_ref,
+                      t_b_ref, *, n, d_a, d_b, v, vocab_size, bn, bv, bd, scale_a, scale_b):
+    i = pl.program_id(0)
+    row_ok = (i * bn + jnp.arange(bn)) < n
+    targets = pltr.load(targets_ref.at[pl.ds(i * bn, bn)], mask=row_ok, other=-1).astype(jnp.float32)
+
+    def vocab_block(j, carry):
+        m_a, s_a, u, m_b, s_b, t_a, t_b = carry
+        cols = jnp.broadcast_to((j * bv + jnp.arange(bv)).astype(jnp.float32)[None, :], (bn, bv))
+        counted = cols < vocab_size
+        a = jnp.where(counted, _block_logits(h_a_ref, w_a_ref, i, j, n, d_a, v, bn, bv, bd) * scale_a, NEG_INF)
+        b = jnp.where(counted, _block_logits(h_b_ref, w_b_ref, i, j, n, d_b, v, bn, bv, bd) * scale_b, NEG_INF)
+        ma_new = jnp.maximum(m_a, jnp.max(a, axis=1))
+        ma_safe = jnp.where(ma_new == NEG_INF, 0.0, ma_new)
+        weights = jnp.exp(a - ma_safe[:, None])
+        rescale = jnp.exp(m_a - ma_safe)
+        s_a = s_a * rescale + jnp.sum(weights, axis=1)
+        u = u * rescale + jnp.sum(weights * jnp.where(counted, a - b, 0.0), axis=1)
+        mb_new = jnp.maximum(m_b, jnp.max(b, axis=1))
+        mb_safe = jnp.where(mb_new == NEG_INF, 0.0, mb_new)
+        s_b = s_b * jnp.exp(m_b - mb_safe) + jnp.sum(jnp.exp(b - mb_safe[:, None]), axis=1)
+        hit = cols == targets[:, None]
+        t_a = jnp.maximum(t_a, jnp.max(jnp.where(hit, a, NEG_INF), axis=1))
+        t_b = jnp.maximum(t_b, jnp.max(jnp.where(hit, b, NEG_INF), axis=1))
+        return ma_new, s_a, u, mb_new, s_b, t_a, t_b
+
+    neg, zero = jnp.full((bn,), NEG_INF, jnp.float32), jnp.zeros((bn,), jnp.float32)
+    m_a, s_a, u, m_b, s_b, t_a, t_b = lax.fori_loop(0, pl.cdiv(v, bv), vocab_block, (neg, zero, zero, neg, zero, neg, neg))
+    lse_a, lse_b = m_a + jnp.log(s_a), m_b + jnp.log(s_b)
+    for ref, value in ((lse_a_ref, lse_a), (lse_b_ref, lse_b), (kl_ref, u / s_a - lse_a + lse_b), (t_a_ref, t_a),
+                       (t_b_ref, t_b)):
+        pltr.store(ref.at[pl.ds(i * bn, bn)], value, mask=row_ok)
+
+
+def two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, vocab_size, block_v=None, targets=None, *,
+                   interpret=False, block_n=32, block_v_kernel=128, block_d=64, num_warps=4, num_stages=2):
+    """:func:`chunked.two_model_pass` as a Triton kernel (``block_v`` is the chunked one's and unused
+    here). Without ``targets`` the target logits are -inf."""
+    n = h_a.shape[0]
+    v = w_a.shape[1]
+    bn, bv, bd = (_next_pow2(b) for b in (block_n, block_v_kernel, block_d))
+    kernel = functools.partial(_two_model_kernel, n=n, d_a=h_a.shape[1], d_b=h_b.shape[1], v=v,
+                               vocab_size=vocab_size, bn=bn, bv=bv, bd=bd, scale_a=scale_a, scale_b=scale_b)
+    target_ids = jnp.full((n,), -1, jnp.int32) if targets is None else targets.astype(jnp.int32)
+    return tuple(pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, bn),),
+        out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 5,
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+    )(target_ids, h_a, w_a, h_b, w_b))
+
+
 # The forward kernel with the chunked backward; top-k outputs are stop-gradient.
 token_stats = chunked.with_chunked_backward(token_stats_forward)

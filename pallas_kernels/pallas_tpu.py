@@ -180,5 +180,75 @@ def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, *, tem
     return z_topk[:, 0], z_exact[:, 0]
 
 
+def _two_model_kernel(targets_ref, h_a_ref, w_a_ref, h_b_ref, w_b_ref, lse_a_ref, lse_b_ref, kl_ref, t_a_ref,
+                      t_b_ref, m_a, s_a, u, m_b, s_b, t_a, t_b, *, block_v, vocab_size, scale_a, scale_b):
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        for ref in (m_a, m_b, t_a, t_b):
+            ref[...] = jnp.full(ref.shape, NEG_INF, jnp.float32)
+        for ref in (s_a, u, s_b):
+            ref[...] = jnp.zeros(ref.shape, jnp.float32)
+
+    dot = lambda h_ref, w_ref: jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32)
+    a, b = dot(h_a_ref, w_a_ref) * scale_a, dot(h_b_ref, w_b_ref) * scale_b
+    cols = (j * block_v + lax.broadcasted_iota(jnp.int32, a.shape, 1)).astype(jnp.float32)
+    counted = cols < vocab_size
+    a, b = jnp.where(counted, a, NEG_INF), jnp.where(counted, b, NEG_INF)
+
+    # online lse of a with E_{p_a}[a - b] rescaled alongside, and online lse of b
+    m_old = m_a[...]
+    m_new = jnp.maximum(m_old, jnp.max(a, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    weights = jnp.exp(a - m_safe)
+    rescale = jnp.exp(m_old - m_safe)
+    s_a[...] = s_a[...] * rescale + jnp.sum(weights, axis=1, keepdims=True)
+    u[...] = u[...] * rescale + jnp.sum(weights * jnp.where(counted, a - b, 0.0), axis=1, keepdims=True)
+    m_a[...] = m_new
+    mb_old = m_b[...]
+    mb_new = jnp.maximum(mb_old, jnp.max(b, axis=1, keepdims=True))
+    mb_safe = jnp.where(mb_new == NEG_INF, 0.0, mb_new)
+    s_b[...] = s_b[...] * jnp.exp(mb_old - mb_safe) + jnp.sum(jnp.exp(b - mb_safe), axis=1, keepdims=True)
+    m_b[...] = mb_new
+
+    hit = cols == targets_ref[...].astype(jnp.float32)
+    t_a[...] = jnp.maximum(t_a[...], jnp.max(jnp.where(hit, a, NEG_INF), axis=1, keepdims=True))
+    t_b[...] = jnp.maximum(t_b[...], jnp.max(jnp.where(hit, b, NEG_INF), axis=1, keepdims=True))
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _finish():
+        lse_a = m_a[...] + jnp.log(s_a[...])
+        lse_b = m_b[...] + jnp.log(s_b[...])
+        lse_a_ref[...], lse_b_ref[...] = lse_a, lse_b
+        kl_ref[...] = u[...] / s_a[...] - lse_a + lse_b
+        t_a_ref[...], t_b_ref[...] = t_a[...], t_b[...]
+
+
+def two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, vocab_size, block_v=None, targets=None, *,
+                   interpret=False, block_n=128, block_v_kernel=512):
+    """:func:`chunked.two_model_pass` as a Pallas TPU kernel (``block_v`` is the chunked one's and
+    unused here). Without ``targets`` the target logits are -inf."""
+    n = h_a.shape[0]
+    vocab_size, bn, bv, grid = _tiling(n, w_a.shape[1], vocab_size, 1, block_n, block_v_kernel)
+    column = pl.BlockSpec((bn, 1), _row)
+    column_block = lambda d: pl.BlockSpec((d, bv), lambda i, j: (0, j))
+    kernel = functools.partial(_two_model_kernel, block_v=bv, vocab_size=vocab_size, scale_a=scale_a,
+                               scale_b=scale_b)
+    target_ids = jnp.full((n,), -1, jnp.int32) if targets is None else targets.astype(jnp.int32)
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[column, pl.BlockSpec((bn, h_a.shape[1]), _row), column_block(h_a.shape[1]),
+                  pl.BlockSpec((bn, h_b.shape[1]), _row), column_block(h_b.shape[1])],
+        out_specs=[column] * 5,
+        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 5,
+        scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * 7,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=interpret,
+    )(target_ids.reshape(n, 1), h_a, w_a, h_b, w_b)
+    return tuple(x[:, 0] for x in outs)
+
+
 # The forward kernel with the chunked backward; top-k outputs are stop-gradient.
 token_stats = chunked.with_chunked_backward(token_stats_forward)
