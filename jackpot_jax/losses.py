@@ -90,8 +90,7 @@ def distill_kl(logp_teacher_full, logp_student_full, direction: str = "forward")
     SG(p_teacher)), the paper's "TIS + reverse KL" baseline. The teacher (the policy, p_new) never
     receives gradient.
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r} is not allowed: direction must be one of {DIRECTIONS}.")
+    obrs.check_choice("direction", direction, DIRECTIONS)
     teacher = jax.lax.stop_gradient(logp_teacher_full)
     if direction == "forward":
         return kl_divergence(teacher, logp_student_full)
@@ -107,8 +106,7 @@ def masked_mean(values, mask, mode: Aggregation = "token_mean"):
     none gives 0, never NaN. For the policy the mask is ``valid & accepted``: dividing by accepted
     tokens is the expectation under p'_inf that the OBRS weight corrects (eq. 5).
     """
-    if mode not in AGGREGATIONS:
-        raise ValueError(f"mode={mode!r} is not allowed: mode must be one of {AGGREGATIONS}.")
+    obrs.check_choice("mode", mode, AGGREGATIONS)
     mask = jnp.asarray(mask, bool)
     values = jnp.where(mask, values, 0.0)
     if mode == "token_mean":

@@ -46,9 +46,16 @@ def check_range(name: str, value, is_allowed, allowed: str) -> None:
         raise ValueError(f"{name}={shown} is not allowed: {name} must be {allowed}.")
 
 
-def check_target(target: str) -> None:
-    if target not in TARGETS:
-        raise ValueError(f"target={target!r} is not allowed: target must be one of {TARGETS}.")
+def check_choice(name: str, value, allowed) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed: {name} must be one of {allowed}.")
+
+
+def check_top_k(k, vocab: int) -> None:
+    """``k`` must be a static integer with ``1 <= k <= vocab``."""
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= vocab:
+        raise ValueError(f"k={k!r} is not allowed: k must be an integer with 1 <= k <= V={vocab}.")
 
 
 def _log_lam(lam):
@@ -106,9 +113,7 @@ def topk_normalizer(logp_inf, logp_target, lam, k: int):
 
     Z_approx <= Z always. ``k`` is static; ``1 <= k <= V``.
     """
-    vocab = jnp.shape(logp_inf)[-1]
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= vocab:
-        raise ValueError(f"k={k!r} is not allowed: k must be an integer with 1 <= k <= V={vocab}.")
+    check_top_k(k, jnp.shape(logp_inf)[-1])
     log_lam = _log_lam(lam)
     _, ids_inf = jax.lax.top_k(logp_inf, k)
     _, ids_target = jax.lax.top_k(logp_target, k)
@@ -208,7 +213,7 @@ def jackpot_weights(logp_new, logp_inf, logp_old, z, lam, c1, c2, target: Target
     ``p_old / p_target`` maps the target back to PPO's old policy (identically 1 when
     ``target == "old"``). ``z`` is the (calibrated) normalizer Z_t per token.
     """
-    check_target(target)
+    check_choice("target", target, TARGETS)
     log_lam = _log_lam(lam)
     check_range("c1", c1, lambda v: v > 0, "> 0")
     check_range("c2", c2, lambda v: v > 0, "> 0")
@@ -238,7 +243,7 @@ def obrs_filter(key, logp_inf, logp_old, logp_new, z_approx, valid, *, lam, c1, 
     token (the top-k estimate, or the exact Z with ``calibrate=False``). Everything returned is
     stop-gradient: the policy's gradient flows only through its PPO term (eq. 5).
     """
-    check_target(target)
+    check_choice("target", target, TARGETS)
     logp_inf, logp_old, logp_new = (jax.lax.stop_gradient(x) for x in (logp_inf, logp_old, logp_new))
     valid = jnp.asarray(valid, bool)
     logp_target = logp_new if target == "new" else logp_old

@@ -34,6 +34,8 @@ import functools
 
 import jax
 
+from jackpot_jax.losses import DIRECTIONS
+from jackpot_jax.obrs import check_choice, check_range, check_top_k
 from pallas_kernels import _validate, chunked, pallas_gpu, pallas_tpu, reference
 
 __all__ = ["fused_token_stats", "fused_obrs_normalizer", "fused_distill_kl", "fused_jackpot_stats",
@@ -50,7 +52,7 @@ _BLOCK_V = {"cpu": 2048, "gpu": 8192, "tpu": 8192}
 def _resolve(impl, block_v):
     """The implementation and block size to run; "auto" stays on "chunked" until the Pallas
     kernels have been checked on real hardware."""
-    _validate.choice("impl", impl, IMPLS)
+    check_choice("impl", impl, IMPLS)
     impl = "chunked" if impl == "auto" else impl
     if block_v is None:
         block_v = _BLOCK_V.get(jax.default_backend(), 4096)
@@ -84,7 +86,7 @@ def fused_token_stats(h, w, targets, k: int, *, temperature=1.0, vocab_size=None
     impl, block_v = _resolve(impl, block_v)
     vocab_size = _validate.head("h", h, "w", w, vocab_size)
     _validate.targets(targets, h.shape[0])
-    _validate.top_k(k, vocab_size)
+    check_top_k(k, vocab_size)
     _validate.temperature("temperature", temperature)
     if impl == "reference":
         return reference.token_stats(h, w, targets, k, temperature=temperature, vocab_size=vocab_size)
@@ -109,9 +111,9 @@ def fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k: 
     vocab_size = _validate.two_heads("inf", h_inf, w_inf, "tgt", h_tgt, w_tgt, vocab_size)
     _validate.per_token("lse_inf", lse_inf, h_inf.shape[0])
     _validate.per_token("lse_tgt", lse_tgt, h_inf.shape[0])
-    _validate.top_k(k, vocab_size)
+    check_top_k(k, vocab_size)
     _validate.temperature("temperature_inf", temperature_inf)
-    _validate.check_range("lam", lam, lambda v: v > 0, "> 0")
+    check_range("lam", lam, lambda v: v > 0, "> 0")
     args = (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, exact)
     if impl == "reference":
         return reference.obrs_normalizer(*args, temperature_inf=temperature_inf, vocab_size=vocab_size)
@@ -131,7 +133,7 @@ def fused_distill_kl(h_teacher, w_teacher, h_student, w_student, direction: str 
     ``w`` only; the teacher (the policy) is stop-gradient. With ``impl="pallas"`` the forward pass
     is a Pallas kernel and the backward the chunked one."""
     impl, block_v = _resolve(impl, block_v)
-    _validate.choice("direction", direction, _validate.DIRECTIONS)
+    check_choice("direction", direction, DIRECTIONS)
     vocab_size = _validate.two_heads("teacher", h_teacher, w_teacher, "student", h_student, w_student,
                                      vocab_size)
     if impl == "reference":
@@ -157,12 +159,12 @@ def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, l
     top-k lists) and the backward pass are chunked.
     """
     impl, block_v = _resolve(impl, block_v)
-    _validate.choice("direction", direction, _validate.DIRECTIONS)
+    check_choice("direction", direction, DIRECTIONS)
     vocab_size = _validate.two_heads("policy", h_policy, w_policy, "actor", h_actor, w_actor, vocab_size)
     _validate.targets(targets, h_policy.shape[0])
-    _validate.top_k(k, vocab_size)
+    check_top_k(k, vocab_size)
     _validate.temperature("temperature_actor", temperature_actor)
-    _validate.check_range("lam", lam, lambda v: v > 0, "> 0")
+    check_range("lam", lam, lambda v: v > 0, "> 0")
     args = (h_policy, w_policy, h_actor, w_actor, targets, k, lam)
     opts = dict(temperature_actor=temperature_actor, exact=exact, direction=direction, vocab_size=vocab_size)
     if impl == "reference":

@@ -9,7 +9,6 @@ import numpy as np
 from jackpot_jax.obrs import check_range
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
-DIRECTIONS = ("forward", "reverse")
 
 
 def _float_matrix(name, x):
@@ -69,9 +68,6 @@ def per_token(name, x, n):
         raise ValueError(f"{name} must have shape [{n}], got {jnp.shape(x)}.")
 
 
-def top_k(k, vocab_size):
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= vocab_size:
-        raise ValueError(f"k={k!r} is not allowed: k must be an integer with 1 <= k <= V={vocab_size}.")
 
 
 def temperature(name, t):
@@ -81,8 +77,3 @@ def temperature(name, t):
     except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         raise ValueError(f"{name} must be a static Python number (it is fixed per run), got {t!r}.") from None
     check_range(name, t, lambda v: v > 0, "> 0")
-
-
-def choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed: {name} must be one of {allowed}.")
