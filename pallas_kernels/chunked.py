@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._online import online_lse
 from pallas_kernels.reference import JackpotStats
 
 NEG_INF = -jnp.inf
@@ -56,10 +57,7 @@ def _logits(h, w, start, blocks, scale, counted):
 
 def _lse_update(m, s, logits):
     """Online logsumexp: fold a block ``[N, Bv]`` into running max ``m`` and scaled sum ``s``."""
-    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(logits - m_safe[:, None]), axis=-1)
-    return m_new, s
+    return online_lse(m, s, logits, keepdims=False)[:2]
 
 
 def _lse(m, s):
@@ -268,10 +266,8 @@ def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None):
         start, _, counted = blocks.columns(i)
         a = _logits(h_a, w_a, start, blocks, scale_a, counted)
         b = _logits(h_b, w_b, start, blocks, scale_b, counted)
-        m_new, s_a = _lse_update(m_a, s_a, a)
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        diff = jnp.where(counted[None, :], a - b, 0.0)
-        u = u * jnp.exp(m_a - m_safe) + jnp.sum(jnp.exp(a - m_safe[:, None]) * diff, axis=-1)
+        m_new, s_a, weights, rescale = online_lse(m_a, s_a, a, keepdims=False)
+        u = u * rescale + jnp.sum(weights * jnp.where(counted[None, :], a - b, 0.0), axis=-1)
         m_b, s_b = _lse_update(m_b, s_b, b)
         if targets is not None:
             local = targets - start

@@ -10,7 +10,7 @@ kernel replaces this one behind the same dispatch.
 One program per block of ``bn`` tokens; it walks the vocabulary in blocks of ``bv`` columns, each
 block's logits accumulated over ``bd``-wide slices of D on the tensor cores, and folds them into
 the running logsumexp, the target's logit and a running top-k (the TPU kernel's merge,
-:func:`pallas_kernels._topk.merge_topk`). Loads past N, V or D are masked. The backward pass is
+:func:`pallas_kernels._online.merge_topk`). Loads past N, V or D are masked. The backward pass is
 the chunked XLA one.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import chunked
-from pallas_kernels._topk import NEG_INF, merge_topk, union_mass
+from pallas_kernels._online import NEG_INF, merge_topk, online_lse, union_mass
 
 
 
@@ -63,9 +63,7 @@ def _kernel(targets_ref, h_ref, w_ref, logp_ref, lse_ref, topv_ref, topi_ref, *,
         cols = jnp.broadcast_to((j * bv + jnp.arange(bv)).astype(jnp.float32)[None, :], (bn, bv))
         logits = jnp.where(cols < vocab_size, logits, NEG_INF)
 
-        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(logits - m_safe[:, None]), axis=1)
+        m_new, s, _, _ = online_lse(m, s, logits, keepdims=False)
         hit = cols == targets[:, None]
         tgt = jnp.maximum(tgt, jnp.max(jnp.where(hit, logits, NEG_INF), axis=1))
 
@@ -124,9 +122,7 @@ def _normalizer_kernel(log_lam_ref, h_inf_ref, w_inf_ref, lse_inf_ref, h_tgt_ref
         logp_inf = jnp.where(counted, logits_inf - lse_inf[:, None], NEG_INF)
         logp_tgt = jnp.where(counted, logits_tgt - lse_tgt[:, None], NEG_INF)
         log_mass = jnp.minimum(logp_inf, logp_tgt - log_lam[:, None])  # eq. 4 summand
-        m_new = jnp.maximum(m, jnp.max(log_mass, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(log_mass - m_safe), axis=1, keepdims=True)
+        m_new, s, _, _ = online_lse(m, s, log_mass, keepdims=True)
         inf_v, inf_i, inf_m = merge_topk(logp_inf, cols, inf_v, inf_i, lane, k, log_mass, inf_m)
         tgt_v, tgt_i, tgt_m = merge_topk(logp_tgt, cols, tgt_v, tgt_i, lane, k, log_mass, tgt_m)
         return m_new, s, inf_v, inf_i, inf_m, tgt_v, tgt_i, tgt_m
@@ -173,15 +169,9 @@ def _two_model_kernel(targets_ref, h_a_ref, w_a_ref, h_b_ref, w_b_ref, lse_a_ref
         counted = cols < vocab_size
         a = jnp.where(counted, _block_logits(h_a_ref, w_a_ref, i, j, n, d_a, v, bn, bv, bd) * scale_a, NEG_INF)
         b = jnp.where(counted, _block_logits(h_b_ref, w_b_ref, i, j, n, d_b, v, bn, bv, bd) * scale_b, NEG_INF)
-        ma_new = jnp.maximum(m_a, jnp.max(a, axis=1))
-        ma_safe = jnp.where(ma_new == NEG_INF, 0.0, ma_new)
-        weights = jnp.exp(a - ma_safe[:, None])
-        rescale = jnp.exp(m_a - ma_safe)
-        s_a = s_a * rescale + jnp.sum(weights, axis=1)
+        ma_new, s_a, weights, rescale = online_lse(m_a, s_a, a, keepdims=False)
         u = u * rescale + jnp.sum(weights * jnp.where(counted, a - b, 0.0), axis=1)
-        mb_new = jnp.maximum(m_b, jnp.max(b, axis=1))
-        mb_safe = jnp.where(mb_new == NEG_INF, 0.0, mb_new)
-        s_b = s_b * jnp.exp(m_b - mb_safe) + jnp.sum(jnp.exp(b - mb_safe[:, None]), axis=1)
+        mb_new, s_b, _, _ = online_lse(m_b, s_b, b, keepdims=False)
         hit = cols == targets[:, None]
         t_a = jnp.maximum(t_a, jnp.max(jnp.where(hit, a, NEG_INF), axis=1))
         t_b = jnp.maximum(t_b, jnp.max(jnp.where(hit, b, NEG_INF), axis=1))

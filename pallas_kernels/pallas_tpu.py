@@ -8,7 +8,7 @@ multiplies an ``[bn, D]`` block of ``h`` by a ``[D, bv]`` block of ``w`` on the 
 are masked: columns ``>= vocab_size`` are ``-inf``; rows past N are computed and dropped.
 
 The top-k is kept sorted in the first ``k`` of 128 lanes and merged with each block by
-:func:`pallas_kernels._topk.merge_topk` (``lax.top_k`` has no Mosaic lowering); ids are carried as
+:func:`pallas_kernels._online.merge_topk` (``lax.top_k`` has no Mosaic lowering); ids are carried as
 float32, which Mosaic reduces natively.
 
 The backward pass is the chunked XLA one (:mod:`pallas_kernels.chunked`).
@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import chunked
-from pallas_kernels._topk import NEG_INF, merge_topk, union_mass
+from pallas_kernels._online import NEG_INF, merge_topk, online_lse, union_mass
 
 LANES = 128
 
@@ -62,12 +62,7 @@ def _kernel(targets_ref, h_ref, w_ref, logp_ref, lse_ref, topv_ref, topi_ref,
     cols = (j * block_v + lax.broadcasted_iota(jnp.int32, logits.shape, 1)).astype(jnp.float32)
     logits = jnp.where(cols < vocab_size, logits, NEG_INF)
 
-    # online logsumexp
-    m_old = m_sc[...]
-    m_new = jnp.maximum(m_old, jnp.max(logits, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-    s_sc[...] = s_sc[...] * jnp.exp(m_old - m_safe) + jnp.sum(jnp.exp(logits - m_safe), axis=1, keepdims=True)
-    m_sc[...] = m_new
+    m_sc[...], s_sc[...], _, _ = online_lse(m_sc[...], s_sc[...], logits, keepdims=True)
 
     # the target's logit lives in exactly one block
     hit = cols == targets_ref[...].astype(jnp.float32)
@@ -135,11 +130,7 @@ def _normalizer_kernel(log_lam_ref, h_inf_ref, w_inf_ref, lse_inf_ref, h_tgt_ref
     logp_tgt = jnp.where(counted, logp_tgt, NEG_INF)
     log_mass = jnp.minimum(logp_inf, logp_tgt - log_lam_ref[...])  # eq. 4 summand
 
-    m_old = m_sc[...]
-    m_new = jnp.maximum(m_old, jnp.max(log_mass, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-    s_sc[...] = s_sc[...] * jnp.exp(m_old - m_safe) + jnp.sum(jnp.exp(log_mass - m_safe), axis=1, keepdims=True)
-    m_sc[...] = m_new
+    m_sc[...], s_sc[...], _, _ = online_lse(m_sc[...], s_sc[...], log_mass, keepdims=True)
 
     lane = lax.broadcasted_iota(jnp.int32, inf_v.shape, 1).astype(jnp.float32)
     for v_ref, i_ref, m_ref, logp in ((inf_v, inf_i, inf_m, logp_inf), (tgt_v, tgt_i, tgt_m, logp_tgt)):
@@ -198,19 +189,9 @@ def _two_model_kernel(targets_ref, h_a_ref, w_a_ref, h_b_ref, w_b_ref, lse_a_ref
     a, b = jnp.where(counted, a, NEG_INF), jnp.where(counted, b, NEG_INF)
 
     # online lse of a with E_{p_a}[a - b] rescaled alongside, and online lse of b
-    m_old = m_a[...]
-    m_new = jnp.maximum(m_old, jnp.max(a, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-    weights = jnp.exp(a - m_safe)
-    rescale = jnp.exp(m_old - m_safe)
-    s_a[...] = s_a[...] * rescale + jnp.sum(weights, axis=1, keepdims=True)
+    m_a[...], s_a[...], weights, rescale = online_lse(m_a[...], s_a[...], a, keepdims=True)
     u[...] = u[...] * rescale + jnp.sum(weights * jnp.where(counted, a - b, 0.0), axis=1, keepdims=True)
-    m_a[...] = m_new
-    mb_old = m_b[...]
-    mb_new = jnp.maximum(mb_old, jnp.max(b, axis=1, keepdims=True))
-    mb_safe = jnp.where(mb_new == NEG_INF, 0.0, mb_new)
-    s_b[...] = s_b[...] * jnp.exp(mb_old - mb_safe) + jnp.sum(jnp.exp(b - mb_safe), axis=1, keepdims=True)
-    m_b[...] = mb_new
+    m_b[...], s_b[...], _, _ = online_lse(m_b[...], s_b[...], b, keepdims=True)
 
     hit = cols == targets_ref[...].astype(jnp.float32)
     t_a[...] = jnp.maximum(t_a[...], jnp.max(jnp.where(hit, a, NEG_INF), axis=1, keepdims=True))

@@ -1,8 +1,20 @@
-"""The running top-k merge shared by the Pallas kernels (plain jnp on in-kernel values)."""
+"""Running statistics over vocabulary blocks, shared by the chunked XLA code and the Pallas
+kernels (plain jnp, valid inside a kernel): the online logsumexp and the running top-k merge."""
 import jax.numpy as jnp
 
 NEG_INF = float("-inf")
 _NO_INDEX = float(2**24)  # larger than any column id; ids are float32, exact below 2**24
+
+
+def online_lse(m, s, x, keepdims):
+    """Fold a block ``x [bn, bv]`` into a running max ``m`` and scaled sum ``s`` (``[bn, 1]`` with
+    ``keepdims``, else ``[bn]``). Returns ``(m_new, s_new, weights, rescale)``: ``weights =
+    exp(x - m_new)`` and ``rescale = exp(m - m_new)``, for sums that ride along (e.g. a KL)."""
+    m_new = jnp.maximum(m, jnp.max(x, axis=1, keepdims=keepdims))
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    weights = jnp.exp(x - (m_safe if keepdims else m_safe[:, None]))
+    rescale = jnp.exp(m - m_safe)
+    return m_new, s * rescale + jnp.sum(weights, axis=1, keepdims=keepdims), weights, rescale
 
 
 def merge_topk(cand, cols, run_v, run_i, lane, k, cand_payload=None, run_payload=None):
