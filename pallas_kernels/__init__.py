@@ -8,6 +8,8 @@ Public ops (each jit- and shard-friendly: static ``k``, no host callbacks):
   * :func:`fused_token_stats`: per token, log p(target), lse, top-k log-probs and ids.
   * :func:`fused_obrs_normalizer`: Z_approx over the union of both top-k sets (section 4.4.1 of the
     paper, as :func:`jackpot_jax.obrs.topk_normalizer`) and, with ``exact``, the exact Z of eq. 4.
+  * :func:`fused_obrs_filter`: the normalizer pass with the OBRS filter fused into it: per sampled
+    token the acceptance probability, the Bernoulli mask and rho (Algorithm 1, lines 18-24).
   * :func:`fused_distill_kl`: the per-token distillation KL of eq. 7 (or its reverse) over the
     full vocabulary.
   * :func:`fused_jackpot_stats`: all of the above for a policy and an actor in one call, the op an
@@ -21,7 +23,8 @@ Implementations, chosen by ``impl``:
   * ``"chunked"``: XLA ``lax.scan`` over vocabulary blocks with online logsumexp and a running top-k
     merge; memory linear in N (:mod:`pallas_kernels.chunked`).
   * ``"pallas"``: forward kernels, Mosaic on TPU (:mod:`pallas_kernels.pallas_tpu`) or Triton on
-    GPU (:mod:`pallas_kernels.pallas_gpu`), for every op: the token stats, the normalizers, the
+    GPU (:mod:`pallas_kernels.pallas_gpu`), for every op: the token stats, the normalizers (with
+    the OBRS filter fused into their last step, and rho in a second elementwise kernel), the
     two-model pass behind the distillation KL and the first pass of :func:`fused_jackpot_stats`;
     backward passes (and that op's second pass) are the chunked ones. On CPU the TPU kernels run
     interpreted (for tests). They lower for their targets from a CPU host and match the
@@ -31,15 +34,18 @@ Implementations, chosen by ``impl``:
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
+from jackpot_jax import obrs
 from jackpot_jax.losses import DIRECTIONS
-from jackpot_jax.obrs import check_choice, check_range, check_top_k
+from jackpot_jax.obrs import TARGETS, check_choice, check_range, check_top_k
 from pallas_kernels import _validate, chunked, pallas_gpu, pallas_tpu, reference
 
-__all__ = ["fused_token_stats", "fused_obrs_normalizer", "fused_distill_kl", "fused_jackpot_stats",
-           "JackpotStats", "IMPLS"]
+__all__ = ["fused_token_stats", "fused_obrs_normalizer", "fused_obrs_filter", "fused_distill_kl",
+           "fused_jackpot_stats", "JackpotStats", "SampledTokens", "FusedObrs", "IMPLS"]
 
 JackpotStats = reference.JackpotStats
 
@@ -126,6 +132,84 @@ def fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k: 
                                    block_v=block_v)
 
 
+class SampledTokens(NamedTuple):
+    """The sampled tokens of a mini-batch, ``[N]`` each: what the OBRS filter needs besides Z."""
+
+    logp_inf: jax.Array  # log p_inf(x_t): the distribution x_t was sampled from (after temperature)
+    logp_old: jax.Array  # log p_old(x_t): the policy at the start of the PPO step
+    logp_new: jax.Array  # log p_new(x_t): the policy being optimized
+    valid: jax.Array  # bool; False on padding, which is never accepted and never counts in kappa
+
+
+class FusedObrs(NamedTuple):
+    """:func:`fused_obrs_filter`'s output, ``[N]`` per token unless noted; all stop-gradient."""
+
+    z_topk: jax.Array  # Z_approx over topk(p_inf) U topk(p_target) (section 4.4.1)
+    z_exact: jax.Array | None  # exact Z of eq. 4, when asked for
+    accept_prob: jax.Array  # a(x_t), eq. 3
+    accepted: jax.Array  # bool: Bernoulli(a(x_t)) and valid; the loss mask of eq. 5
+    kappa: jax.Array  # scalar, section 4.4.2: abar_hat / mean Z (or the kappa passed in)
+    z: jax.Array  # the Z_t in rho: kappa * z_topk, or z_exact (not calibrated) when exact
+    rho: jax.Array  # the stop-gradient weight of eq. 5 (Algorithm 1, lines 23-24)
+
+
+def fused_obrs_filter(key, h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, tokens: SampledTokens, *, lam, c1, c2,
+                      k: int, target: str = "new", exact: bool = False, kappa=None, temperature_inf=1.0,
+                      vocab_size=None, impl="auto", block_v=None) -> FusedObrs:
+    """OBRS for one mini-batch (Algorithm 1, lines 18-24) fused with the normalizer pass.
+
+    ``h_tgt, w_tgt, lse_tgt`` are p_target's: the policy being optimized (``target="new"``) or the
+    policy at the start of the step (``"old"``). One pass over the vocabulary gives ``z_topk`` (and
+    ``z_exact``) as :func:`fused_obrs_normalizer`, and, in the same kernel, the acceptance
+    probabilities and the Bernoulli mask of the sampled ``tokens``. Then kappa, a batch statistic
+    (one scalar reduction over the mini-batch, outside the kernel; pass ``kappa`` to use one
+    computed over a larger batch instead), and rho from a second, elementwise kernel, with kappa
+    applied to Z. With ``exact``, rho uses the exact Z, which needs no calibration.
+
+    The mask's uniforms come from ``jax.random.uniform(key, (N,))``, the draws of
+    :func:`jackpot_jax.obrs.sample_mask`, so every ``impl`` gives the same mask for the same key.
+    """
+    impl, block_v = _resolve(impl, block_v)
+    check_choice("target", target, TARGETS)
+    vocab_size = _validate.two_heads("inf", h_inf, w_inf, "tgt", h_tgt, w_tgt, vocab_size)
+    n = h_inf.shape[0]
+    _validate.per_token("lse_inf", lse_inf, n)
+    _validate.per_token("lse_tgt", lse_tgt, n)
+    for name in SampledTokens._fields:
+        _validate.per_token(f"tokens.{name}", getattr(tokens, name), n)
+    check_top_k(k, vocab_size)
+    _validate.temperature("temperature_inf", temperature_inf)
+    for name, value in (("lam", lam), ("c1", c1), ("c2", c2)) + ((("kappa", kappa),) if kappa is not None else ()):
+        check_range(name, value, lambda v: v > 0, "> 0")
+    valid = jnp.asarray(tokens.valid, bool)
+    logp_target = tokens.logp_new if target == "new" else tokens.logp_old
+    heads = (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k)
+    if impl == "pallas":
+        kernel, interpret = _pallas_kernel()
+        uniforms = jax.random.uniform(key, (n,), jnp.float32)
+        z_topk, z_exact, a, accepted = kernel.obrs_normalizer(
+            *heads, temperature_inf=temperature_inf, vocab_size=vocab_size, interpret=interpret,
+            sampled=(tokens.logp_inf, logp_target, uniforms, valid))
+    else:
+        module = reference if impl == "reference" else chunked
+        opts = {} if impl == "reference" else {"block_v": block_v}
+        z_topk, z_exact = module.obrs_normalizer(*heads, exact, temperature_inf=temperature_inf,
+                                                 vocab_size=vocab_size, **opts)
+        a = obrs.accept_prob(jax.lax.stop_gradient(logp_target), jax.lax.stop_gradient(tokens.logp_inf), lam)
+        accepted = obrs.sample_mask(key, a) & valid
+    z_used = z_exact if exact else z_topk
+    kappa = obrs.kappa(z_used, accepted, valid) if kappa is None else jax.lax.stop_gradient(jnp.asarray(kappa))
+    kappa_applied = jnp.ones_like(kappa) if exact else kappa
+    if impl == "pallas":
+        rho = kernel.obrs_weights(z_used, kappa_applied, tokens.logp_inf, tokens.logp_old, tokens.logp_new, lam,
+                                  c1, c2, target, interpret=interpret)
+    else:
+        sg = jax.lax.stop_gradient
+        rho = obrs.jackpot_weights(sg(tokens.logp_new), sg(tokens.logp_inf), sg(tokens.logp_old),
+                                   kappa_applied * z_used, lam, c1, c2, target)
+    return FusedObrs(z_topk, z_exact if exact else None, a, accepted, kappa, kappa_applied * z_used, rho)
+
+
 def fused_distill_kl(h_teacher, w_teacher, h_student, w_student, direction: str = "forward", *,
                      vocab_size=None, impl="auto", block_v=None):
     """Per-token KL over the full vocabulary ``[N]``: ``forward`` is eq. 7, KL(p_teacher ||
@@ -146,7 +230,7 @@ def fused_distill_kl(h_teacher, w_teacher, h_student, w_student, direction: str 
 
 def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, lam, *,
                         temperature_actor=1.0, exact: bool = False, direction: str = "forward",
-                        vocab_size=None, impl="auto", block_v=None) -> JackpotStats:
+                        normalizers: bool = True, vocab_size=None, impl="auto", block_v=None) -> JackpotStats:
     """All vocabulary statistics of one update step, as a :class:`JackpotStats`.
 
     The policy is p_new = softmax(h_policy @ w_policy); the actor is p_inf = softmax(h_actor @
@@ -157,6 +241,10 @@ def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, l
     actor's through ``logp_actor``, ``lse_actor`` and ``distill_kl``. With ``impl="pallas"`` the
     first forward pass (both lse, targets, KL) is a Pallas kernel; the second (normalizers and
     top-k lists) and the backward pass are chunked.
+
+    ``normalizers=False`` skips the second pass (``z_*`` and ``topk_*`` are None): an update step
+    that applies the OBRS filter gets Z from :func:`fused_obrs_filter`, whose pass over the
+    vocabulary computes it alongside the mask, so nothing is computed twice.
     """
     impl, block_v = _resolve(impl, block_v)
     check_choice("direction", direction, DIRECTIONS)
@@ -166,7 +254,8 @@ def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, l
     _validate.temperature("temperature_actor", temperature_actor)
     check_range("lam", lam, lambda v: v > 0, "> 0")
     args = (h_policy, w_policy, h_actor, w_actor, targets, k, lam)
-    opts = dict(temperature_actor=temperature_actor, exact=exact, direction=direction, vocab_size=vocab_size)
+    opts = dict(temperature_actor=temperature_actor, exact=exact, direction=direction, vocab_size=vocab_size,
+                normalizers=normalizers)
     if impl == "reference":
         return reference.jackpot_stats(*args, **opts)
     pass_fn = _pallas_two_model_pass() if impl == "pallas" else None

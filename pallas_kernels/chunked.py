@@ -328,15 +328,18 @@ _distill_kl.defvjp(_distill_kl_fwd, _distill_kl_bwd)
 
 
 def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_actor=1.0, exact=False,
-                  direction="forward", vocab_size=None, block_v=2048, pass_fn=None):
+                  direction="forward", vocab_size=None, block_v=2048, pass_fn=None, normalizers=True):
     """Policy and actor token stats, the OBRS normalizers and the distillation KL in two forward
-    passes and one backward pass over the vocabulary; each model's dw is written once."""
+    passes and one backward pass over the vocabulary; each model's dw is written once. Without
+    ``normalizers`` the second pass (Z and the top-k lists) is skipped."""
     vocab_size = w_pol.shape[1] if vocab_size is None else vocab_size
     blocks = _Blocks(w_pol.shape[1], block_v, vocab_size, min_block=k)
     scale_act = 1.0 / float(temperature_actor)
     pass_fn = pass_fn or two_model_pass
     logp_new, lse_new, logp_act, lse_act, kl = _jackpot_core(
         h_pol, w_pol, h_act, w_act, targets, scale_act, direction == "forward", vocab_size, blocks.size, pass_fn)
+    if not normalizers:
+        return JackpotStats(logp_new, lse_new, None, None, logp_act, lse_act, None, None, None, None, kl)
     sg = lax.stop_gradient
     z_topk, z_exact, (act_v, act_ids), (pol_v, pol_ids) = _obrs_normalizer(
         sg(h_act), sg(w_act), sg(lse_act), sg(h_pol), sg(w_pol), sg(lse_new), jnp.log(lam), k, exact,

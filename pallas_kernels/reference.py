@@ -17,7 +17,7 @@ from jackpot_jax import losses, obrs
 class JackpotStats(NamedTuple):
     """Everything one update step needs from the vocabulary. Differentiable: ``logp_new``,
     ``lse_new`` (policy); ``logp_actor``, ``lse_actor``, ``distill_kl`` (actor). The rest is
-    stop-gradient."""
+    stop-gradient; the top-k lists and the normalizers are None when computed without them."""
 
     logp_new: jax.Array  # [N] policy log p_new(target)
     lse_new: jax.Array  # [N]
@@ -66,7 +66,7 @@ def distill_kl(h_teacher, w_teacher, h_student, w_student, direction="forward", 
 
 
 def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_actor=1.0, exact=False,
-                  direction="forward", vocab_size=None):
+                  direction="forward", vocab_size=None, normalizers=True):
     vocab_size = w_pol.shape[1] if vocab_size is None else vocab_size
     logp_new, lse_new, topk_new, ids_new = token_stats(h_pol, w_pol, targets, k, vocab_size=vocab_size)
     logp_act, lse_act, topk_act, ids_act = token_stats(h_act, w_act, targets, k, temperature=temperature_actor,
@@ -77,5 +77,7 @@ def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_ac
     z_topk = obrs.topk_normalizer(sg(logp_act_all), sg(logp_new_all), lam, k)
     z_exact = obrs.normalizer(sg(logp_act_all), sg(logp_new_all), lam) if exact else None
     kl = losses.distill_kl(logp_new_all, logp_act_all, direction)
+    if not normalizers:
+        return JackpotStats(logp_new, lse_new, None, None, logp_act, lse_act, None, None, None, None, kl)
     return JackpotStats(logp_new, lse_new, topk_new, ids_new, logp_act, lse_act, topk_act, ids_act,
                         z_topk, z_exact, kl)
