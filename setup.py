@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     "absl-py>=2.0",
     "numpy>=1.26",
     "matplotlib>=3.8",  # experiment plots
+    "safetensors>=0.4",  # Hugging Face checkpoints, read tensor by tensor (slice by slice)
+    "transformers>=4.51",  # tokenizers and chat templates only (Qwen3 needs 4.51); torch is not needed
     # The only release on PyPI (the project is archived). Imported lazily, only by the serving
     # code; jackpot_jax keeps its one compatibility shim for it, written against 0.2.2's code.
     "google-jetstream==0.2.2",
@@ -22,6 +24,9 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
         "hypothesis>=6.100",
+        # The oracle for model parity (transformers on PyTorch): the CPU build, from a local wheel
+        # here; other versions pull the CUDA build (gigabytes).
+        "torch==2.13.0",
     ],
     # JAX's CUDA 12 wheels work with every driver that supports H100/H200 (CUDA 13 needs >= 580).
     "cuda": ["jax[cuda12]>=0.10.2,<0.11"],

@@ -1,4 +1,9 @@
+import os
 import zlib
+
+# 8 fake CPU devices for the sharding tests; set before anything imports JAX.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import numpy as np
 import pytest

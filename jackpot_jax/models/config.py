@@ -101,7 +101,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, config: dict | str | os.PathLike, **overrides) -> "ModelConfig":
-        """From a Hugging Face ``config.json`` (a dict, the file, or its directory)."""
+        """From a Hugging Face ``config.json`` (a dict, the file, or its directory). ``dtype`` and
+        ``param_dtype`` default to the checkpoint's; ``overrides`` replace any field."""
         if not isinstance(config, dict):
             path = os.path.join(config, "config.json") if os.path.isdir(config) else os.fspath(config)
             if not os.path.exists(path):
@@ -133,6 +134,9 @@ class ModelConfig:
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act={act!r} in config.json is not supported: the MLP is SwiGLU ('silu').")
+        dtype = config.get("dtype") or config.get("torch_dtype")
+        if dtype in DTYPES:  # the checkpoint's dtype, for storage and computation
+            kwargs["dtype"] = kwargs["param_dtype"] = dtype
         kwargs.update(overrides)
         return cls(**kwargs)
 

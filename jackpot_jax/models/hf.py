@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from jackpot_jax.models import sharding as sharding_lib
-from jackpot_jax.models.config import DTYPES, ModelConfig
+from jackpot_jax.models.config import ModelConfig
 from jackpot_jax.models.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
@@ -70,11 +69,6 @@ class _Checkpoint:
         return tuple(self.slice(name).get_shape())
 
 
-def _checkpoint_dtype(config_json: dict) -> str:
-    dtype = config_json.get("dtype") or config_json.get("torch_dtype") or "float32"
-    return dtype if dtype in DTYPES else "float32"
-
-
 def from_pretrained(path, dtype=None, *, param_dtype=None, mesh=None, rules=sharding_lib.DEFAULT_RULES,
                     **config_overrides) -> Transformer:
     """A :class:`Transformer` from a Hugging Face checkpoint directory.
@@ -91,9 +85,11 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, mesh=None, rules=shar
                                 "config.json.")
     with open(config_file) as f:
         config_json = json.load(f)
-    dtype = dtype or _checkpoint_dtype(config_json)
-    config = ModelConfig.from_hf(config_json, dtype=jnp.dtype(dtype).name,
-                                 param_dtype=jnp.dtype(param_dtype or dtype).name, **config_overrides)
+    if dtype is not None:
+        config_overrides.update(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype or dtype).name)
+    elif param_dtype is not None:
+        config_overrides.update(param_dtype=jnp.dtype(param_dtype).name)
+    config = ModelConfig.from_hf(config_json, **config_overrides)
     checkpoint = _Checkpoint(directory)
 
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))

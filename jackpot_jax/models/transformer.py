@@ -202,6 +202,10 @@ class Transformer(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else param(
             init(rngs.params(), (config.hidden_size, config.vocab_size), config.jnp_param_dtype), ("embed", "vocab"))
 
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` positions."""
+        return KVCache.init(self.config, batch, max_len)
+
     def unembedding(self):
         """``w [D, V]``: logits are ``h @ w`` (the transposed embedding when tied)."""
         return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
