@@ -265,3 +265,45 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="expected model.safetensors"):
         hf.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def write_tokenizer(path, words, chat_template=None):
+    """A word-level Hugging Face tokenizer over ``words`` (plus specials), saved to ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(path)
+    return vocab
+
+
+def test_load_tokenizer_from_a_local_directory_with_its_chat_template(tmp_path):
+    template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    vocab = write_tokenizer(tmp_path, ["user", ":", "what", "is", "two", "plus", "three"], template)
+    tok = hf.load_tokenizer(tmp_path)
+    ids = tok.encode("what is two plus three")
+    assert ids == [vocab[w] for w in "what is two plus three".split()]
+    assert tok.decode(ids) == "what is two plus three"
+    chat = tok.apply_chat_template([{"role": "user", "content": "two plus three"}], tokenize=False)
+    assert chat.strip() == "user : two plus three"
+    with pytest.raises(FileNotFoundError, match="tokenizer directory .* does not exist"):
+        hf.load_tokenizer(tmp_path / "missing")
+
+
+def test_check_shared_vocab(tmp_path):
+    write_tokenizer(tmp_path / "a", ["one", "two"])
+    write_tokenizer(tmp_path / "b", ["one", "two"])
+    write_tokenizer(tmp_path / "c", ["one", "three"])
+    a, b, c = (hf.load_tokenizer(tmp_path / name) for name in "abc")
+    hf.check_shared_vocab(a, b, preset("tiny-qwen3"), preset("tiny-llama"))
+    with pytest.raises(ValueError, match="actor and policy tokenizers differ"):
+        hf.check_shared_vocab(a, c)
+    with pytest.raises(ValueError, match="actor has vocab_size=512 but policy has vocab_size=600"):
+        hf.check_shared_vocab(a, b, preset("tiny-qwen3"), preset("tiny-qwen3", vocab_size=600))

@@ -32,6 +32,14 @@ DEFAULT_RULES = (
 )
 
 
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None):
+    """A mesh with axes ``("data", "fsdp", "tensor")`` over ``data * fsdp * tensor`` devices, in
+    JAX's automatic sharding mode (XLA propagates shardings from the parameters' and the
+    constraints'; the models are written for it)."""
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=auto, devices=devices)
+
+
 def logical_to_spec(axes, shape, mesh, rules=DEFAULT_RULES) -> PartitionSpec:
     """The ``PartitionSpec`` of an array with logical ``axes`` and ``shape`` on ``mesh``.
 
