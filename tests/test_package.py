@@ -1,12 +1,14 @@
-"""Packaging facts users rely on: the math imports without TensorFlow or JetStream."""
+"""Packaging facts users rely on: the math, the kernels and the models import without TensorFlow,
+JetStream or PyTorch (a GPU box may lack them)."""
 import subprocess
 import sys
 
 
 def test_core_modules_do_not_import_heavy_engines():
     code = ("import sys, jackpot_jax.obrs, jackpot_jax.losses, jackpot_jax.config, pallas_kernels, "
-            "jackpot_jax.experiments.obrs_simulation; "
-            "heavy = [m for m in ('tensorflow', 'jetstream', 'tensorflow_datasets', 'seqio') if m in sys.modules]; "
+            "jackpot_jax.experiments.obrs_simulation, jackpot_jax.models, jackpot_jax.models.hf; "
+            "heavy = [m for m in ('tensorflow', 'jetstream', 'tensorflow_datasets', 'seqio', 'torch', 'transformers') "
+            "if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
