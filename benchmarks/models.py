@@ -50,8 +50,9 @@ def jax_forward(model):
 
 def torch_forward(model, path):
     import torch  # noqa: PLC0415 (only ``compare`` needs it)
-    from transformers import Qwen3ForCausalLM  # noqa: PLC0415
+    from transformers import Qwen3ForCausalLM, logging  # noqa: PLC0415
 
+    logging.disable_progress_bar()
     save_pretrained(model, path)
     hf = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
