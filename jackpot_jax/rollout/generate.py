@@ -1,0 +1,160 @@
+"""``generate``: batch rollouts with continuous batching, returning tokens and p_inf log-probs.
+
+Every request (prompt i, sample j) gets its own key, ``fold_in(fold_in(key(seed), i), j)`` (or
+``fold_in(key(seed[i]), j)`` with one seed per prompt), and the decode core draws its t-th token
+with ``fold_in(key, t)``: results do not depend on slot assignment, batch size or order. A slot
+whose request finishes is refilled from the queue before the next step.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jackpot_jax.rollout.decode import MIN_BUCKET, DecodeCore
+from jackpot_jax.rollout.sampling import SamplingParams, check_sampling
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Samples in request order (prompt 0's n samples, then prompt 1's, ...). Per sample:
+    ``completions`` (generated ids), ``logprobs [len]`` = log p_inf of each generated token (the
+    distribution after temperature / top-k / top-p, see :mod:`jackpot_jax.rollout.sampling`),
+    ``topk_ids`` / ``topk_logprobs [len, K]`` of p_inf at each step, and the finish reason:
+    ``"eos"``, ``"stop"`` (a stop sequence, included in the completion) or ``"length"``."""
+
+    prompt_index: list[int]
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    logprobs: list[np.ndarray]
+    topk_ids: list[np.ndarray]
+    topk_logprobs: list[np.ndarray]
+    finish_reasons: list[str]
+
+
+@dataclasses.dataclass
+class _Request:
+    index: int
+    prompt_index: int
+    prompt: list[int]
+    key: jax.Array
+    tokens: list = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    topk_ids: list = dataclasses.field(default_factory=list)
+    topk_logprobs: list = dataclasses.field(default_factory=list)
+    finish: str | None = None
+
+
+def _check_prompts(prompts, vocab_size):
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt (a list of token ids).")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token.")
+        ids = np.asarray(prompt)
+        if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= vocab_size:
+            raise ValueError(f"prompt {i} must hold integer token ids in [0, {vocab_size}).")
+
+
+def _keys(seed, num_prompts, n):
+    if isinstance(seed, (int, np.integer)):
+        base = jax.random.key(seed)
+        return [[jax.random.fold_in(jax.random.fold_in(base, i), j) for j in range(n)] for i in range(num_prompts)]
+    if len(seed) != num_prompts:
+        raise ValueError(f"seed has {len(seed)} entries for {num_prompts} prompts: give one int, or one per prompt.")
+    return [[jax.random.fold_in(jax.random.key(s), j) for j in range(n)] for s in seed]
+
+
+def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, logprobs_top_k: int = 0, n: int = 1, seed=0, *,
+             eos_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (), params=None,
+             max_concurrent_decodes: int = 32, progress: bool = False) -> Rollout:
+    """Sample ``n`` completions of each prompt (token-id lists) with a model of the registry or an
+    engine (a :class:`DecodeCore`, e.g. a :class:`~jackpot_jax.rollout.engine.JackpotEngine`;
+    then ``logprobs_top_k`` is the engine's). ``params`` default to the engine's / model's."""
+    check_sampling(temperature, top_p, top_k)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is not allowed: it must be >= 1.")
+    if n < 1:
+        raise ValueError(f"n={n} is not allowed: it must be >= 1.")
+    is_core = isinstance(model_or_engine, DecodeCore)
+    _check_prompts(prompts, (model_or_engine.model_config if is_core else model_or_engine.config).vocab_size)
+    prompts = [list(map(int, p)) for p in prompts]
+    if is_core:
+        core = model_or_engine
+    else:
+        longest = max(MIN_BUCKET, max(len(p) for p in prompts))
+        prefill = 1 << (longest - 1).bit_length()
+        core = DecodeCore(model_or_engine, max_concurrent_decodes=min(max_concurrent_decodes, len(prompts) * n),
+                          max_prefill_length=prefill, max_target_length=prefill + max_new_tokens,
+                          logprobs_top_k=logprobs_top_k)
+    for i, prompt in enumerate(prompts):
+        core.bucket(len(prompt))  # raises if longer than the longest prefill
+        if len(prompt) + max_new_tokens - 1 > core.max_target_length:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} it needs "
+                             f"{len(prompt) + max_new_tokens - 1} cache positions, more than the engine's "
+                             f"max_target_length={core.max_target_length}.")
+    params = core.params if params is None else params
+    sampling = SamplingParams.fill(1, temperature, top_p, top_k)
+    keys = _keys(seed, len(prompts), n)
+    requests = [_Request(i * n + j, i, prompt, keys[i][j]) for i, prompt in enumerate(prompts) for j in range(n)]
+    stops = [list(s) for s in stop_sequences if len(s)]
+    eos = set(int(t) for t in eos_token_ids)
+
+    def record(request, token, logprob, top_ids, top_logprobs):
+        request.tokens.append(int(token))
+        request.logprobs.append(float(logprob))
+        request.topk_ids.append(top_ids)
+        request.topk_logprobs.append(top_logprobs)
+        if token in eos:
+            request.finish = "eos"
+        elif any(request.tokens[-len(s):] == s for s in stops):
+            request.finish = "stop"
+        elif len(request.tokens) >= max_new_tokens:
+            request.finish = "length"
+        return request.finish is not None
+
+    bar = _progress(len(requests)) if progress else None
+    queue = collections.deque(requests)
+    free = list(range(core.slots))
+    active: dict[int, _Request] = {}
+    state = core.init_decode_state()
+    while queue or active:
+        while free and queue:
+            request = queue.popleft()
+            prefix = core.prefill(params, request.prompt, len(request.prompt), sampling=sampling, key=request.key)
+            first = jax.device_get(prefix.first)
+            if record(request, first.tokens[0], first.logprobs[0], first.topk_ids[0], first.topk_logprobs[0]):
+                bar and bar.update()
+                continue
+            slot = free.pop()
+            state = core.insert(prefix, state, slot)
+            active[slot] = request
+        if not active:
+            continue
+        state = core.generate(params, state)
+        last = jax.device_get(state.last)
+        for slot, request in list(active.items()):
+            if record(request, last.tokens[slot], last.logprobs[slot], last.topk_ids[slot], last.topk_logprobs[slot]):
+                del active[slot]
+                free.append(slot)
+                bar and bar.update()
+    bar and bar.close()
+
+    k = core.logprobs_top_k
+    return Rollout(
+        prompt_index=[r.prompt_index for r in requests], prompts=[r.prompt for r in requests],
+        completions=[r.tokens for r in requests],
+        logprobs=[np.asarray(r.logprobs, np.float32) for r in requests],
+        topk_ids=[np.asarray(r.topk_ids, np.int32).reshape(-1, k) for r in requests],
+        topk_logprobs=[np.asarray(r.topk_logprobs, np.float32).reshape(-1, k) for r in requests],
+        finish_reasons=[r.finish for r in requests])
+
+
+def _progress(total):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, desc="rollout", unit="sample")
