@@ -149,8 +149,8 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
         prompt_index=[r.prompt_index for r in requests], prompts=[r.prompt for r in requests],
         completions=[r.tokens for r in requests],
         logprobs=[np.asarray(r.logprobs, np.float32) for r in requests],
-        topk_ids=[np.asarray(r.topk_ids, np.int32).reshape(-1, k) for r in requests],
-        topk_logprobs=[np.asarray(r.topk_logprobs, np.float32).reshape(-1, k) for r in requests],
+        topk_ids=[np.asarray(r.topk_ids, np.int32).reshape(len(r.tokens), k) for r in requests],
+        topk_logprobs=[np.asarray(r.topk_logprobs, np.float32).reshape(len(r.tokens), k) for r in requests],
         finish_reasons=[r.finish for r in requests])
 
 
