@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     # The only release on PyPI (the project is archived). Imported lazily, only by the serving
     # code; jackpot_jax keeps its one compatibility shim for it, written against 0.2.2's code.
     "google-jetstream==0.2.2",
+    "grpcio>=1.60",  # jackpot-serve's gRPC server (JetStream's API); google-jetstream pulls it in too
+    "tqdm>=4.60",  # generate(progress=True)
     "tensorflow-datasets>=4.9",  # imported lazily, only by jackpot_jax.data
 ]
 
@@ -44,4 +46,5 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     license="Apache-2.0",
+    entry_points={"console_scripts": ["jackpot-serve=jackpot_jax.rollout.serve:main"]},
 )

@@ -135,7 +135,7 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
             active[slot] = request
         if not active:
             continue
-        state = core.generate(params, state)
+        state = DecodeCore.generate(core, params, state)  # an engine's own generate is JetStream's
         last = jax.device_get(state.last)
         for slot, request in list(active.items()):
             if record(request, last.tokens[slot], last.logprobs[slot], last.topk_ids[slot], last.topk_logprobs[slot]):
