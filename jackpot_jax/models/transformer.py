@@ -111,15 +111,11 @@ def grouped_attention(q, k, v, mask):
 
 def _cache_write(cache, new, write_index):
     """``cache [B, K, S, d]`` with ``new [B, K, T, d]`` written at positions ``write_index [B, T]``
-    (positions past S are dropped). A decode step (T = 1) blends with a one-hot mask, which XLA
-    fuses into one elementwise pass; longer chunks scatter."""
-    new = new.astype(cache.dtype)
-    if new.shape[2] == 1:
-        hit = jnp.arange(cache.shape[2])[None, :] == write_index  # [B, S]
-        return jnp.where(hit[:, None, :, None], new, cache)
-    rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.transpose(0, 2, 1, 3).at[rows, write_index].set(new.transpose(0, 2, 1, 3), mode="drop").transpose(
-        0, 2, 1, 3)
+    (positions past S are dropped): a scatter of ``B x T`` rows, in place when the cache is
+    donated."""
+    rows = jnp.arange(cache.shape[0])[:, None, None]
+    heads = jnp.arange(cache.shape[1])[None, :, None]
+    return cache.at[rows, heads, write_index[:, None, :]].set(new.astype(cache.dtype), mode="drop")
 
 
 class KVCache(NamedTuple):
