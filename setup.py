@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "grpcio>=1.60",  # jackpot-serve's gRPC server (JetStream's API); google-jetstream pulls it in too
     "tqdm>=4.60",  # generate(progress=True)
     "tensorflow-datasets>=4.9",  # imported lazily, only by jackpot_jax.data
+    "math-verify>=0.9",  # answer equivalence for math rewards (jackpot_jax.data.rewards); tested with 0.9.0
 ]
 
 EXTRAS_REQUIRE = {
