@@ -137,20 +137,15 @@ class DecodeCore:
         return self._insert(prefix, state, jnp.int32(slot))
 
     def _insert_impl(self, prefix, state, slot):
-        def put(full, part):
+        def put(full, part):  # part [1, ...] (its other axes may be shorter, e.g. a bucket's length)
             index = (slot,) + (0,) * (full.ndim - 1)
             return jax.lax.dynamic_update_slice(full, part.astype(full.dtype), index)
 
         def put_row(full, row):  # row: [1, ...] of one request
             return full.at[slot].set(row[0])
 
-        cache = prefix.cache
-        new_cache = state.cache._replace(
-            k=tuple(put(f, p) for f, p in zip(state.cache.k, cache.k)),
-            v=tuple(put(f, p) for f, p in zip(state.cache.v, cache.v)),
-            lengths=state.cache.lengths.at[slot].set(prefix.length))
         return DecodeState(
-            cache=new_cache,
+            cache=jax.tree.map(put, state.cache, prefix.cache),  # any cache pytree, batch first
             tokens=state.tokens.at[slot].set(prefix.first.tokens[0]),
             steps=state.steps.at[slot].set(1),
             keys=state.keys.at[slot].set(prefix.key),
