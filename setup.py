@@ -47,5 +47,6 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     license="Apache-2.0",
-    entry_points={"console_scripts": ["jackpot-serve=jackpot_jax.rollout.serve:main"]},
+    entry_points={"console_scripts": ["jackpot-serve=jackpot_jax.rollout.serve:main",
+                                      "jackpot-eval=jackpot_jax.data.evaluate:main"]},
 )

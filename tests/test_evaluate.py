@@ -74,3 +74,22 @@ def test_evaluate_rejects_an_empty_dataset(scripted):
     model, tokenizer = scripted
     with pytest.raises(ValueError, match="records is empty"):
         evaluate_lib.evaluate(model, tokenizer, [], k=2)
+
+
+def test_jackpot_eval_command_writes_json_and_markdown(tmp_path):
+    """The CLI on a saved tiny checkpoint and the generated arithmetic dataset (a random model:
+    the numbers are whatever it scores; the files and their keys are the point)."""
+    import json
+
+    from jackpot_jax.models import Transformer, hf, preset
+
+    model_dir = tmp_path / "model"
+    hf.save_pretrained(Transformer(preset("tiny-qwen3"), rngs=nnx.Rngs(0)), model_dir)
+    write_tokenizer(model_dir)
+    out = tmp_path / "out"
+    code = evaluate_lib.main(["--model", str(model_dir), "--dataset", "jackpot_arithmetic", "--k", "2", "--limit", "3",
+                              "--max-new-tokens", "4", "--data-dir", str(tmp_path / "tfds"), "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())["jackpot_arithmetic"]
+    assert result["num_problems"] == 3 and result["k"] == 2 and 0 <= result["mean@k"] <= result["pass@k"] <= 1
+    assert (out / "results.md").read_text().startswith("| dataset | problems | k | Mean@k | Pass@k |")

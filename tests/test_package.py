@@ -6,7 +6,9 @@ import sys
 
 def test_core_modules_do_not_import_heavy_engines():
     code = ("import sys, jackpot_jax.obrs, jackpot_jax.losses, jackpot_jax.config, pallas_kernels, "
-            "jackpot_jax.experiments.obrs_simulation, jackpot_jax.models, jackpot_jax.models.hf; "
+            "jackpot_jax.experiments.obrs_simulation, jackpot_jax.models, jackpot_jax.models.hf, jackpot_jax.rollout, "
+            "jackpot_jax.data.datasets, jackpot_jax.data.evaluate, jackpot_jax.data.batching, "
+            "jackpot_jax.data.prompts, jackpot_jax.data.rewards, jackpot_jax.data.metrics; "
             "heavy = [m for m in ('tensorflow', 'jetstream', 'tensorflow_datasets', 'seqio', 'torch', 'transformers') "
             "if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")

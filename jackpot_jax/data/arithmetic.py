@@ -1,0 +1,142 @@
+"""A procedurally generated, verifiable arithmetic task for the CPU demo and the tests.
+
+Pure Python (no TensorFlow): :func:`generate_problem` draws one problem from a ``random.Random``,
+:func:`make_split` draws a split deterministically from a seed. The TFDS builder
+``jackpot_arithmetic`` (:mod:`jackpot_jax.data.builders`) wraps :func:`make_split`.
+
+Difficulty is the number of operations:
+
+- ``difficulty=1``: one operation on numbers below 100, ``"What is 7 + 5?"`` (``+``, ``-`` with a
+  non-negative result, ``*`` on 2..12).
+- ``difficulty=k >= 2``: a ``k``-step word problem, ``"Ann has 3 apples, buys 4 more, then gives away
+  2. How many apples does Ann have?"``; each step adds 1..10, removes 1..10 (never more than there
+  is) or doubles / triples (only while the count is 1..30).
+
+Every answer is a unique non-negative integer. The solution shows one line per step and ends with
+``\\boxed{N}``: ``"3 + 4 = 7. 7 - 2 = 5. \\boxed{5}"``. Prompts stay short (tiny models, small
+vocabularies). Each problem dict also carries its structure (``start``, ``steps``) so that answers
+can be recomputed independently (:func:`evaluate`).
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterable
+
+MAX_DRAWS_PER_PROBLEM = 50  # make_split gives up past count * this many draws (space too small)
+
+NAMES = ("Ann", "Bob", "Sam", "Tom", "Eva", "Max", "Lia", "Ben", "Amy", "Joe", "Kim", "Leo")
+ITEMS = ("apples", "pens", "books", "coins", "cards", "eggs", "balls", "cups", "shells", "stamps")
+_ADD_VERBS = ("buys {n} more", "finds {n} more", "gets {n} more")
+_SUB_VERBS = ("gives away {n}", "loses {n}", "sells {n}")
+_MUL_VERBS = {2: "doubles them", 3: "triples them"}
+
+
+def _check_difficulty(difficulty) -> None:
+    if not isinstance(difficulty, int) or isinstance(difficulty, bool) or difficulty < 1:
+        raise ValueError(f"difficulty={difficulty!r} is not allowed: difficulty must be an integer >= 1 "
+                         "(the number of operations).")
+
+
+def apply(value: int, op: str, operand: int) -> int:
+    """``value op operand`` for ``op`` in ``"+"``, ``"-"``, ``"*"``."""
+    if op == "+":
+        return value + operand
+    if op == "-":
+        return value - operand
+    if op == "*":
+        return value * operand
+    raise ValueError(f"op={op!r} is not allowed: op must be one of ('+', '-', '*').")
+
+
+def evaluate(start: int, steps: Iterable[tuple[str, int]]) -> int:
+    """The value of ``start`` after applying ``steps`` (``(op, operand)`` pairs) left to right."""
+    value = start
+    for op, operand in steps:
+        value = apply(value, op, operand)
+    return value
+
+
+def _solution(start: int, steps: list[tuple[str, int]]) -> str:
+    lines, value = [], start
+    for op, operand in steps:
+        new = apply(value, op, operand)
+        lines.append(f"{value} {op} {operand} = {new}.")
+        value = new
+    return " ".join(lines + [f"\\boxed{{{value}}}"])
+
+
+def _one_step(rng: random.Random) -> tuple[int, list[tuple[str, int]], str]:
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+    else:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        if op == "-" and b > a:
+            a, b = b, a
+    return a, [(op, b)], f"What is {a} {op} {b}?"
+
+
+def _word_problem(rng: random.Random, difficulty: int) -> tuple[int, list[tuple[str, int]], str]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    start = value = rng.randint(2, 20)
+    steps, clauses = [], []
+    for _ in range(difficulty):
+        kinds = ["+"] * 2 + (["-"] * 2 if value > 0 else []) + (["*"] if 1 <= value <= 30 else [])
+        op = rng.choice(kinds)
+        if op == "+":
+            operand = rng.randint(1, 10)
+            clause = rng.choice(_ADD_VERBS).format(n=operand)
+        elif op == "-":
+            operand = rng.randint(1, min(10, value))
+            clause = rng.choice(_SUB_VERBS).format(n=operand)
+        else:
+            operand = rng.choice((2, 3))
+            clause = _MUL_VERBS[operand]
+        value = apply(value, op, operand)
+        steps.append((op, operand))
+        clauses.append(clause)
+    story = ", ".join(clauses[:-1] + [f"then {clauses[-1]}"])
+    return start, steps, f"{name} has {start} {item}, {story}. How many {item} does {name} have?"
+
+
+def generate_problem(rng: random.Random, difficulty: int) -> dict:
+    """One problem drawn from ``rng`` with ``difficulty`` operations.
+
+    Returns ``{"problem", "answer", "solution"}`` (strings; ``answer`` is the integer in decimal) plus
+    the structure: ``"start"`` (int) and ``"steps"`` (list of ``(op, operand)``), so that
+    ``evaluate(start, steps) == int(answer)``.
+    """
+    _check_difficulty(difficulty)
+    start, steps, problem = _one_step(rng) if difficulty == 1 else _word_problem(rng, difficulty)
+    answer = evaluate(start, steps)
+    return {"problem": problem, "answer": str(answer), "solution": _solution(start, steps),
+            "start": start, "steps": steps}
+
+
+def make_split(seed: int, count: int, difficulty: int, *, exclude: Iterable[str] = ()) -> list[dict]:
+    """``count`` distinct problems (by text) drawn deterministically from ``random.Random(seed)``.
+
+    Problems whose text is in ``exclude`` (e.g. the test split's problems, when drawing train) are
+    skipped, so splits drawn with ``exclude`` are disjoint. Raises ``ValueError`` if ``count``
+    distinct problems cannot be found (a space too small for ``count`` at this difficulty).
+    """
+    _check_difficulty(difficulty)
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"count={count!r} is not allowed: count must be an integer >= 0.")
+    rng = random.Random(seed)
+    excluded = set(exclude)
+    seen: set[str] = set()
+    problems: list[dict] = []
+    draws = 0
+    while len(problems) < count:
+        if draws >= MAX_DRAWS_PER_PROBLEM * max(count, 1):
+            raise ValueError(f"make_split(seed={seed}, count={count}, difficulty={difficulty}): only "
+                             f"{len(problems)} distinct problems found in {draws} draws; ask for fewer "
+                             "problems or a higher difficulty.")
+        draws += 1
+        problem = generate_problem(rng, difficulty)
+        if problem["problem"] in seen or problem["problem"] in excluded:
+            continue
+        seen.add(problem["problem"])
+        problems.append(problem)
+    return problems
