@@ -18,6 +18,7 @@ import os
 import sys
 
 from jackpot_jax.data.metrics import at_k_metrics
+from jackpot_jax.files import atomic_write_text
 from jackpot_jax.data.rewards import get_reward
 
 
@@ -91,11 +92,8 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        for filename, text in (("results.json", json.dumps(results, indent=2)), ("results.md", table + "\n")):
-            tmp = os.path.join(args.out, filename + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, os.path.join(args.out, filename))
+        atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
+        atomic_write_text(os.path.join(args.out, "results.md"), table + "\n")
     return 0
 
 

@@ -26,6 +26,7 @@ from jackpot_jax.data.arithmetic import make_split
 from jackpot_jax.data.char_tokenizer import make_char_tokenizer
 from jackpot_jax.data.prompts import plain_prompt
 from jackpot_jax.data.rewards import math_reward
+from jackpot_jax.files import atomic_write_text
 from jackpot_jax.models import Transformer, preset
 from jackpot_jax.models.hf import save_pretrained
 from jackpot_jax.rollout.generate import generate
@@ -130,8 +131,7 @@ def run(difficulty: int = 1, steps: int = 1500, batch_size: int = 64, lr: float 
                "final_loss": float(np.mean(losses[-50:])) if losses else None}
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
         save_pretrained(model, os.path.join(out, "model"))
         tokenizer.save_pretrained(os.path.join(out, "model"))
     return results

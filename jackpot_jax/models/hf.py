@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jackpot_jax.files import atomic_write, atomic_write_text
 from jackpot_jax.models import sharding as sharding_lib
 from jackpot_jax.models.config import ModelConfig
 from jackpot_jax.models.transformer import Transformer
@@ -166,25 +167,14 @@ def save_pretrained(model: Transformer, path, *, dtype=None, max_shard_bytes: in
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, tensors in zip(names, shards):
-        _atomic(os.path.join(path, name), lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(path, name), lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())},
                  "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
-        _atomic(os.path.join(path, INDEX_FILE), lambda tmp: _write_json(tmp, index))
+        atomic_write_text(os.path.join(path, INDEX_FILE), json.dumps(index, indent=2))
     hf_config = config.to_hf()
     hf_config["torch_dtype"] = dtype.name
-    _atomic(os.path.join(path, "config.json"), lambda tmp: _write_json(tmp, hf_config))
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def _atomic(final_path, write):
-    tmp = final_path + ".tmp"
-    write(tmp)
-    os.replace(tmp, final_path)
+    atomic_write_text(os.path.join(path, "config.json"), json.dumps(hf_config, indent=2))
 
 
 # ------------------------------------------------------------------------------- tokenizers
