@@ -31,7 +31,10 @@ import hashlib
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Iterator
+
+from jackpot_jax.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +297,7 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None, limit=N
     fingerprint_path = os.path.join(builder.data_dir, _FINGERPRINT_FILE)
     fingerprint = manual_fingerprint(name, resolved) if resolved else None
     if fingerprint and builder.is_prepared():
-        old = open(fingerprint_path).read().strip() if os.path.exists(fingerprint_path) else None
+        old = Path(fingerprint_path).read_text().strip() if os.path.exists(fingerprint_path) else None
         if old != fingerprint:
             logger.info("Dataset %r: the files in %s changed; preparing it again.", name, resolved)
             download_config = tfds.download.DownloadConfig(
@@ -302,8 +305,7 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None, limit=N
     builder.download_and_prepare(download_config=download_config)
     builder = get_builder(name, data_dir=data_dir, config=config)  # reads the prepared info
     if fingerprint:
-        with open(fingerprint_path, "w") as file:
-            file.write(fingerprint + "\n")
+        atomic_write_text(fingerprint_path, fingerprint + "\n")
     if split not in builder.info.splits:
         raise ValueError(f"Dataset {name!r} was prepared without a {split!r} split "
                          f"(splits: {sorted(builder.info.splits)}).")
