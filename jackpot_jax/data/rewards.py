@@ -41,6 +41,8 @@ import threading
 import time
 from typing import Callable
 
+from jackpot_jax.imports import import_object
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, str], float]
@@ -374,16 +376,7 @@ def get_reward(name_or_path: str) -> RewardFn:
                              f"{', '.join(registered_rewards())}; or give an import path "
                              "'package.module:function'.")
         return _REGISTRY[name_or_path]
-    module_name, _, attr_path = name_or_path.partition(":")
-    try:
-        fn = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"Cannot import the module {module_name!r} of the reward {name_or_path!r}: "
-                         f"{err}") from err
-    for attr in attr_path.split("."):
-        if not hasattr(fn, attr):
-            raise ValueError(f"The reward {name_or_path!r} does not exist: {fn!r} has no attribute {attr!r}.")
-        fn = getattr(fn, attr)
+    fn = import_object(name_or_path, "reward")
     if not callable(fn):
         raise TypeError(f"The reward {name_or_path!r} is not callable: {fn!r}.")
     return fn

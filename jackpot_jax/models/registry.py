@@ -16,10 +16,11 @@ The protocol, what the trainer, the kernels and the rollout engine rely on:
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from flax import nnx
+
+from jackpot_jax.imports import import_object
 
 
 @runtime_checkable
@@ -52,11 +53,7 @@ def resolve(name: str) -> Callable[..., Any]:
     if name in _FACTORIES:
         return _FACTORIES[name]
     if ":" in name:
-        module, _, attribute = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attribute)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"model family {name!r} could not be imported: {error}") from None
+        return import_object(name, "model family")
     raise ValueError(f"model family {name!r} is unknown: registered families are {sorted(_FACTORIES)}, or give an "
                      "import path 'package.module:factory'.")
 
