@@ -57,6 +57,14 @@ def buckets(max_prefill_length: int) -> tuple[int, ...]:
     return tuple(sizes) + (max_prefill_length,)
 
 
+def bucket_for(length: int, max_prefill_length: int) -> int:
+    """The smallest prefill bucket that holds ``length`` tokens."""
+    for size in buckets(max_prefill_length):
+        if length <= size:
+            return size
+    raise ValueError(f"a prompt of {length} tokens is longer than max_prefill_length={max_prefill_length}.")
+
+
 class DecodeCore:
     """Jitted prefill / insert / generate for ``model`` (its graph; parameters are passed in)."""
 
@@ -92,11 +100,7 @@ class DecodeCore:
     # ---------------------------------------------------------------- prefill
 
     def bucket(self, length: int) -> int:
-        for size in self.prefill_buckets:
-            if length <= size:
-                return size
-        raise ValueError(f"a prompt of {length} tokens is longer than max_prefill_length="
-                         f"{self.prefill_buckets[-1]}.")
+        return bucket_for(length, self.prefill_buckets[-1])
 
     def prefill(self, params, tokens, true_length: int, *, sampling: SamplingParams | None = None,
                 key=None) -> Prefix:

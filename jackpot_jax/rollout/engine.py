@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jackpot_jax.models import hf
 from jackpot_jax.models import sharding as sharding_lib
-from jackpot_jax.rollout.decode import DecodeCore, DecodeState, Prefix, buckets
+from jackpot_jax.rollout.decode import DecodeCore, DecodeState, Prefix, bucket_for
 from jackpot_jax.rollout.jetstream_compat import engine_api, tokenizer_api, tokenizer_pb2
 from jackpot_jax.rollout.sampling import SamplingParams, check_sampling
 
@@ -73,7 +73,7 @@ class HFTokenizer(tokenizer_api.Tokenizer):
             raise ValueError("the prompt is empty: it must have at least one token.")
         if length > limit:
             raise ValueError(f"the prompt has {length} tokens, more than max_prefill_length={limit}.")
-        size = next(size for size in buckets(limit) if length <= size)
+        size = bucket_for(length, limit)
         padded = np.full((size,), self.pad_id, np.int32)
         padded[:length] = ids
         return (jnp.asarray(padded) if jax_padding else padded), length
