@@ -159,8 +159,8 @@ def jackpot_policy_loss(logp_new, logp_old, logp_inf, advantages, valid, z_appro
 
 def actor_loss(logp_actor, logp_actor_old, logp_inf, advantages, valid, distill_kl_per_token, *,
                beta: float, tis_cap: float, eps_low: float = 0.2, eps_high: float = 0.2,
-               clip: bool = True, aggregation: Aggregation = "token_mean"):
-    """The actor's loss, eq. 6 + beta * eq. 7.
+               clip: bool = True, aggregation: Aggregation = "token_mean", ppo_weight: float = 1.0):
+    """The actor's loss, ``ppo_weight`` * eq. 6 + beta * eq. 7 (``ppo_weight=0``: distillation only).
 
     eq. 6: PPO on the actor's own ratio p_omega / p_omega_old, weighted by the truncated IS
     SG(min(p_omega_old / p_inf, C)) that corrects the rollout engine's sampling distribution.
@@ -169,6 +169,7 @@ def actor_loss(logp_actor, logp_actor_old, logp_inf, advantages, valid, distill_
     Returns ``(loss, metrics)``.
     """
     obrs.check_range("beta", beta, lambda v: v >= 0, ">= 0")
+    obrs.check_range("ppo_weight", ppo_weight, lambda v: v >= 0, ">= 0")
     valid = jnp.asarray(valid, bool)
     logp_actor, logp_actor_old, logp_inf = (
         jnp.where(valid, x, 0.0) for x in (logp_actor, logp_actor_old, logp_inf)
@@ -180,7 +181,7 @@ def actor_loss(logp_actor, logp_actor_old, logp_inf, advantages, valid, distill_
                                   eps_high=eps_high, clip=clip)
     ppo_loss = masked_mean(tis * ppo, valid, aggregation)
     distill = masked_mean(distill_kl_per_token, valid, aggregation)
-    loss = ppo_loss + beta * distill
+    loss = ppo_weight * ppo_loss + beta * distill
     metrics = {
         "actor/loss": loss,
         "actor/ppo_loss": ppo_loss,

@@ -1,0 +1,64 @@
+"""The embedded default: Jackpot RL on `jackpot_arithmetic` with a tiny actor and a larger tiny
+policy, on 2 CPU cores in under 10 minutes (`make demo`).
+
+    jackpot-train [--config configs/demo.py] [--workdir DIR] [--config.algorithm.lam=0.5 ...]
+
+Both models start from scratch with a character-level tokenizer; a short supervised warm start on
+the task's worked solutions (cached in the work dir) makes rewards non-zero, then Jackpot trains the
+policy on the actor's rollouts and the actor towards the policy. Every key is validated at start-up
+by `jackpot_jax.train.config.validate` (which also documents it).
+"""
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # The two models: a registered model name (`jackpot_jax.models.registry`) with a preset, or a
+    # Hugging Face checkpoint directory in `path` (then `preset` is ignored).
+    config.policy = ml_collections.ConfigDict(dict(model="transformer", preset="tiny-qwen3-large", path=""))
+    config.actor = ml_collections.ConfigDict(dict(model="transformer", preset="tiny-qwen3", path=""))
+    # "char": the built-in character-level tokenizer; "hf": a tokenizer directory in `path`.
+    config.tokenizer = ml_collections.ConfigDict(dict(kind="char", path=""))
+
+    config.data = ml_collections.ConfigDict(dict(
+        dataset="jackpot_arithmetic", config="d1", split="train", eval_split="test",
+        data_dir="",  # TFDS data directory ("": the default, $JACKPOT_DATA_DIR or ~/jackpot_data)
+        manual_dir="",  # for gsm8k / math / deepscaler: where their files are
+        template="plain", instruction="",  # no instruction line: shorter sequences on a CPU
+        max_prompt_tokens=48, train_limit=2000, eval_limit=200))
+
+    # Supervised warm start of both models on the train split's worked solutions, cached in
+    # WORKDIR/warm_start (steps=0: none; models loaded from `path` are not warm-started).
+    config.warm_start = ml_collections.ConfigDict(dict(policy_steps=150, actor_steps=150, batch_size=64, lr=3e-3))
+
+    config.rollout = ml_collections.ConfigDict(dict(
+        prompts_per_step=16, n=8,  # GRPO groups: n samples of each prompt
+        max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0,
+        logprobs_top_k=0,  # top-k log-probs of p_inf stored with each token (0: off)
+        max_concurrent_decodes=128))
+
+    config.algorithm = ml_collections.ConfigDict(dict(
+        mode="jackpot",  # on_policy | off_policy | tis | tis_distill | jackpot
+        p_target="new",  # what OBRS aligns p_inf towards: "old" or "new" (section 4.3)
+        lam=1.0, target_accept=0.0,  # fixed lam, or (> 0) lam solved per mini-batch for this acceptance
+        z="topk", k=20,  # Z from the union of top-k sets (with kappa), or "exact"
+        c1=10.0, c2=10.0,  # truncation of the OBRS weight and of p_old / p_target (Algorithm 1)
+        clip=True, eps_low=0.2, eps_high=0.28,  # PPO clipping
+        train_batch_size=64,  # sequences per update; the rollout batch is a multiple of it (staleness)
+        micro_batch_size=64,  # gradient accumulation: train_batch_size / micro_batch_size micro-batches
+        ppo_epochs=1,
+        aggregation="token_mean",
+        train_actor=True, actor_ppo=1.0, actor_tis_cap=2.0,  # eq. 6 weight and its truncation C
+        beta=1.0, distill_direction="forward",  # eq. 7 weight and direction
+        grpo_std=True))
+
+    optimizer = dict(lr=1e-4, schedule="constant", warmup_steps=5, weight_decay=0.0, clip_norm=1.0, b1=0.9,
+                     b2=0.999)
+    config.optim = ml_collections.ConfigDict(dict(policy=dict(optimizer), actor=dict(optimizer, lr=1e-4)))
+
+    config.train = ml_collections.ConfigDict(dict(
+        steps=60, eval_every=20, eval_k=1, eval_temperature=0.0,
+        save_every=20, keep=2, max_nonfinite=3, log_every=1, kernel_impl="auto", progress=True))
+    return config

@@ -1,0 +1,73 @@
+"""From rollouts to the arrays an update step reads (Algorithm 1, phase 1 -> phase 2).
+
+Each sequence is its prompt followed by its completion, right-padded to a fixed length ``L`` (one
+compiled shape for the whole run). The model reads ``inputs = tokens[:, :-1]`` and predicts
+``targets = tokens[:, 1:]``; per-token arrays are ``[B, L - 1]``, aligned with the targets. Only
+completion tokens count (``valid``): they carry log p_inf from the rollout, the probability of the
+token under the distribution it was actually sampled from.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+
+class TrainBatch(NamedTuple):
+    """One rollout batch on the host or the devices; ``B`` sequences, ``T = L - 1`` positions."""
+
+    inputs: np.ndarray  # [B, T] int32: tokens[:, :-1]
+    targets: np.ndarray  # [B, T] int32: tokens[:, 1:], the token sampled (or given) at each position
+    input_mask: np.ndarray  # [B, T] int32: 1 on real input tokens, 0 on padding (HF's attention_mask)
+    valid: np.ndarray  # [B, T] bool: the target is a generated token (it enters the losses)
+    logp_inf: np.ndarray  # [B, T] float32: log p_inf(target) from the rollout, 0 where not valid
+    advantages: np.ndarray  # [B] float32: GRPO advantage of each sequence
+
+    @property
+    def num_sequences(self) -> int:
+        return self.inputs.shape[0]
+
+
+def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+               logprobs: Sequence[np.ndarray], advantages, length: int, pad_id: int = 0) -> TrainBatch:
+    """A :class:`TrainBatch` of ``prompt + completion`` sequences padded to ``length`` tokens.
+
+    ``logprobs[i][j]`` is log p_inf of ``completions[i][j]``. Raises ``ValueError`` naming the
+    sequence when one is longer than ``length`` or when a completion and its log-probs differ in
+    length; a sequence needs a prompt of at least one token (the first target is predicted from it).
+    """
+    if not len(prompts) == len(completions) == len(logprobs) == len(advantages):
+        raise ValueError(f"prompts, completions, logprobs and advantages differ in length: {len(prompts)}, "
+                         f"{len(completions)}, {len(logprobs)}, {len(advantages)}.")
+    batch = len(prompts)
+    tokens = np.full((batch, length), pad_id, np.int32)
+    real = np.zeros((batch, length), bool)
+    valid = np.zeros((batch, length - 1), bool)
+    logp_inf = np.zeros((batch, length - 1), np.float32)
+    for i, (prompt, completion, logp) in enumerate(zip(prompts, completions, logprobs)):
+        if not len(prompt):
+            raise ValueError(f"sequence {i} has an empty prompt: the first generated token needs a context.")
+        if len(logp) != len(completion):
+            raise ValueError(f"sequence {i}: {len(completion)} completion tokens but {len(logp)} log-probs.")
+        total = len(prompt) + len(completion)
+        if total > length:
+            raise ValueError(f"sequence {i} has {total} tokens ({len(prompt)} prompt + {len(completion)} "
+                             f"completion), more than the batch length {length}.")
+        tokens[i, :total] = list(prompt) + list(completion)
+        real[i, :total] = True
+        # target position t predicts tokens[t + 1]; completion tokens sit at len(prompt)..total - 1
+        valid[i, len(prompt) - 1:total - 1] = True
+        logp_inf[i, len(prompt) - 1:total - 1] = logp
+    return TrainBatch(inputs=tokens[:, :-1], targets=tokens[:, 1:], input_mask=real[:, :-1].astype(np.int32),
+                      valid=valid, logp_inf=logp_inf, advantages=np.asarray(advantages, np.float32))
+
+
+def select(batch: TrainBatch, rows) -> TrainBatch:
+    """The sequences ``rows`` of a batch (host or device arrays)."""
+    return jax.tree.map(lambda x: x[rows], batch)
+
+
+def split_micro(batch, num_micro: int):
+    """Reshape every array's leading axis ``[B, ...]`` into ``[num_micro, B // num_micro, ...]``."""
+    return jax.tree.map(lambda x: x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:]), batch)

@@ -1,0 +1,114 @@
+"""The trainer's config: every key, what it may hold, checked in one place at start-up.
+
+A run's config is an ``ml_collections.ConfigDict`` (``configs/demo.py`` is the reference, and
+lists every key with a comment). :func:`validate` checks each section against the rules below
+and raises :class:`~jackpot_jax.config.ConfigError` naming the key, the value and what is allowed;
+unknown keys are refused too, so a typo in ``--config.algorithm.lamb=...`` cannot pass silently.
+"""
+from __future__ import annotations
+
+from jackpot_jax.config import ConfigError, validate as validate_section
+from jackpot_jax.models.config import PRESETS
+
+MODES = ("on_policy", "off_policy", "tis", "tis_distill", "jackpot")
+ACTOR_MODES = MODES[1:]  # every mode but on_policy generates with a separate actor
+SCHEDULES = ("constant", "cosine")
+IMPLS = ("auto", "reference", "chunked", "pallas")
+
+
+def _int(low=None, high=None):
+    def ok(v):
+        return isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low) and (high is None or v <= high)
+    bounds = " and ".join(s for s in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "") if s)
+    return ok, f"an integer{' ' + bounds if bounds else ''}"
+
+
+def _float(low=None, high=None, *, low_open=False):
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return (low is None or (v > low if low_open else v >= low)) and (high is None or v <= high)
+    low_text = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+    bounds = " and ".join(s for s in (low_text, f"<= {high}" if high is not None else "") if s)
+    return ok, f"a number{' ' + bounds if bounds else ''}"
+
+
+def _choice(*allowed):
+    return (lambda v: v in allowed), f"one of {allowed}"
+
+
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_STR = (lambda v: isinstance(v, str), "a string")
+_PATH = (lambda v: isinstance(v, str), "a path (a string; empty for none)")
+
+_MODEL = {"model": (lambda v: isinstance(v, str) and bool(v), "a registered model name or an import path"),
+          "preset": (lambda v: v in PRESETS, f"a model preset: one of {sorted(PRESETS)}"),
+          "path": _PATH}
+
+_OPTIM = {"lr": _float(0, low_open=True), "schedule": _choice(*SCHEDULES), "warmup_steps": _int(0),
+          "weight_decay": _float(0), "clip_norm": _float(0, low_open=True), "b1": _float(0, 1), "b2": _float(0, 1)}
+
+RULES = {
+    "policy": _MODEL,
+    "actor": _MODEL,
+    "tokenizer": {"kind": _choice("char", "hf"), "path": _PATH},
+    "data": {"dataset": _STR, "config": _STR, "split": _STR, "eval_split": _STR, "data_dir": _PATH,
+             "manual_dir": _PATH, "template": _choice("plain", "chat"), "instruction": _STR,
+             "max_prompt_tokens": _int(1), "train_limit": _int(0), "eval_limit": _int(0)},
+    "warm_start": {"policy_steps": _int(0), "actor_steps": _int(0), "batch_size": _int(1),
+                   "lr": _float(0, low_open=True)},
+    "rollout": {"prompts_per_step": _int(1), "n": _int(2), "max_new_tokens": _int(1),
+                "temperature": _float(0, low_open=True), "top_p": _float(0, 1, low_open=True), "top_k": _int(0),
+                "logprobs_top_k": _int(0), "max_concurrent_decodes": _int(1)},
+    "algorithm": {"mode": _choice(*MODES), "p_target": _choice("old", "new"), "lam": _float(0, low_open=True),
+                  "target_accept": _float(0, 1), "z": _choice("topk", "exact"), "k": _int(1),
+                  "c1": _float(0, low_open=True), "c2": _float(0, low_open=True), "clip": _BOOL,
+                  "eps_low": (lambda v: _float(0)[0](v) and v < 1, "a number in [0, 1)"), "eps_high": _float(0),
+                  "train_batch_size": _int(1), "micro_batch_size": _int(1), "ppo_epochs": _int(1),
+                  "aggregation": _choice("token_mean", "seq_mean_token_mean"), "train_actor": _BOOL,
+                  "actor_ppo": _float(0), "actor_tis_cap": _float(0, low_open=True), "beta": _float(0),
+                  "distill_direction": _choice("forward", "reverse"), "grpo_std": _BOOL},
+    "optim": {"policy": _OPTIM, "actor": _OPTIM},
+    "train": {"steps": _int(1), "eval_every": _int(0), "eval_k": _int(1), "eval_temperature": _float(0),
+              "save_every": _int(1), "keep": _int(1), "max_nonfinite": _int(1), "log_every": _int(1),
+              "kernel_impl": _choice(*IMPLS), "progress": _BOOL},
+}
+
+
+def _check(config, rules, name):
+    """Validate one section; nested sections (a dict of rules) recurse."""
+    flat = {key: rule for key, rule in rules.items() if not isinstance(rule, dict)}
+    nested = {key: rule for key, rule in rules.items() if isinstance(rule, dict)}
+    for key, sub_rules in nested.items():
+        if key not in config:
+            raise ConfigError(f"{name}.{key} is missing; it must be a section with keys {sorted(sub_rules)}.")
+        if not hasattr(config[key], "keys"):
+            raise ConfigError(f"{name}.{key}={config[key]!r} is not allowed: it must be a section with keys "
+                              f"{sorted(sub_rules)}.")
+        _check(config[key], sub_rules, f"{name}.{key}")
+    validate_section({k: v for k, v in config.items() if k not in nested}, flat, name)
+
+
+def validate(config) -> None:
+    """Check every key of a trainer config, and the constraints between keys; raises ConfigError."""
+    _check(config, {"seed": _int(0), **RULES}, "config")
+    algo, rollout = config.algorithm, config.rollout
+    rows = rollout.prompts_per_step * rollout.n
+    if rows % algo.train_batch_size:
+        raise ConfigError(f"config.algorithm.train_batch_size={algo.train_batch_size} is not allowed: it must divide "
+                          f"the rollout batch, rollout.prompts_per_step * rollout.n = {rows} sequences.")
+    if algo.train_batch_size % algo.micro_batch_size:
+        raise ConfigError(f"config.algorithm.micro_batch_size={algo.micro_batch_size} is not allowed: it must divide "
+                          f"algorithm.train_batch_size={algo.train_batch_size}.")
+    if algo.mode == "on_policy" and algo.train_actor:
+        raise ConfigError("config.algorithm.train_actor=True is not allowed with mode='on_policy': the policy "
+                          "generates its own rollouts and there is no actor; set it to False.")
+    if rollout.logprobs_top_k > 0 and rollout.top_k and rollout.logprobs_top_k > rollout.top_k:
+        raise ConfigError(f"config.rollout.logprobs_top_k={rollout.logprobs_top_k} is not allowed: it must be <= "
+                          f"rollout.top_k={rollout.top_k} (the sampling distribution has only top_k tokens).")
+    if config.tokenizer.kind == "hf" and not config.tokenizer.path:
+        raise ConfigError("config.tokenizer.path='' is not allowed with tokenizer.kind='hf': give the tokenizer "
+                          "directory.")
+    if config.train.eval_every and config.data.eval_limit == 0:
+        raise ConfigError("config.data.eval_limit=0 is not allowed with train.eval_every > 0: evaluation needs "
+                          "problems (or set train.eval_every=0).")

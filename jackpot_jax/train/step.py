@@ -1,0 +1,322 @@
+"""The update step: Algorithm 1, phase 2, as one jitted function per mini-batch.
+
+Once per rollout batch, :meth:`Updater.prepare` runs the policy at the start of the step (p_old)
+and the actor that generated the rollouts (p_omega_old) over every sequence: their log-probs of the
+sampled tokens, the actor-policy KL over the full vocabulary (a metric), and, when OBRS aligns to
+p_old, the normalizers Z of each token. Then :meth:`Updater.update`, per mini-batch, in one jitted
+function with explicit shardings:
+
+1. forwards the policy (p_new) and the actor (p_omega) to their final hidden states;
+2. computes the sampled tokens' log-probs and the distillation KL (eq. 7) with
+   :func:`pallas_kernels.fused_jackpot_stats`, never forming the logits;
+3. weights each token by its mode: ``jackpot`` samples the OBRS mask and rho with
+   :func:`pallas_kernels.fused_obrs_filter` (Z from the top-k union with kappa, or exact), ``tis``
+   truncates p_old / p_inf, ``on_policy`` / ``off_policy`` weigh every token 1;
+4. differentiates L = L_policy (eq. 5) + L_actor (eq. 6 + beta eq. 7), the joint objective of
+   eq. 8, over micro-batches (gradient accumulation), and applies both optax updates, skipping
+   an update whose loss or gradient is not finite.
+
+Which p_inf OBRS sees. The sampled token's log p_inf is the rollout's own (the distribution it was
+drawn from, after temperature / top-p / top-k). Z needs p_inf over the whole vocabulary: that is
+the actor's forward at the rollout temperature (its current parameters for p_target = p_new, as
+the paper's "no extra forward passes"; the rollout-time ones for p_old), which ignores top-p /
+top-k truncation; kappa rescales the top-k Z to the measured acceptance either way.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import pallas_kernels as pk
+from jackpot_jax import losses, obrs
+from jackpot_jax.train.batch import TrainBatch, split_micro
+
+
+class StepConfig(NamedTuple):
+    """The static settings of the step, from ``config.algorithm`` (see ``configs/demo.py``)."""
+
+    mode: str
+    p_target: str = "new"
+    lam: float = 1.0
+    target_accept: float = 0.0
+    z: str = "topk"
+    k: int = 20
+    c1: float = 10.0
+    c2: float = 10.0
+    clip: bool = True
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    aggregation: str = "token_mean"
+    train_actor: bool = True
+    actor_ppo: float = 1.0
+    actor_tis_cap: float = 2.0
+    beta: float = 1.0
+    distill_direction: str = "forward"
+    temperature: float = 1.0  # the rollout temperature: p_inf = softmax(actor logits / temperature)
+    micro_batch_size: int = 1  # sequences per forward / backward pass (gradient accumulation)
+    kernel_impl: str = "auto"
+
+    @classmethod
+    def from_config(cls, config) -> "StepConfig":
+        algo = config.algorithm
+        fields = {name: algo[name] for name in cls._fields if name in algo}
+        return cls(**fields, temperature=config.rollout.temperature, kernel_impl=config.train.kernel_impl)
+
+    @property
+    def has_actor(self) -> bool:
+        return self.mode != "on_policy"
+
+    @property
+    def actor_in_update(self) -> bool:
+        """The actor's forward runs in the update: to train it, or as p_inf's Z for p_target = new."""
+        return self.train_actor or (self.mode == "jackpot" and self.p_target == "new")
+
+
+class TrainState(NamedTuple):
+    """Everything an update changes: both models' parameters, both optimizer states, the count."""
+
+    policy: Any  # nnx.State of the policy's parameters
+    actor: Any  # nnx.State of the actor's parameters, or None (on_policy)
+    policy_opt: Any
+    actor_opt: Any  # None unless the actor is trained
+    updates: jax.Array  # int32: optimizer updates applied so far (skipped ones not counted)
+
+
+class OldStats(NamedTuple):
+    """Per token ``[B, T]``, computed once per rollout batch by :meth:`Updater.prepare`."""
+
+    logp_old: jax.Array  # log p_old(x_t): the policy at the start of the step
+    logp_actor_old: jax.Array  # log p_omega_old(x_t): the rollout actor at the rollout temperature
+    kl_full: jax.Array  # KL(p_omega_old || p_old) over the vocabulary, per position
+    z_topk: jax.Array  # Z_approx towards p_old (ones unless p_target = old)
+    z_exact: jax.Array  # exact Z towards p_old (ones unless p_target = old with z = exact)
+
+
+def _flat(x):
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _max_keys(metrics):
+    return {key for key in metrics if key.endswith("_max")}
+
+
+class Updater:
+    """The jitted prepare and update functions for a policy, an optional actor and their optimizers.
+
+    ``policy_tx`` / ``actor_tx`` are optax transformations (``actor_tx`` None when the actor is not
+    trained); ``policy_lr`` an optional schedule, reported as the ``lr`` metric.
+    """
+
+    def __init__(self, cfg: StepConfig, policy_model, actor_model, policy_tx, actor_tx=None, policy_lr=None):
+        if cfg.has_actor != (actor_model is not None):
+            raise ValueError(f"mode={cfg.mode!r} {'needs' if cfg.has_actor else 'takes no'} actor model.")
+        if cfg.train_actor != (actor_tx is not None):
+            raise ValueError(f"train_actor={cfg.train_actor} needs actor_tx {'set' if cfg.train_actor else 'None'}.")
+        self.cfg = cfg
+        self.policy_def, _, self.policy_rest = nnx.split(policy_model, nnx.Param, ...)
+        self.actor_def, _, self.actor_rest = (nnx.split(actor_model, nnx.Param, ...) if actor_model is not None
+                                              else (None, None, None))
+        self.policy_tx, self.actor_tx, self.policy_lr = policy_tx, actor_tx, policy_lr
+        self.prepare = jax.jit(self._prepare, static_argnames=("normalizers",))
+        self.update = jax.jit(self._update, donate_argnums=(0,))
+
+    def init_state(self, policy_params, actor_params=None) -> TrainState:
+        """A fresh state: the given parameters, fresh optimizer states, no update yet."""
+        actor_opt = self.actor_tx.init(actor_params) if self.cfg.train_actor else None
+        return TrainState(policy_params, actor_params, self.policy_tx.init(policy_params), actor_opt,
+                          jnp.zeros((), jnp.int32))
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _hidden(self, which, params, batch):
+        """``(h [B * T, D], w [D, V])`` of the policy or the actor on a batch's inputs."""
+        graphdef, rest = (self.policy_def, self.policy_rest) if which == "policy" else (self.actor_def, self.actor_rest)
+        model = nnx.merge(graphdef, params, rest)
+        h, _ = model.hidden_states(batch.inputs, attention_mask=batch.input_mask)
+        return _flat(h), model.unembedding()
+
+    # ------------------------------------------------------------------ once per rollout batch
+
+    def _prepare(self, policy_params, actor_params, batch: TrainBatch, lam, normalizers: bool = False) -> OldStats:
+        """:class:`OldStats` for every sequence of ``batch``, one micro-batch at a time; with
+        ``normalizers``, Z towards p_old at this ``lam`` (for p_target = old)."""
+        cfg = self.cfg
+
+        def one(mb):
+            h_pol, w_pol = self._hidden("policy", policy_params, mb)
+            targets, shape = _flat(mb.targets), mb.targets.shape
+            ones = jnp.ones(shape, jnp.float32)
+            if not cfg.has_actor:
+                logp_old = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl=cfg.kernel_impl)[0]
+                return OldStats(logp_old.reshape(shape), logp_old.reshape(shape), 0 * ones, ones, ones)
+            h_act, w_act = self._hidden("actor", actor_params, mb)
+            stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, cfg.k, lam,
+                                           temperature_actor=cfg.temperature, exact=cfg.z == "exact",
+                                           direction="reverse", normalizers=normalizers, impl=cfg.kernel_impl)
+            z_topk = stats.z_topk.reshape(shape) if normalizers else ones
+            z_exact = stats.z_exact.reshape(shape) if normalizers and cfg.z == "exact" else ones
+            return OldStats(stats.logp_new.reshape(shape), stats.logp_actor.reshape(shape),
+                            stats.distill_kl.reshape(shape), z_topk, z_exact)
+
+        stats = jax.lax.map(one, split_micro(batch, self._num_micro(batch.inputs)))
+        return jax.lax.stop_gradient(jax.tree.map(_flat, stats))
+
+    def solve_old_lam(self, batch: TrainBatch, old: OldStats):
+        """lam whose mean acceptance towards p_old is ``target_accept`` over a rollout batch."""
+        return obrs.solve_lambda(batch.logp_inf, old.logp_old, self.cfg.target_accept, batch.valid)
+
+    # ------------------------------------------------------------------ per mini-batch
+
+    def _num_micro(self, rows):
+        if rows.shape[0] % self.cfg.micro_batch_size:
+            raise ValueError(f"a batch of {rows.shape[0]} sequences does not split into micro-batches of "
+                             f"{self.cfg.micro_batch_size}.")
+        return rows.shape[0] // self.cfg.micro_batch_size
+
+    def _weights(self, key, mb, tok, h, lse):
+        """Per-token ``(mask, rho, metrics)`` of the policy loss for this mode (stop-gradient)."""
+        cfg, sg = self.cfg, jax.lax.stop_gradient
+        logp_inf, logp_old, logp_new, valid = tok.logp_inf, tok.logp_old, sg(tok.logp_new), tok.valid
+        if cfg.mode in ("on_policy", "off_policy"):
+            return valid, jnp.ones_like(logp_inf), {}
+        if cfg.mode in ("tis", "tis_distill"):
+            return valid, losses.truncated_is(logp_old - logp_inf, cfg.c1), {}
+        logp_target = logp_new if cfg.p_target == "new" else logp_old
+        lam = (obrs.solve_lambda(logp_inf, logp_target, cfg.target_accept, valid) if cfg.target_accept > 0
+               else cfg.lam) if cfg.p_target == "new" else mb.lam[0]
+        metrics = {"obrs/lam": jnp.asarray(lam, jnp.float32)}
+        if cfg.p_target == "new":
+            (h_pol, w_pol, h_act, w_act), (lse_new, lse_actor) = h, lse
+            f = pk.fused_obrs_filter(key, h_act, w_act, lse_actor, h_pol, w_pol, lse_new,
+                                     pk.SampledTokens(logp_inf, logp_old, logp_new, valid), lam=lam, c1=cfg.c1,
+                                     c2=cfg.c2, k=cfg.k, target="new", exact=cfg.z == "exact",
+                                     temperature_inf=cfg.temperature, impl=cfg.kernel_impl)
+            z_topk, z_exact = f.z_topk, f.z_exact
+        else:
+            exact = cfg.z == "exact"
+            z_topk, z_exact = _flat(mb.z_topk), _flat(mb.z_exact) if exact else None
+            f = obrs.obrs_filter(key, logp_inf, logp_old, logp_new, z_exact if exact else z_topk, valid, lam=lam,
+                                 c1=cfg.c1, c2=cfg.c2, target="old", calibrate=not exact)
+        rho_max = jnp.max(jnp.where(f.accepted, f.rho, 0.0))
+        metrics.update({"obrs/accept_prob_mean": losses.masked_mean(f.accept_prob, valid), "obrs/kappa": f.kappa,
+                        "obrs/z_topk_mean": losses.masked_mean(z_topk, valid), "obrs/rho_max": rho_max})
+        if z_exact is not None:
+            metrics["obrs/z_exact_mean"] = losses.masked_mean(z_exact, valid)
+        return f.accepted, f.rho, metrics
+
+    def _micro_loss(self, trainable, frozen_actor, mb, key):
+        """Eq. 8 on one micro-batch: ``(L_policy + L_actor, metrics)``."""
+        cfg, sg = self.cfg, jax.lax.stop_gradient
+        actor_params = trainable.get("actor", frozen_actor)
+        h_pol, w_pol = self._hidden("policy", trainable["policy"], mb)
+        targets, valid = _flat(mb.targets), _flat(mb.valid)
+        if cfg.actor_in_update:
+            h_act, w_act = self._hidden("actor", actor_params, mb)
+            stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, cfg.k, cfg.lam,
+                                           temperature_actor=cfg.temperature, direction=cfg.distill_direction,
+                                           normalizers=False, impl=cfg.kernel_impl)
+            logp_new, heads, lse = stats.logp_new, (h_pol, w_pol, h_act, w_act), (stats.lse_new, stats.lse_actor)
+        else:
+            logp_new, stats, heads, lse = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl=cfg.kernel_impl)[0], None, None, None
+        zero = lambda x: jnp.where(valid, x, 0.0)  # padding never reaches a ratio (nor its gradient)
+        tok = pk.SampledTokens(zero(_flat(mb.logp_inf)), zero(_flat(mb.logp_old)), zero(logp_new), valid)
+        advantages = jnp.repeat(mb.advantages, mb.targets.shape[1])
+        mask, rho, metrics = self._weights(key, mb, tok, heads, lse)
+        ppo, clipped = losses.ppo_token_loss(tok.logp_new, tok.logp_old, advantages, eps_low=cfg.eps_low,
+                                             eps_high=cfg.eps_high, clip=cfg.clip)
+        policy_loss = losses.masked_mean((rho * ppo).reshape(mb.valid.shape), mask.reshape(mb.valid.shape),
+                                         cfg.aggregation)
+        log_ratio = sg(tok.logp_new) - tok.logp_inf  # k3 estimator of KL(p_inf || p_new) on sampled tokens
+        metrics.update({
+            "loss/policy": policy_loss,
+            "obrs/accept_rate": losses.masked_mean(mask, valid),
+            "obrs/rho_mean": losses.masked_mean(rho, mask),
+            "policy/clip_frac": losses.masked_mean(clipped, mask),
+            "mismatch/kl_inf_new": losses.masked_mean(jnp.expm1(log_ratio) - log_ratio, valid),
+        })
+        metrics.setdefault("obrs/rho_max", jnp.max(jnp.where(mask, rho, 0.0)))
+        total = policy_loss
+        if cfg.train_actor:
+            actor_loss, actor_metrics = losses.actor_loss(
+                zero(stats.logp_actor).reshape(mb.valid.shape), mb.logp_actor_old, mb.logp_inf, mb.advantages,
+                mb.valid, stats.distill_kl.reshape(mb.valid.shape), beta=cfg.beta, tis_cap=cfg.actor_tis_cap,
+                eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip, aggregation=cfg.aggregation,
+                ppo_weight=cfg.actor_ppo)
+            total = total + actor_loss
+            metrics.update({"loss/actor_ppo": actor_metrics["actor/ppo_loss"],
+                            "loss/distill": actor_metrics["actor/distill_kl"]})
+        metrics["loss/total"] = total
+        return total, metrics
+
+    def _update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0):
+        """One optimizer update of both models on a mini-batch: ``(new state, metrics)``."""
+        cfg = self.cfg
+        trainable = {"policy": state.policy, **({"actor": state.actor} if cfg.train_actor else {})}
+        frozen_actor = None if cfg.train_actor else state.actor
+        num_micro = self._num_micro(batch.inputs)
+        micro = split_micro(_MiniBatch.make(batch, old, lam_old), num_micro)
+        grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+
+        def accumulate(carry, inputs):
+            index, mb = inputs
+            (_, metrics), grads = grad_fn(trainable, frozen_actor, mb, jax.random.fold_in(key, index))
+            grad_sum, metric_sum = carry
+            maxed = _max_keys(metrics)
+            metric_sum = {k: jnp.maximum(metric_sum[k], v) if k in maxed else metric_sum[k] + v
+                          for k, v in metrics.items()}
+            return (jax.tree.map(jnp.add, grad_sum, grads), metric_sum), None
+
+        shapes = jax.eval_shape(grad_fn, trainable, frozen_actor, jax.tree.map(lambda x: x[0], micro), key)
+        (_, metric_shapes), _ = shapes
+        init = (jax.tree.map(jnp.zeros_like, trainable),
+                {k: jnp.full(v.shape, -jnp.inf if k in _max_keys(metric_shapes) else 0.0, v.dtype)
+                 for k, v in metric_shapes.items()})
+        (grad_sum, metric_sum), _ = jax.lax.scan(accumulate, init, (jnp.arange(num_micro), micro))
+        grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
+        metrics = {k: v if k in _max_keys(metric_sum) else v / num_micro for k, v in metric_sum.items()}
+
+        norms = {name: optax.global_norm(g) for name, g in grads.items()}
+        finite = jnp.isfinite(metrics["loss/total"]) & functools.reduce(jnp.logical_and, [jnp.isfinite(n) for n in norms.values()])
+        new = {"policy": _apply(self.policy_tx, grads["policy"], state.policy_opt, state.policy)}
+        if cfg.train_actor:
+            new["actor"] = _apply(self.actor_tx, grads["actor"], state.actor_opt, state.actor)
+        keep = lambda updated, current: jax.tree.map(lambda u, c: jnp.where(finite, u, c), updated, current)
+        policy, policy_opt = keep(new["policy"], (state.policy, state.policy_opt))
+        actor, actor_opt = keep(new["actor"], (state.actor, state.actor_opt)) if cfg.train_actor else (state.actor, None)
+        metrics.update({f"grad_norm/{name}": n for name, n in norms.items()})
+        metrics["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
+        if self.policy_lr is not None:
+            metrics["lr"] = jnp.asarray(self.policy_lr(state.updates), jnp.float32)
+        return TrainState(policy, actor, policy_opt, actor_opt, state.updates + finite.astype(jnp.int32)), metrics
+
+
+def _apply(tx, grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+class _MiniBatch(NamedTuple):
+    """A mini-batch's rollout arrays with its rows of :class:`OldStats` (and p_old's lam)."""
+
+    inputs: jax.Array
+    targets: jax.Array
+    input_mask: jax.Array
+    valid: jax.Array
+    logp_inf: jax.Array
+    advantages: jax.Array
+    logp_old: jax.Array
+    logp_actor_old: jax.Array
+    z_topk: jax.Array
+    z_exact: jax.Array
+    lam: jax.Array
+
+    @classmethod
+    def make(cls, batch: TrainBatch, old: OldStats, lam):
+        rows = batch.inputs.shape[0]
+        return cls(*batch, old.logp_old, old.logp_actor_old, old.z_topk, old.z_exact,
+                   jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (rows,)))
