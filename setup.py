@@ -18,7 +18,8 @@ INSTALL_REQUIRES = [
     # code; jackpot_jax keeps its one compatibility shim for it, written against 0.2.2's code.
     "google-jetstream==0.2.2",
     "grpcio>=1.60",  # jackpot-serve's gRPC server (JetStream's API); google-jetstream pulls it in too
-    "tqdm>=4.60",  # generate(progress=True)
+    "tqdm>=4.60",  # generate(progress=True) and the trainer's progress bar
+    "tensorboardX>=2.6",  # the trainer's TensorBoard scalars without TensorFlow (GPU hosts lack it)
     "tensorflow-datasets>=4.9",  # imported lazily, only by jackpot_jax.data
     "math-verify>=0.9",  # answer equivalence for math rewards (jackpot_jax.data.rewards); tested with 0.9.0
 ]
@@ -48,5 +49,8 @@ setup(
     extras_require=EXTRAS_REQUIRE,
     license="Apache-2.0",
     entry_points={"console_scripts": ["jackpot-serve=jackpot_jax.rollout.serve:main",
-                                      "jackpot-eval=jackpot_jax.data.evaluate:main"]},
+                                      "jackpot-eval=jackpot_jax.data.evaluate:main",
+                                      "jackpot-train=jackpot_jax.train.cli:train_main",
+                                      "jackpot-export=jackpot_jax.train.cli:export_main",
+                                      "jackpot-plot=jackpot_jax.train.plot:main"]},
 )

@@ -26,6 +26,7 @@ def get_config():
         dataset="jackpot_arithmetic", config="d1", split="train", eval_split="test",
         data_dir="",  # TFDS data directory ("": the default, $JACKPOT_DATA_DIR or ~/jackpot_data)
         manual_dir="",  # for gsm8k / math / deepscaler: where their files are
+        reward="math",  # a reward of jackpot_jax.data.rewards' registry, or an import path
         template="plain", instruction="",  # no instruction line: shorter sequences on a CPU
         max_prompt_tokens=48, train_limit=2000, eval_limit=200))
 

@@ -22,17 +22,19 @@ from jackpot_jax.files import atomic_write_text
 from jackpot_jax.data.rewards import get_reward
 
 
-def evaluate(model_or_engine, tokenizer, records, *, k: int = 4, template: str = "plain",
+def evaluate(model_or_engine, tokenizer, records, *, k: int = 4, template: str = "plain", instruction: str | None = None,
              max_new_tokens: int = 1024, temperature: float = 0.6, top_p: float = 0.95, seed: int = 0,
              reward: str = "math", max_concurrent_decodes: int = 32) -> dict:
-    """Mean@k and Pass@k of a model on ``records`` (dicts with ``problem`` and ``answer``)."""
-    from jackpot_jax.data.prompts import build_prompt, encode_prompts  # noqa: PLC0415 (keeps this module light)
+    """Mean@k and Pass@k of a model on ``records`` (dicts with ``problem`` and ``answer``), prompted
+    as :func:`~jackpot_jax.data.prompts.build_prompt` (``instruction`` None: the default one)."""
+    from jackpot_jax.data.prompts import INSTRUCTION, build_prompt, encode_prompts  # noqa: PLC0415 (keeps this module light)
     from jackpot_jax.rollout import generate  # noqa: PLC0415
 
     if not records:
         raise ValueError("records is empty: there is nothing to evaluate.")
     grade = get_reward(reward)
-    texts = [build_prompt(record, tokenizer, template=template) for record in records]
+    instruction = INSTRUCTION if instruction is None else instruction
+    texts = [build_prompt(record, tokenizer, template=template, instruction=instruction) for record in records]
     prompt_ids = encode_prompts(tokenizer, texts, template)
     rollout = generate(model_or_engine, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, n=k,
                        seed=seed, eos_token_ids=[tokenizer.eos_token_id], max_concurrent_decodes=max_concurrent_decodes)

@@ -12,6 +12,7 @@ with :func:`jackpot_jax.data.arithmetic.make_split` (no TensorFlow needed). Resu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -47,13 +48,15 @@ def prompt_ids(tokenizer, record: dict) -> list[int]:
     return tokenizer.encode(plain_prompt(record["problem"], INSTRUCTION))
 
 
-def encode_examples(tokenizer, records, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_examples(tokenizer, records, max_len: int, prompt_fn=None) -> tuple[np.ndarray, np.ndarray]:
     """``tokens [N, max_len]`` of ``prompt + " " + solution + <eos>`` (right-padded with ``<pad>``)
-    and ``completion [N, max_len]``: 1 on the tokens after the prompt (the solution and ``<eos>``)."""
+    and ``completion [N, max_len]``: 1 on the tokens after the prompt (the solution and ``<eos>``).
+    ``prompt_fn(record)`` gives a record's prompt ids (default :func:`prompt_ids`)."""
+    prompt_fn = prompt_fn or functools.partial(prompt_ids, tokenizer)
     tokens = np.full((len(records), max_len), tokenizer.pad_token_id, np.int32)
     completion = np.zeros((len(records), max_len), np.int32)
     for i, record in enumerate(records):
-        prompt = prompt_ids(tokenizer, record)
+        prompt = prompt_fn(record)
         answer = tokenizer.encode(" " + record["solution"]) + [tokenizer.eos_token_id]
         if len(prompt) + len(answer) > max_len:
             raise ValueError(f"example {i} has {len(prompt) + len(answer)} tokens, more than max_len={max_len}.")
@@ -79,10 +82,11 @@ def _train_step(model, optimizer, tokens, completion):
 
 
 def sft(model, tokenizer, records, *, steps: int, batch_size: int, lr: float, seed: int, max_len: int,
-        warmup: int = 100, weight_decay: float = 0.01, log_every: int = 0) -> list[float]:
+        warmup: int = 100, weight_decay: float = 0.01, log_every: int = 0, prompt_fn=None) -> list[float]:
     """Train ``model`` in place for ``steps`` AdamW steps (linear warmup, then cosine decay to 0)
-    on batches drawn uniformly from ``records``; returns the loss of each step."""
-    tokens, completion = encode_examples(tokenizer, records, max_len)
+    on batches drawn uniformly from ``records`` (prompts from ``prompt_fn``, see
+    :func:`encode_examples`); returns the loss of each step."""
+    tokens, completion = encode_examples(tokenizer, records, max_len, prompt_fn)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps // 2), max(steps, 1))
     optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=weight_decay), wrt=nnx.Param)
     rng = np.random.default_rng(seed)

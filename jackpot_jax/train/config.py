@@ -53,7 +53,7 @@ RULES = {
     "actor": _MODEL,
     "tokenizer": {"kind": _choice("char", "hf"), "path": _PATH},
     "data": {"dataset": _STR, "config": _STR, "split": _STR, "eval_split": _STR, "data_dir": _PATH,
-             "manual_dir": _PATH, "template": _choice("plain", "chat"), "instruction": _STR,
+             "manual_dir": _PATH, "reward": _STR, "template": _choice("plain", "chat"), "instruction": _STR,
              "max_prompt_tokens": _int(1), "train_limit": _int(0), "eval_limit": _int(0)},
     "warm_start": {"policy_steps": _int(0), "actor_steps": _int(0), "batch_size": _int(1),
                    "lr": _float(0, low_open=True)},

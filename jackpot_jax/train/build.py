@@ -1,0 +1,85 @@
+"""What a run is made of, built from its config: tokenizer, models, data, optimizers, rollout engine."""
+from __future__ import annotations
+
+import logging
+
+import optax
+from flax import nnx
+
+from jackpot_jax.config import ConfigError
+from jackpot_jax.models import hf, registry
+from jackpot_jax.models.config import preset
+from jackpot_jax.rollout.decode import DecodeCore
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(config):
+    """The run's tokenizer: the built-in character-level one, or a Hugging Face directory."""
+    if config.tokenizer.kind == "char":
+        from jackpot_jax.data.char_tokenizer import make_char_tokenizer  # noqa: PLC0415 (transformers is heavy)
+
+        return make_char_tokenizer()
+    return hf.load_tokenizer(config.tokenizer.path)
+
+
+def build_model(section, tokenizer, seed: int):
+    """A model from ``config.policy`` / ``config.actor``: a Hugging Face checkpoint when ``path``
+    is set, else a fresh model of the registry with the preset's shape and the tokenizer's vocabulary."""
+    if section.path:
+        return hf.from_pretrained(section.path)
+    return registry.build(section.model, preset(section.preset, vocab_size=len(tokenizer)), rngs=nnx.Rngs(seed))
+
+
+def build_models(config, tokenizer):
+    """``(policy, actor)``; the actor is None in ``on_policy`` mode. Both must cover the tokenizer's
+    vocabulary and share it (the OBRS ratios compare their distributions token by token)."""
+    policy = build_model(config.policy, tokenizer, config.seed)
+    actor = None if config.algorithm.mode == "on_policy" else build_model(config.actor, tokenizer, config.seed + 1)
+    for name, model in (("policy", policy), ("actor", actor)):
+        if model is not None and model.config.vocab_size < len(tokenizer):
+            raise ConfigError(f"config.{name}: the model's vocab_size={model.config.vocab_size} is smaller than the "
+                              f"tokenizer's {len(tokenizer)} tokens.")
+    if actor is not None:
+        hf.check_shared_vocab(tokenizer, tokenizer, actor.config, policy.config)
+    return policy, actor
+
+
+def load_records(config):
+    """``(train, eval)`` records of ``config.data`` (TFDS, prepared on first use)."""
+    from jackpot_jax.data.datasets import load_split  # noqa: PLC0415 (imports TensorFlow Datasets)
+
+    data = config.data
+    kwargs = dict(data_dir=data.data_dir or None, manual_dir=data.manual_dir or None, config=data.config or None)
+    train = load_split(data.dataset, data.split, limit=data.train_limit or None, **kwargs)
+    evaluation = load_split(data.dataset, data.eval_split, limit=data.eval_limit, **kwargs) if data.eval_limit else []
+    return train, evaluation
+
+
+def make_optimizer(section, total_updates: int):
+    """``(optax transformation, learning-rate schedule)``: global-norm clipping, then AdamW with a
+    linear warmup to ``lr`` followed by a constant rate or a cosine decay to 0 over the run."""
+    warmup = min(section.warmup_steps, max(total_updates - 1, 0))
+    if section.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, section.lr, warmup, max(total_updates, warmup + 1))
+    else:
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, section.lr, warmup),
+                                         optax.constant_schedule(section.lr)], [warmup])
+    tx = optax.chain(optax.clip_by_global_norm(section.clip_norm),
+                     optax.adamw(schedule, b1=section.b1, b2=section.b2, weight_decay=section.weight_decay))
+    return tx, schedule
+
+
+def rollout_engine(model, config):
+    """The engine that generates rollouts: JetStream's (:class:`~jackpot_jax.rollout.engine.JackpotEngine`)
+    when google-jetstream is installed, else its decoding core (same code, same samples)."""
+    try:
+        from jackpot_jax.rollout.engine import JackpotEngine as Engine  # noqa: PLC0415 (imports TensorFlow)
+    except ImportError as error:
+        logger.warning("google-jetstream is not importable (%s): rollouts use the decoding core directly.", error)
+        Engine = DecodeCore  # noqa: N806
+    rollout = config.rollout
+    return Engine(model, max_concurrent_decodes=rollout.max_concurrent_decodes,
+                  max_prefill_length=config.data.max_prompt_tokens,
+                  max_target_length=config.data.max_prompt_tokens + rollout.max_new_tokens,
+                  logprobs_top_k=rollout.logprobs_top_k)

@@ -1,0 +1,112 @@
+"""Command lines: ``jackpot-train`` and ``jackpot-export``.
+
+    jackpot-train [--config configs/demo.py] [--workdir DIR] [--resume] [--config.algorithm.lam=0.5 ...]
+    jackpot-export WORKDIR --out DIR [--model policy|actor] [--step N]
+
+``jackpot-train`` without ``--config`` runs ``configs/demo.py``; without ``--workdir``, a fresh
+directory ``runs/<config name>-<date>-<time>``. A work dir that already holds checkpoints is only
+continued with ``--resume`` (never overwritten by accident). ``jackpot-export`` writes a trained
+model of a run as a Hugging Face checkpoint (``config.json`` + safetensors, and the tokenizer).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "configs", "demo.py")
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEMO_CONFIG, "the run's config file (ml_collections)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and plots go (default: a new runs/ dir)")
+_RESUME = flags.DEFINE_bool("resume", False, "continue the run in --workdir from its latest checkpoint")
+
+
+def _default_workdir(config_path: str) -> str:
+    name = os.path.splitext(os.path.basename(config_path))[0]
+    return os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+
+
+def _train(argv) -> None:
+    del argv
+    from jackpot_jax.config import ConfigError  # noqa: PLC0415 (after flag parsing: fast --help)
+    from jackpot_jax.train.checkpoint import Checkpointer  # noqa: PLC0415
+    from jackpot_jax.train.loop import Trainer, TrainingStopped  # noqa: PLC0415
+
+    logging.getLogger("jackpot_jax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+    workdir = _WORKDIR.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not _RESUME.value and os.path.isdir(checkpoints) and Checkpointer.has_checkpoints(checkpoints):
+        sys.exit(f"jackpot-train: {workdir} already holds checkpoints: pass --resume to continue that run, or "
+                 f"choose another --workdir.")
+    try:
+        trainer = Trainer(_CONFIG.value, workdir, resume=_RESUME.value)
+        history = trainer.run()
+    except (ConfigError, TrainingStopped) as error:
+        sys.exit(f"jackpot-train: {error}")
+    print(f"jackpot-train: {len(history)} steps in {os.path.abspath(workdir)}; metrics in metrics.jsonl, "
+          f"plots with `jackpot-plot {workdir}`.")
+
+
+def train_main() -> None:
+    """Entry point of ``jackpot-train``."""
+    app.run(_train)
+
+
+def export(workdir: str, out: str, *, model: str = "policy", step: int | None = None) -> str:
+    """Write the ``model`` ("policy" or "actor") of the run in ``workdir`` at checkpoint ``step``
+    (default: the latest) to ``out`` as a Hugging Face checkpoint with the run's tokenizer."""
+    import jax  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from jackpot_jax.models.hf import save_pretrained  # noqa: PLC0415
+    from jackpot_jax.train import build  # noqa: PLC0415
+    from jackpot_jax.train.checkpoint import Checkpointer  # noqa: PLC0415
+    from jackpot_jax.train.step import StepConfig, Updater  # noqa: PLC0415
+
+    if model not in ("policy", "actor"):
+        raise ValueError(f"model={model!r} is not allowed: it must be 'policy' or 'actor'.")
+    with Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1) as checkpointer:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir} has no checkpoint to export.")
+        config = ml_collections.ConfigDict(checkpointer.read_meta(step)["config"])
+        if model == "actor" and config.algorithm.mode == "on_policy":
+            raise ValueError(f"the run in {workdir} is on_policy: it has no actor.")
+        tokenizer = build.load_tokenizer(config)
+        policy, actor = build.build_models(config, tokenizer)
+        total = 1
+        policy_tx = build.make_optimizer(config.optim.policy, total)[0]
+        actor_tx = build.make_optimizer(config.optim.actor, total)[0] if config.algorithm.train_actor else None
+        updater = Updater(StepConfig.from_config(config), policy, actor, policy_tx, actor_tx)
+        abstract = jax.eval_shape(lambda: updater.init_state(nnx.state(policy, nnx.Param),
+                                                             None if actor is None else nnx.state(actor, nnx.Param)))
+        state, _ = checkpointer.restore(abstract, step=step)
+    target = policy if model == "policy" else actor
+    nnx.update(target, state.policy if model == "policy" else state.actor)
+    save_pretrained(target, out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def export_main(argv=None) -> None:
+    """Entry point of ``jackpot-export``."""
+    parser = argparse.ArgumentParser(description="Write a trained model of a jackpot-train run as a Hugging Face "
+                                                 "checkpoint.")
+    parser.add_argument("workdir")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="policy", choices=("policy", "actor"))
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    args = parser.parse_args(argv)
+    try:
+        print(f"jackpot-export: wrote {export(args.workdir, args.out, model=args.model, step=args.step)}")
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"jackpot-export: {error}")

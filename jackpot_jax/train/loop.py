@@ -1,0 +1,245 @@
+"""The training loop: rollouts -> rewards -> GRPO advantages -> updates -> new actor weights.
+
+One RL step (Algorithm 1) per prompt batch:
+
+1. the actor's engine samples ``rollout.n`` completions of each prompt, keeping log p_inf per token;
+2. rewards grade the decoded completions; GRPO normalizes them within each prompt's group;
+3. :meth:`Updater.prepare` computes p_old (and the rollout actor's p_omega_old) once;
+4. the rollout batch is cut into ``train_batch_size`` mini-batches (more than one = staleness), for
+   ``ppo_epochs`` passes, each one jitted :meth:`Updater.update` of both models;
+5. the new actor weights go to the engine, device to device.
+
+Every step is determined by ``(config.seed, step)``: the rollout seeds, the mini-batch order and the
+OBRS mask keys are derived from them, and the data position is saved with the models, so a run
+resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jackpot_jax import losses
+from jackpot_jax.data.batching import PromptBatcher
+from jackpot_jax.data.evaluate import evaluate
+from jackpot_jax.data.prompts import build_prompt, encode_prompts
+from jackpot_jax.data.rewards import get_reward
+from jackpot_jax.rollout.decode import DecodeCore
+from jackpot_jax.rollout.generate import generate
+from jackpot_jax.train import build
+from jackpot_jax.train.batch import make_batch, select
+from jackpot_jax.train.checkpoint import Checkpointer
+from jackpot_jax.train.config import validate
+from jackpot_jax.train.metrics import MetricsWriter, Progress
+from jackpot_jax.train.step import StepConfig, TrainState, Updater
+from jackpot_jax.train.warm_start import warm_start
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite updates in a row); checkpoints are kept."""
+
+
+def _copy(tree):
+    """A device copy (the update step donates its state; the engine keeps its own parameters)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _mean_metrics(rows: list[dict]) -> dict:
+    """Metrics of several updates: the mean of each, the max of ``*_max``, the sum of skips."""
+    out = {}
+    for key in rows[0]:
+        values = np.asarray([float(row[key]) for row in rows])
+        out[key] = values.max() if key.endswith("_max") else values.sum() if key.startswith("nonfinite/") else values.mean()
+    return out
+
+
+class Trainer:
+    """A run of ``config`` in ``workdir`` (resumed from its latest checkpoint when there is one)."""
+
+    def __init__(self, config, workdir: str, *, resume: bool = True):
+        validate(config)
+        self.config, self.workdir = config, os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        algo, rollout = config.algorithm, config.rollout
+        self.tokenizer = build.load_tokenizer(config)
+        self.reward = get_reward(config.data.reward)
+        self.train_records, self.eval_records = build.load_records(config)
+        policy, actor = build.build_models(config, self.tokenizer)
+        self._warm_start(policy, actor)
+
+        self.batcher = PromptBatcher(self.train_records, self.tokenizer, prompts_per_batch=rollout.prompts_per_step,
+                                     n=rollout.n, seed=config.seed, template=config.data.template,
+                                     instruction=config.data.instruction, max_prompt_tokens=config.data.max_prompt_tokens)
+        rows = rollout.prompts_per_step * rollout.n
+        self.updates_per_step = algo.ppo_epochs * rows // algo.train_batch_size
+        total_updates = config.train.steps * self.updates_per_step
+        policy_tx, policy_lr = build.make_optimizer(config.optim.policy, total_updates)
+        actor_tx = build.make_optimizer(config.optim.actor, total_updates)[0] if algo.train_actor else None
+        self.step_config = StepConfig.from_config(config)
+        self.updater = Updater(self.step_config, policy, actor, policy_tx, actor_tx, policy_lr)
+        params = lambda model: None if model is None else _copy(nnx.state(model, nnx.Param))
+        self.state = self.updater.init_state(params(policy), params(actor))
+        self.engine = build.rollout_engine(actor if actor is not None else policy, config)
+        self.eval_core = None
+
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=config.train.save_every,
+                                         keep=config.train.keep)
+        self.step, self.nonfinite_in_row = 0, 0
+        if resume and self.checkpointer.latest_step() is not None:
+            self._restore()
+        self._push_actor()
+        self.writer = MetricsWriter(self.workdir, start_step=self.step + 1, enabled=jax.process_index() == 0)
+
+    # ------------------------------------------------------------------ setup
+
+    def _prompt_ids(self, record):
+        text = build_prompt(record, self.tokenizer, self.config.data.template, self.config.data.instruction)
+        return encode_prompts(self.tokenizer, [text], self.config.data.template)[0]
+
+    def _warm_start(self, policy, actor):
+        config, ws = self.config, self.config.warm_start
+        spec = {"data": config.data.to_dict(), "tokenizer": config.tokenizer.to_dict()}
+        max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+        for name, model, steps, section in (("policy", policy, ws.policy_steps, config.policy),
+                                            ("actor", actor, ws.actor_steps, config.actor)):
+            if model is None or steps == 0 or section.path:
+                continue
+            summary = warm_start(model, self.tokenizer, self.train_records, name=name, workdir=self.workdir,
+                                 steps=steps, batch_size=ws.batch_size, lr=ws.lr, seed=config.seed, max_len=max_len,
+                                 prompt_fn=self._prompt_ids, spec={**spec, "model": section.to_dict()})
+            logger.info("warm start of the %s: %s", name, summary)
+
+    def _meta(self) -> dict:
+        return {"step": self.step, "data": self.batcher.state_dict(), "config": self.config.to_dict()}
+
+    def _restore(self):
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        self.state, meta = self.checkpointer.restore(abstract, config=self.config.to_dict())
+        self.batcher.load_state_dict(meta["data"])
+        self.step = int(meta["step"])
+        logger.info("resumed from step %d of %s", self.step, self.checkpointer.directory)
+
+    def _push_actor(self):
+        """The rollout engine gets the current generating weights (the actor's, or the policy's
+        in on_policy mode), device to device."""
+        self.engine.update_params(_copy(self.state.actor if self.step_config.has_actor else self.state.policy))
+
+    # ------------------------------------------------------------------ one step
+
+    def _rollout(self, batch, seed):
+        rollout_cfg = self.config.rollout
+        out = generate(self.engine, batch.prompt_ids, rollout_cfg.max_new_tokens, temperature=rollout_cfg.temperature,
+                       top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, seed=seed,
+                       eos_token_ids=[self.tokenizer.eos_token_id])
+        texts = self.tokenizer.batch_decode(out.completions, skip_special_tokens=True)
+        rewards = np.asarray([self.reward(text, answer) for text, answer in zip(texts, batch.answers)], np.float32)
+        return out, rewards
+
+    def run_step(self) -> dict:
+        """One RL step; returns its metrics."""
+        config, algo = self.config, self.config.algorithm
+        seed = (config.seed * 1_000_003 + self.step) % 2**31
+        key = jax.random.fold_in(jax.random.key(config.seed), self.step)
+        start = time.perf_counter()
+        prompts = self.batcher.next_batch()
+        out, rewards = self._rollout(prompts, seed)
+        rollout_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        advantages = losses.grpo_advantages(rewards, config.rollout.n, normalize_std=algo.grpo_std)
+        length = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+        batch = make_batch(out.prompts, out.completions, out.logprobs, np.asarray(advantages), length,
+                           pad_id=self.tokenizer.pad_token_id or 0)
+        use_old_z = algo.mode == "jackpot" and algo.p_target == "old"
+        lam = algo.lam
+        old = self.updater.prepare(self.state.policy, self.state.actor, batch, lam, normalizers=False)
+        if use_old_z:
+            lam = self.updater.solve_old_lam(batch, old) if algo.target_accept > 0 else lam
+            old = self.updater.prepare(self.state.policy, self.state.actor, batch, lam, normalizers=True)
+        update_metrics = []
+        order = np.random.default_rng([config.seed, self.step])
+        for epoch in range(algo.ppo_epochs):
+            perm = order.permutation(batch.num_sequences)
+            for u in range(batch.num_sequences // algo.train_batch_size):
+                rows = np.sort(perm[u * algo.train_batch_size:(u + 1) * algo.train_batch_size])
+                update_key = jax.random.fold_in(jax.random.fold_in(key, epoch), u)
+                self.state, metrics = self.updater.update(self.state, select(batch, rows), select(old, rows),
+                                                          update_key, lam)
+                update_metrics.append(jax.device_get(metrics))
+                self.nonfinite_in_row = self.nonfinite_in_row + 1 if update_metrics[-1]["nonfinite/skipped"] else 0
+        self._push_actor()
+        metrics = _mean_metrics(update_metrics)
+        update_s = time.perf_counter() - start
+
+        generated = sum(map(len, out.completions))
+        metrics.update({
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "mismatch/kl_full": float(losses.masked_mean(old.kl_full, jnp.asarray(batch.valid))),
+            "rollout/mean_length": generated / len(out.completions),
+            "time/rollout_s": rollout_s, "time/update_s": update_s,
+            "throughput/tokens_per_s": generated / (rollout_s + update_s),
+        })
+        if not self.step_config.has_actor:
+            metrics.pop("mismatch/kl_full")
+        self.step += 1
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict:
+        """Mean@k / Pass@k of the policy (and the actor) on the eval records."""
+        cfg = self.config
+        cores = {"policy": self.engine}
+        if self.step_config.has_actor:
+            if self.eval_core is None:  # the policy's own decoding core; the actor's is the rollout engine
+                policy = nnx.merge(self.updater.policy_def, self.state.policy, self.updater.policy_rest)
+                self.eval_core = DecodeCore(policy, max_concurrent_decodes=self.engine.slots,
+                                            max_prefill_length=self.engine.prefill_buckets[-1],
+                                            max_target_length=self.engine.max_target_length)
+            self.eval_core.update_params(_copy(self.state.policy))
+            cores = {"policy": self.eval_core, "actor": self.engine}
+        out = {}
+        for name, core in cores.items():
+            result = evaluate(core, self.tokenizer, self.eval_records, k=cfg.train.eval_k,
+                              template=cfg.data.template, instruction=cfg.data.instruction,
+                              max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.train.eval_temperature,
+                              top_p=1.0, seed=cfg.seed, reward=cfg.data.reward)
+            k = cfg.train.eval_k
+            out.update({f"eval/{name}/mean@{k}": result["mean@k"], f"eval/{name}/pass@{k}": result["pass@k"]})
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> list[dict]:
+        """Train until ``config.train.steps``; returns the metrics of the steps run here."""
+        cfg = self.config.train
+        history = []
+        progress = Progress(cfg.steps, initial=self.step, enabled=cfg.progress and jax.process_index() == 0)
+        try:
+            if self.step == 0 and cfg.eval_every:
+                self.writer.write(0, self.evaluate())
+            while self.step < cfg.steps:
+                metrics = self.run_step()
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    metrics.update(self.evaluate())
+                self.writer.write(self.step, metrics)
+                history.append({"step": self.step, **metrics})
+                progress.update(self.step - 1, metrics)
+                self.checkpointer.save(self.step, self.state, self._meta(), force=self.step == cfg.steps)
+                if self.nonfinite_in_row >= cfg.max_nonfinite:
+                    raise TrainingStopped(
+                        f"step {self.step}: {self.nonfinite_in_row} updates in a row had a non-finite loss or gradient "
+                        f"(train.max_nonfinite={cfg.max_nonfinite}) and were skipped. The checkpoints in "
+                        f"{self.checkpointer.directory} are intact: lower the learning rate or lam, then resume.")
+        finally:
+            progress.close()
+            self.checkpointer.wait()
+            self.writer.close()
+        return history

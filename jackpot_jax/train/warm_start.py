@@ -1,0 +1,52 @@
+"""A short supervised warm start before RL, cached in the work dir.
+
+Tiny models trained from scratch (the CPU demo) sample no correct answer at first, so every GRPO
+advantage would be 0. Each model is first fine-tuned on the train split's worked solutions
+(:func:`jackpot_jax.experiments.arithmetic_sft.sft`: next-token loss on the completion only). The
+result is saved under ``WORKDIR/warm_start/<name>`` (an Orbax checkpoint of the parameters) with a
+``spec.json`` of everything that determined it; a later run, or a resumed one, with the same spec
+loads it instead of training again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jackpot_jax.experiments.arithmetic_sft import sft
+from jackpot_jax.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def warm_start(model, tokenizer, records, *, name: str, workdir: str, steps: int, batch_size: int, lr: float,
+               seed: int, max_len: int, prompt_fn, spec: dict) -> dict:
+    """Fine-tune ``model`` in place for ``steps`` (or load the cached result); returns a summary
+    (``{"cached": bool, "final_loss": float | None}``). ``spec`` holds the settings that must match
+    for the cache to be used (data, template, model); the training settings are added here."""
+    directory = os.path.abspath(os.path.join(workdir, "warm_start", name))
+    spec = {**spec, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "max_len": max_len}
+    spec_path = os.path.join(directory, "spec.json")
+    params_path = os.path.join(directory, "params")
+    if os.path.exists(spec_path) and os.path.exists(params_path):
+        with open(spec_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if {k: v for k, v in saved.items() if k != "final_loss"} == json.loads(json.dumps(spec)):
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model, nnx.Param))
+            with ocp.StandardCheckpointer() as checkpointer:
+                nnx.update(model, checkpointer.restore(params_path, abstract))
+            logger.info("warm start of %s loaded from %s", name, directory)
+            return {"cached": True, "final_loss": saved.get("final_loss")}
+        logger.info("warm start of %s in %s was made with other settings; training it again", name, directory)
+    losses = sft(model, tokenizer, records, steps=steps, batch_size=batch_size, lr=lr, seed=seed, max_len=max_len,
+                 warmup=min(100, steps // 5), prompt_fn=prompt_fn)
+    final_loss = float(sum(losses[-20:]) / len(losses[-20:]))
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(params_path, nnx.state(model, nnx.Param), force=True)
+    atomic_write_text(spec_path, json.dumps({**spec, "final_loss": final_loss}, indent=2))
+    return {"cached": False, "final_loss": final_loss}
