@@ -76,7 +76,13 @@ RULES = {
 
 
 def _check(config, rules, name):
-    """Validate one section; nested sections (a dict of rules) recurse."""
+    """Validate one section; nested sections (a dict of rules) recurse. A key left ``None`` (an
+    ``ml_collections`` placeholder: presets leave model and data paths to the command line) is
+    reported as required."""
+    for key in config.keys():
+        if config[key] is None and key in rules:
+            raise ConfigError(f"{name}.{key} is required by this config: set it with --{name}.{key}=... "
+                              f"(it must be {rules[key][1] if not isinstance(rules[key], dict) else 'a section'}).")
     flat = {key: rule for key, rule in rules.items() if not isinstance(rule, dict)}
     nested = {key: rule for key, rule in rules.items() if isinstance(rule, dict)}
     for key, sub_rules in nested.items():

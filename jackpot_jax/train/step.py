@@ -280,7 +280,7 @@ class Updater:
         grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
         metrics = {k: v if k in _max_keys(metric_sum) else v / num_micro for k, v in metric_sum.items()}
 
-        norms = {name: optax.global_norm(g) for name, g in grads.items()}
+        norms = {name: optax.tree.norm(g) for name, g in grads.items()}
         finite = jnp.isfinite(metrics["loss/total"]) & functools.reduce(jnp.logical_and, [jnp.isfinite(n) for n in norms.values()])
         new = {"policy": _apply(self.policy_tx, grads["policy"], state.policy_opt, state.policy)}
         if cfg.train_actor:

@@ -1,0 +1,193 @@
+"""The jitted update step against a slow, obviously-correct reference written here.
+
+The reference materializes every log-softmax ``[B, T, V]`` and builds the losses from
+:mod:`jackpot_jax.obrs` and :mod:`jackpot_jax.losses` directly (eq. 3-8), differentiated by plain
+autodiff. The step under test runs the streaming kernels, micro-batching and optax; with SGD at
+learning rate 1 the parameter change is exactly minus the gradient, so both loss and gradients are
+compared.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jackpot_jax import losses, obrs
+from jackpot_jax.models import Transformer, preset
+from jackpot_jax.train.batch import make_batch
+from jackpot_jax.train.step import StepConfig, Updater
+
+V = 61
+B, LENGTH = 6, 14
+
+
+def _models(same=False):
+    policy = Transformer(preset("tiny-qwen3", vocab_size=V, num_hidden_layers=2), rngs=nnx.Rngs(0))
+    actor = policy if same else Transformer(preset("tiny-qwen3", vocab_size=V, num_hidden_layers=1,
+                                                   hidden_size=32, intermediate_size=64, head_dim=8),
+                                            rngs=nnx.Rngs(1))
+    return policy, actor
+
+
+def _params(model):
+    return jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+
+
+def _log_probs(model, params, batch, temperature=1.0):
+    """Materialized log-softmax ``[B, T, V]`` of a model on a batch."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    logits = nnx.merge(graphdef, params, rest)(jnp.asarray(batch.inputs), attention_mask=jnp.asarray(batch.input_mask))
+    return jax.nn.log_softmax(logits / temperature, axis=-1)
+
+
+def _take(logp_all, targets):
+    return jnp.take_along_axis(logp_all, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
+
+
+def _batch(actor, temperature=1.0, seed=0):
+    """Random prompts and completions; log p_inf is the actor's own (as a rollout would store)."""
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(3, V, rng.integers(2, 6))) for _ in range(B)]
+    completions = [list(rng.integers(3, V, rng.integers(1, LENGTH - len(p)))) for p in prompts]
+    rewards = rng.integers(0, 2, B).astype(np.float32)
+    advantages = np.asarray(losses.grpo_advantages(jnp.asarray(rewards), 2))
+    dummy = make_batch(prompts, completions, [np.zeros(len(c), np.float32) for c in completions], advantages, LENGTH)
+    logp = np.asarray(_take(_log_probs(actor, nnx.state(actor, nnx.Param), dummy, temperature), dummy.targets))
+    logprobs = [logp[i][dummy.valid[i]] for i in range(B)]
+    return make_batch(prompts, completions, logprobs, advantages, LENGTH)
+
+
+def _reference_loss(cfg, policy, actor, trainable, frozen_actor, old_params, batch, key):
+    """Eq. 8 on the whole batch from materialized distributions (one micro-batch)."""
+    sg = jax.lax.stop_gradient
+    actor_params = trainable.get("actor", frozen_actor)
+    logp_new_all = _log_probs(policy, trainable["policy"], batch)
+    logp_old_all = sg(_log_probs(policy, old_params["policy"], batch))
+    if cfg.mode == "jackpot" or cfg.train_actor:
+        logp_act_all = _log_probs(actor, actor_params, batch, cfg.temperature)
+        logp_act_old = sg(_take(_log_probs(actor, old_params["actor"], batch, cfg.temperature), batch.targets))
+    valid = jnp.asarray(batch.valid)
+    zero = lambda x: jnp.where(valid, x, 0.0)
+    logp_new, logp_old = zero(_take(logp_new_all, batch.targets)), zero(_take(logp_old_all, batch.targets))
+    logp_inf = jnp.asarray(batch.logp_inf)
+    if cfg.mode == "jackpot":
+        target_all = logp_new_all if cfg.p_target == "new" else logp_old_all
+        z = (obrs.normalizer(sg(logp_act_all), sg(target_all), cfg.lam) if cfg.z == "exact"
+             else obrs.topk_normalizer(sg(logp_act_all), sg(target_all), cfg.lam, cfg.k))
+        f = obrs.obrs_filter(key, logp_inf.reshape(-1), logp_old.reshape(-1), logp_new.reshape(-1), z.reshape(-1),
+                             valid.reshape(-1), lam=cfg.lam, c1=cfg.c1, c2=cfg.c2, target=cfg.p_target,
+                             calibrate=cfg.z == "topk")
+        mask, rho = f.accepted.reshape(valid.shape), f.rho.reshape(valid.shape)
+    elif cfg.mode in ("tis", "tis_distill"):
+        mask, rho = valid, losses.truncated_is(logp_old - logp_inf, cfg.c1)
+    else:
+        mask, rho = valid, jnp.ones(valid.shape)
+    ppo, _ = losses.ppo_token_loss(logp_new, logp_old, jnp.asarray(batch.advantages), eps_low=cfg.eps_low,
+                                   eps_high=cfg.eps_high, clip=cfg.clip)
+    total = losses.masked_mean(sg(rho) * ppo, mask)
+    if cfg.train_actor:
+        kl = losses.distill_kl(logp_new_all, logp_act_all, cfg.distill_direction)
+        actor_loss, _ = losses.actor_loss(_take(logp_act_all, batch.targets), logp_act_old, logp_inf,
+                                          jnp.asarray(batch.advantages), valid, kl, beta=cfg.beta,
+                                          tis_cap=cfg.actor_tis_cap, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                          clip=cfg.clip, ppo_weight=cfg.actor_ppo)
+        total = total + actor_loss
+    return total
+
+
+def _run_step(cfg, policy, actor, batch, key):
+    sgd = optax.sgd(1.0)
+    updater = Updater(cfg, policy, actor if cfg.has_actor else None, sgd, sgd if cfg.train_actor else None)
+    state = updater.init_state(_params(policy), _params(actor) if cfg.has_actor else None)
+    before = jax.tree.map(jnp.copy, state)
+    normalizers = cfg.mode == "jackpot" and cfg.p_target == "old"
+    old = updater.prepare(state.policy, state.actor, batch, cfg.lam, normalizers=normalizers)
+    state, metrics = updater.update(state, batch, old, key, cfg.lam)
+    return before, state, metrics, old
+
+
+CASES = {
+    "jackpot_new_topk": dict(mode="jackpot", p_target="new", z="topk", k=5, lam=0.8),
+    "jackpot_old_exact": dict(mode="jackpot", p_target="old", z="exact", lam=1.3, c1=3.0),
+    "jackpot_new_exact_reverse_t07": dict(mode="jackpot", p_target="new", z="exact", temperature=0.7,
+                                          distill_direction="reverse", clip=False),
+    "tis_distill": dict(mode="tis_distill", c1=1.5, beta=0.5, actor_ppo=0.0),
+    "off_policy_frozen_actor": dict(mode="off_policy", train_actor=False),
+    "on_policy": dict(mode="on_policy", train_actor=False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_update_step_equals_materialized_reference(case):
+    cfg = StepConfig(**{"micro_batch_size": B, "kernel_impl": "chunked", "eps_high": 0.28, **CASES[case]})
+    policy, actor = _models()
+    batch = _batch(actor if cfg.has_actor else policy, cfg.temperature)
+    key = jax.random.key(7)
+    before, after, metrics, old = _run_step(cfg, policy, actor if cfg.has_actor else None, batch, key)
+
+    old_params = {"policy": before.policy, "actor": before.actor}
+    trainable = {"policy": before.policy, **({"actor": before.actor} if cfg.train_actor else {})}
+    reference = lambda t: _reference_loss(cfg, policy, actor if cfg.has_actor else policy, t,
+                                          before.actor, old_params, batch, jax.random.fold_in(key, 0))
+    loss, grads = jax.value_and_grad(reference)(trainable)
+    np.testing.assert_allclose(float(metrics["loss/total"]), float(loss), rtol=1e-5, atol=1e-6)
+    for name in trainable:
+        step = jax.tree.map(lambda b, a: b - a, getattr(before, name), getattr(after, name))  # SGD(1): -grad
+        for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(step), jax.tree.leaves(grads[name])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-6,
+                                       err_msg=f"{name} gradient at {jax.tree_util.keystr(path)}")
+    if not cfg.train_actor and cfg.has_actor:
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.actor), jax.tree.leaves(after.actor)))
+    assert float(metrics["nonfinite/skipped"]) == 0.0
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    """Two micro-batches: the update's gradient is the mean of the reference gradients of each half,
+    each with its own mask key (fold_in(key, i))."""
+    base = dict(mode="jackpot", p_target="new", z="topk", k=5, kernel_impl="chunked")
+    policy, actor = _models()
+    batch = _batch(actor)
+    key = jax.random.key(3)
+    before, after, _, _ = _run_step(StepConfig(**base, micro_batch_size=B // 2), policy, actor, batch, key)
+    cfg = StepConfig(**base, micro_batch_size=B)
+    old_params = {"policy": before.policy, "actor": before.actor}
+    trainable = {"policy": before.policy, "actor": before.actor}
+    halves = [jax.tree.map(lambda x: x[i * B // 2:(i + 1) * B // 2], batch) for i in range(2)]
+    grads = [jax.grad(lambda t: _reference_loss(cfg, policy, actor, t, None, old_params, half,
+                                                jax.random.fold_in(key, i)))(trainable) for i, half in enumerate(halves)]
+    want = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+    got = jax.tree.map(lambda b, a: b - a, {"policy": before.policy, "actor": before.actor},
+                       {"policy": after.policy, "actor": after.actor})
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, atol=2e-6)
+
+
+def test_same_actor_and_policy_with_lam_one_is_plain_grpo():
+    """actor == policy (same weights), lam = 1, exact Z: every token accepted, rho = 1, and the
+    policy update equals the uncorrected (plain GRPO / PPO) one."""
+    policy, actor = _models(same=True)
+    batch = _batch(actor)
+    key = jax.random.key(11)
+    common = dict(micro_batch_size=B, kernel_impl="chunked", lam=1.0, z="exact")
+    _, jackpot, metrics, _ = _run_step(StepConfig(mode="jackpot", **common), policy, actor, batch, key)
+    _, plain, _, _ = _run_step(StepConfig(mode="off_policy", train_actor=False, **common), policy, actor, batch, key)
+    assert float(metrics["obrs/accept_rate"]) == 1.0
+    np.testing.assert_allclose(float(metrics["obrs/rho_mean"]), 1.0, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["obrs/rho_max"]), 1.0, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["obrs/z_exact_mean"]), 1.0, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(jackpot.policy), jax.tree.leaves(plain.policy)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_update_is_skipped():
+    """A NaN advantage poisons the loss: the update is skipped (state unchanged) and counted."""
+    policy, actor = _models()
+    batch = _batch(actor)
+    batch = batch._replace(advantages=np.where(np.arange(B) == 0, np.nan, batch.advantages).astype(np.float32))
+    before, after, metrics, _ = _run_step(StepConfig(mode="jackpot", micro_batch_size=B, kernel_impl="chunked"),
+                                          policy, actor, batch, jax.random.key(0))
+    assert float(metrics["nonfinite/skipped"]) == 1.0
+    assert int(after.updates) == 0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
