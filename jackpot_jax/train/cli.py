@@ -23,10 +23,13 @@ from ml_collections import config_flags
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "configs", "demo.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEMO_CONFIG, "the run's config file (ml_collections)",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and plots go (default: a new runs/ dir)")
-_RESUME = flags.DEFINE_bool("resume", False, "continue the run in --workdir from its latest checkpoint")
+
+
+def _define_flags() -> None:
+    """jackpot-train's flags (defined when it runs, so that importing this module parses nothing)."""
+    config_flags.DEFINE_config_file("config", DEMO_CONFIG, "the run's config file (ml_collections)", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and plots go (default: a new runs/ dir)")
+    flags.DEFINE_bool("resume", False, "continue the run in --workdir from its latest checkpoint")
 
 
 def _default_workdir(config_path: str) -> str:
@@ -37,20 +40,21 @@ def _default_workdir(config_path: str) -> str:
 def _train(argv) -> None:
     del argv
     from jackpot_jax.config import ConfigError  # noqa: PLC0415 (after flag parsing: fast --help)
-    from jackpot_jax.train.checkpoint import Checkpointer  # noqa: PLC0415
+    from jackpot_jax.train.checkpoint import Checkpointer, ResumeError  # noqa: PLC0415
     from jackpot_jax.train.loop import Trainer, TrainingStopped  # noqa: PLC0415
 
     logging.getLogger("jackpot_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
-    workdir = _WORKDIR.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    args = flags.FLAGS
+    workdir = args.workdir or _default_workdir(config_flags.get_config_filename(args["config"]))
     checkpoints = os.path.join(workdir, "checkpoints")
-    if not _RESUME.value and os.path.isdir(checkpoints) and Checkpointer.has_checkpoints(checkpoints):
+    if not args.resume and os.path.isdir(checkpoints) and Checkpointer.has_checkpoints(checkpoints):
         sys.exit(f"jackpot-train: {workdir} already holds checkpoints: pass --resume to continue that run, or "
                  f"choose another --workdir.")
     try:
-        trainer = Trainer(_CONFIG.value, workdir, resume=_RESUME.value)
+        trainer = Trainer(args.config, workdir, resume=args.resume)
         history = trainer.run()
-    except (ConfigError, TrainingStopped) as error:
+    except (ConfigError, TrainingStopped, FileNotFoundError, ResumeError) as error:
         sys.exit(f"jackpot-train: {error}")
     print(f"jackpot-train: {len(history)} steps in {os.path.abspath(workdir)}; metrics in metrics.jsonl, "
           f"plots with `jackpot-plot {workdir}`.")
@@ -58,7 +62,11 @@ def _train(argv) -> None:
 
 def train_main() -> None:
     """Entry point of ``jackpot-train``."""
-    app.run(_train)
+    try:
+        _define_flags()  # with the default config, ml_collections applies the overrides here
+        app.run(_train)
+    except (AttributeError, KeyError) as error:  # ml_collections: an override of a key the config lacks
+        sys.exit(f"jackpot-train: unknown config key: {error}")
 
 
 def export(workdir: str, out: str, *, model: str = "policy", step: int | None = None) -> str:

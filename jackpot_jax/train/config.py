@@ -7,6 +7,8 @@ unknown keys are refused too, so a typo in ``--config.algorithm.lamb=...`` canno
 """
 from __future__ import annotations
 
+import math
+
 from jackpot_jax.config import ConfigError, validate as validate_section
 from jackpot_jax.models.config import PRESETS
 
@@ -25,12 +27,12 @@ def _int(low=None, high=None):
 
 def _float(low=None, high=None, *, low_open=False):
     def ok(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return False
         return (low is None or (v > low if low_open else v >= low)) and (high is None or v <= high)
     low_text = f"{'>' if low_open else '>='} {low}" if low is not None else ""
     bounds = " and ".join(s for s in (low_text, f"<= {high}" if high is not None else "") if s)
-    return ok, f"a number{' ' + bounds if bounds else ''}"
+    return ok, f"a finite number{' ' + bounds if bounds else ''}"
 
 
 def _choice(*allowed):
@@ -45,10 +47,12 @@ _MODEL = {"model": (lambda v: isinstance(v, str) and bool(v), "a registered mode
           "preset": (lambda v: v in PRESETS, f"a model preset: one of {sorted(PRESETS)}"),
           "path": _PATH}
 
+_BELOW_ONE = (lambda v: _float(0)[0](v) and v < 1, "a number in [0, 1)")
 _OPTIM = {"lr": _float(0, low_open=True), "schedule": _choice(*SCHEDULES), "warmup_steps": _int(0),
-          "weight_decay": _float(0), "clip_norm": _float(0, low_open=True), "b1": _float(0, 1), "b2": _float(0, 1)}
+          "weight_decay": _float(0), "clip_norm": _float(0, low_open=True), "b1": _BELOW_ONE, "b2": _BELOW_ONE}
 
 RULES = {
+    "seed": _int(0),
     "policy": _MODEL,
     "actor": _MODEL,
     "tokenizer": {"kind": _choice("char", "hf"), "path": _PATH},
@@ -63,7 +67,7 @@ RULES = {
     "algorithm": {"mode": _choice(*MODES), "p_target": _choice("old", "new"), "lam": _float(0, low_open=True),
                   "target_accept": _float(0, 1), "z": _choice("topk", "exact"), "k": _int(1),
                   "c1": _float(0, low_open=True), "c2": _float(0, low_open=True), "clip": _BOOL,
-                  "eps_low": (lambda v: _float(0)[0](v) and v < 1, "a number in [0, 1)"), "eps_high": _float(0),
+                  "eps_low": _BELOW_ONE, "eps_high": _float(0),
                   "train_batch_size": _int(1), "micro_batch_size": _int(1), "ppo_epochs": _int(1),
                   "aggregation": _choice("token_mean", "seq_mean_token_mean"), "train_actor": _BOOL,
                   "actor_ppo": _float(0), "actor_tis_cap": _float(0, low_open=True), "beta": _float(0),
@@ -97,12 +101,13 @@ def _check(config, rules, name):
 
 def validate(config) -> None:
     """Check every key of a trainer config, and the constraints between keys; raises ConfigError."""
-    _check(config, {"seed": _int(0), **RULES}, "config")
+    _check(config, RULES, "config")
     algo, rollout = config.algorithm, config.rollout
     rows = rollout.prompts_per_step * rollout.n
     if rows % algo.train_batch_size:
         raise ConfigError(f"config.algorithm.train_batch_size={algo.train_batch_size} is not allowed: it must divide "
-                          f"the rollout batch, rollout.prompts_per_step * rollout.n = {rows} sequences.")
+                          f"the rollout batch, rollout.prompts_per_step * rollout.n = {rollout.prompts_per_step} * "
+                          f"{rollout.n} = {rows} sequences.")
     if algo.train_batch_size % algo.micro_batch_size:
         raise ConfigError(f"config.algorithm.micro_batch_size={algo.micro_batch_size} is not allowed: it must divide "
                           f"algorithm.train_batch_size={algo.train_batch_size}.")
@@ -116,5 +121,5 @@ def validate(config) -> None:
         raise ConfigError("config.tokenizer.path='' is not allowed with tokenizer.kind='hf': give the tokenizer "
                           "directory.")
     if config.train.eval_every and config.data.eval_limit == 0:
-        raise ConfigError("config.data.eval_limit=0 is not allowed with train.eval_every > 0: evaluation needs "
-                          "problems (or set train.eval_every=0).")
+        raise ConfigError(f"config.data.eval_limit=0 is not allowed with config.train.eval_every="
+                          f"{config.train.eval_every}: evaluation needs problems (or set train.eval_every=0).")
