@@ -36,7 +36,7 @@ def get_config():
 
     config.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=16, n=8,  # GRPO groups: n samples of each prompt
-        max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0,
+        max_new_tokens=32, temperature=1.0, top_p=1.0, top_k=0,
         logprobs_top_k=0,  # top-k log-probs of p_inf stored with each token (0: off)
         max_concurrent_decodes=128))
 

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 def warm_start(model, tokenizer, records, *, name: str, workdir: str, steps: int, batch_size: int, lr: float,
                seed: int, max_len: int, prompt_fn, spec: dict) -> dict:
-    """Fine-tune ``model`` in place for ``steps`` (or load the cached result); returns a summary
+    """Fine-tune ``model`` in place for ``steps`` on the ``records`` whose prompt, solution and eos
+    fit in ``max_len`` tokens (or load the cached result); returns a summary
     (``{"cached": bool, "final_loss": float | None}``). ``spec`` holds the settings that must match
     for the cache to be used (data, template, model); the training settings are added here."""
     directory = os.path.abspath(os.path.join(workdir, "warm_start", name))
@@ -42,6 +43,11 @@ def warm_start(model, tokenizer, records, *, name: str, workdir: str, steps: int
             logger.info("warm start of %s loaded from %s", name, directory)
             return {"cached": True, "final_loss": saved.get("final_loss")}
         logger.info("warm start of %s in %s was made with other settings; training it again", name, directory)
+    records = [r for r in records
+               if len(prompt_fn(r)) + len(tokenizer.encode(" " + r["solution"])) + 1 <= max_len]
+    if not records:
+        raise ValueError(f"warm start of the {name}: no worked solution fits in {max_len} tokens (prompt + "
+                         f"solution + eos); raise rollout.max_new_tokens or data.max_prompt_tokens.")
     losses = sft(model, tokenizer, records, steps=steps, batch_size=batch_size, lr=lr, seed=seed, max_len=max_len,
                  warmup=min(100, steps // 5), prompt_fn=prompt_fn)
     final_loss = float(sum(losses[-20:]) / len(losses[-20:]))

@@ -1,0 +1,148 @@
+"""The trainer end to end: a run killed with SIGKILL and resumed repeats the uninterrupted run's
+metrics exactly; a resume into other shapes is refused with the differences named; a run of
+non-finite updates stops with its checkpoints intact; jackpot-export writes a loadable model."""
+import importlib.util
+import itertools
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jackpot_jax.train.checkpoint import Checkpointer, ResumeError
+from jackpot_jax.train.loop import Trainer, TrainingStopped
+from jackpot_jax.train.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A small run: 4 steps of 4 prompts x 2 samples, two updates per step (staleness 2), saved every step.
+OVERRIDES = {
+    "train.steps": 4, "train.save_every": 1, "train.keep": 5, "train.eval_every": 0, "train.progress": False,
+    "warm_start.policy_steps": 5, "warm_start.actor_steps": 5, "warm_start.batch_size": 8,
+    "rollout.prompts_per_step": 4, "rollout.n": 2, "rollout.max_new_tokens": 32, "rollout.max_concurrent_decodes": 8,
+    "algorithm.train_batch_size": 4, "algorithm.micro_batch_size": 2, "algorithm.k": 4,
+    "data.train_limit": 64, "data.eval_limit": 0, "data.max_prompt_tokens": 40,
+}
+TIMING = ("time/", "throughput/")
+
+
+def demo_config(data_dir, **extra):
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in {**OVERRIDES, "data.data_dir": str(data_dir), **extra}.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+def _train_command(workdir, data_dir, *extra):
+    flags = [f"--config.{key}={value}" for key, value in {**OVERRIDES, "data.data_dir": data_dir}.items()]
+    return [sys.executable, "-c", "from jackpot_jax.train.cli import train_main; train_main()",
+            f"--workdir={workdir}", *flags, *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def _comparable(rows):
+    return {row["step"]: {k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    """The reference run, in this process: ``(workdir, metrics by step)``."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    history = Trainer(demo_config(data_dir), str(workdir)).run()
+    assert [row["step"] for row in history] == [1, 2, 3, 4]
+    return workdir, _comparable(read_metrics(workdir))
+
+
+def test_sigkill_mid_run_then_resume_repeats_the_uninterrupted_metrics(uninterrupted, data_dir, tmp_path):
+    _, want = uninterrupted
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(workdir, data_dir), env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    checkpoints = workdir / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "2").is_dir():  # step 2 saved (renamed from its temporary name): kill mid step 3
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run did not reach step 2 in 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = Checkpointer(checkpoints, save_every=1, keep=5).latest_step()
+    assert killed_at is not None and killed_at < 4
+
+    resumed = subprocess.run(_train_command(workdir, data_dir, "--resume"), env=_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = _comparable(read_metrics(workdir))
+    assert sorted(got) == [1, 2, 3, 4]  # rows past the kill point were dropped and written again
+    for step in range(killed_at + 1, 5):
+        assert got[step].keys() == want[step].keys()
+        for key, value in want[step].items():
+            np.testing.assert_allclose(got[step][key], value, rtol=1e-6, atol=1e-7, err_msg=f"step {step} {key}")
+
+
+def test_without_resume_a_workdir_with_checkpoints_is_refused(uninterrupted, data_dir):
+    workdir, _ = uninterrupted
+    result = subprocess.run(_train_command(workdir, data_dir), env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "--resume" in result.stderr and str(workdir) in result.stderr
+
+
+def test_resume_into_other_shapes_names_what_differs(uninterrupted, data_dir):
+    workdir, _ = uninterrupted
+    config = demo_config(data_dir, **{"train.steps": 5})
+    config.policy.preset = "tiny-qwen3"  # narrower and shallower than the saved tiny-qwen3-large
+    with pytest.raises(ResumeError) as error:
+        Trainer(config, str(workdir))
+    message = str(error.value)
+    assert "policy" in message and "(128,)" in message and "(64,)" in message
+    assert "policy.preset: saved 'tiny-qwen3-large', now 'tiny-qwen3'" in message
+
+
+_REWARD_CALLS = itertools.count()
+
+
+def nan_after_first_step(completion, answer):
+    """A broken reward: fine for the first step's 8 samples, NaN afterwards (NaN advantages)."""
+    return 0.0 if next(_REWARD_CALLS) < 8 else float("nan")
+
+
+def test_non_finite_updates_stop_the_run_and_keep_checkpoints(data_dir, tmp_path):
+    config = demo_config(data_dir, **{"train.max_nonfinite": 3, "data.reward": f"{__name__}:nan_after_first_step"})
+    trainer = Trainer(config, str(tmp_path))
+    with pytest.raises(TrainingStopped, match="updates in a row had a non-finite loss"):
+        trainer.run()
+    rows = read_metrics(tmp_path)
+    assert rows[0]["nonfinite/skipped"] == 0 and rows[-1]["nonfinite/skipped"] >= 1
+    steps = Checkpointer(tmp_path / "checkpoints", save_every=1, keep=5).all_steps()
+    assert steps == [row["step"] for row in rows]
+
+
+def test_export_writes_a_model_that_loads(uninterrupted, tmp_path):
+    from jackpot_jax.models.hf import from_pretrained
+    from jackpot_jax.train.cli import export
+
+    workdir, _ = uninterrupted
+    out = export(str(workdir), str(tmp_path / "policy"))
+    model = from_pretrained(out)
+    assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
+    saved = json.loads((pathlib.Path(out) / "config.json").read_text())
+    assert saved["vocab_size"] == model.config.vocab_size
+    assert (pathlib.Path(out) / "tokenizer.json").exists()
