@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow clean
+.PHONY: demo simulation test test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,14 @@ $(INSTALLED): setup.py | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
 
+# Jackpot RL on the CPU (configs/demo.py): warm start, then a tiny actor trains a larger policy.
 demo: $(INSTALLED)
+	rm -rf runs/demo
+	$(BIN)/jackpot-train --workdir runs/demo
+	$(BIN)/jackpot-plot runs/demo
+
+# The OBRS simulation of the paper's Figure 2 (docs/obrs_simulation.md).
+simulation: $(INSTALLED)
 	$(BIN)/python -m jackpot_jax.experiments.obrs_simulation --out runs/obrs_simulation
 
 test: $(INSTALLED)

@@ -16,9 +16,12 @@ def get_config():
     config.seed = 0
 
     # The two models: a registered model name (`jackpot_jax.models.registry`) with a preset, or a
-    # Hugging Face checkpoint directory in `path` (then `preset` is ignored).
-    config.policy = ml_collections.ConfigDict(dict(model="transformer", preset="tiny-qwen3-large", path=""))
-    config.actor = ml_collections.ConfigDict(dict(model="transformer", preset="tiny-qwen3", path=""))
+    # Hugging Face checkpoint directory in `path` (then `preset` is ignored). `dtype` (computation)
+    # and `param_dtype` (storage; keep float32 for small learning rates): "" keeps the checkpoint's.
+    # `remat`: recompute each block's activations in the backward pass (long sequences).
+    model = dict(model="transformer", path="", dtype="", param_dtype="", remat=False)
+    config.policy = ml_collections.ConfigDict(dict(model, preset="tiny-qwen3-large"))
+    config.actor = ml_collections.ConfigDict(dict(model, preset="tiny-qwen3"))
     # "char": the built-in character-level tokenizer; "hf": a tokenizer directory in `path`.
     config.tokenizer = ml_collections.ConfigDict(dict(kind="char", path=""))
 

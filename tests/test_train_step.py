@@ -191,3 +191,15 @@ def test_nonfinite_update_is_skipped():
     assert int(after.updates) == 0
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_remat_models_give_the_same_update():
+    """Rematerialized blocks (inside prepare's lax.map and the update's scan) change nothing but memory."""
+    cfg = StepConfig(mode="jackpot", micro_batch_size=B // 2, kernel_impl="chunked", k=5)
+    results = []
+    for remat in (False, True):
+        policy = Transformer(preset("tiny-qwen3", vocab_size=V, remat=remat), rngs=nnx.Rngs(0))
+        actor = Transformer(preset("tiny-qwen3", vocab_size=V, remat=remat, num_hidden_layers=1), rngs=nnx.Rngs(1))
+        results.append(_run_step(cfg, policy, actor, _batch(actor), jax.random.key(5))[1])
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

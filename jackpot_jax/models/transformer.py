@@ -207,7 +207,16 @@ def _block_forward(block, x, positions, mask, kv, write_index):
     return block(x, positions, mask, kv, write_index)
 
 
-_block_forward_remat = nnx.remat(_block_forward)
+def _block_forward_remat(block, x, positions, mask, kv, write_index):
+    """:func:`_block_forward` whose activations are recomputed in the backward pass. A pure
+    ``jax.checkpoint`` over the block's state (blocks hold no mutable state), so it also runs
+    inside other transformations (``lax.map`` / ``lax.scan`` bodies), where ``nnx.remat`` refuses."""
+    graphdef, state = nnx.split(block)
+
+    def pure(state, x, positions, mask, kv, write_index):
+        return _block_forward(nnx.merge(graphdef, state), x, positions, mask, kv, write_index)
+
+    return jax.checkpoint(pure)(state, x, positions, mask, kv, write_index)
 
 
 def segment_positions(segment_ids):

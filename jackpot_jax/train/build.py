@@ -25,10 +25,14 @@ def load_tokenizer(config):
 
 def build_model(section, tokenizer, seed: int):
     """A model from ``config.policy`` / ``config.actor``: a Hugging Face checkpoint when ``path``
-    is set, else a fresh model of the registry with the preset's shape and the tokenizer's vocabulary."""
+    is set, else a fresh model of the registry with the preset's shape and the tokenizer's vocabulary.
+    ``dtype`` / ``param_dtype`` ("" keeps the checkpoint's or preset's) and ``remat`` apply to both."""
+    overrides = {"remat": section.remat}
+    overrides.update({key: section[key] for key in ("dtype", "param_dtype") if section[key]})
     if section.path:
-        return hf.from_pretrained(section.path)
-    return registry.build(section.model, preset(section.preset, vocab_size=len(tokenizer)), rngs=nnx.Rngs(seed))
+        return hf.from_pretrained(section.path, **overrides)
+    config = preset(section.preset, vocab_size=len(tokenizer), **overrides)
+    return registry.build(section.model, config, rngs=nnx.Rngs(seed))
 
 
 def build_models(config, tokenizer):

@@ -45,7 +45,9 @@ _PATH = (lambda v: isinstance(v, str), "a path (a string; empty for none)")
 
 _MODEL = {"model": (lambda v: isinstance(v, str) and bool(v), "a registered model name or an import path"),
           "preset": (lambda v: v in PRESETS, f"a model preset: one of {sorted(PRESETS)}"),
-          "path": _PATH}
+          "path": _PATH,
+          "dtype": _choice("", "float32", "bfloat16"), "param_dtype": _choice("", "float32", "bfloat16"),
+          "remat": _BOOL}
 
 _BELOW_ONE = (lambda v: _float(0)[0](v) and v < 1, "a number in [0, 1)")
 _OPTIM = {"lr": _float(0, low_open=True), "schedule": _choice(*SCHEDULES), "warmup_steps": _int(0),
