@@ -34,6 +34,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 from jackpot_jax import losses, obrs
+from jackpot_jax.models.sharding import DEFAULT_RULES, activation_sharding, make_mesh, param_shardings
 from jackpot_jax.train.batch import TrainBatch, split_micro
 
 
@@ -109,10 +110,14 @@ class Updater:
     """The jitted prepare and update functions for a policy, an optional actor and their optimizers.
 
     ``policy_tx`` / ``actor_tx`` are optax transformations (``actor_tx`` None when the actor is not
-    trained); ``policy_lr`` an optional schedule, reported as the ``lr`` metric.
+    trained); ``policy_lr`` an optional schedule, reported as the ``lr`` metric. Parameters live on
+    ``mesh`` (default: one device) as the logical-axis ``rules`` place them, optimizer states beside
+    them; batches are split over the mesh's ``("data", "fsdp")`` axes along the sequences. Both
+    functions are jitted with these input and output shardings, fixed by :meth:`init_state`.
     """
 
-    def __init__(self, cfg: StepConfig, policy_model, actor_model, policy_tx, actor_tx=None, policy_lr=None):
+    def __init__(self, cfg: StepConfig, policy_model, actor_model, policy_tx, actor_tx=None, policy_lr=None, *,
+                 mesh=None, rules=DEFAULT_RULES):
         if cfg.has_actor != (actor_model is not None):
             raise ValueError(f"mode={cfg.mode!r} {'needs' if cfg.has_actor else 'takes no'} actor model.")
         if cfg.train_actor != (actor_tx is not None):
@@ -122,14 +127,50 @@ class Updater:
         self.actor_def, _, self.actor_rest = (nnx.split(actor_model, nnx.Param, ...) if actor_model is not None
                                               else (None, None, None))
         self.policy_tx, self.actor_tx, self.policy_lr = policy_tx, actor_tx, policy_lr
-        self.prepare = jax.jit(self._prepare, static_argnames=("normalizers",))
-        self.update = jax.jit(self._update, donate_argnums=(0,))
+        self.mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
+        self.rules = rules
+        self._param_shardings = {
+            name: None if model is None else param_shardings(nnx.state(model, nnx.Param), self.mesh, rules)
+            for name, model in (("policy", policy_model), ("actor", actor_model))}
+        self._prepare_jit = self._update_jit = None
 
     def init_state(self, policy_params, actor_params=None) -> TrainState:
-        """A fresh state: the given parameters, fresh optimizer states, no update yet."""
-        actor_opt = self.actor_tx.init(actor_params) if self.cfg.train_actor else None
-        return TrainState(policy_params, actor_params, self.policy_tx.init(policy_params), actor_opt,
-                          jnp.zeros((), jnp.int32))
+        """A fresh state: the given parameters placed on the mesh, fresh optimizer states, no update
+        yet. Fixes the shardings the jitted functions take and return."""
+        place = lambda params, name: None if params is None else jax.device_put(params, self._param_shardings[name])
+        policy_params, actor_params = place(policy_params, "policy"), place(actor_params, "actor")
+        actor_opt = jax.jit(self.actor_tx.init)(actor_params) if self.cfg.train_actor else None
+        state = TrainState(policy_params, actor_params, jax.jit(self.policy_tx.init)(policy_params), actor_opt,
+                           jax.device_put(jnp.zeros((), jnp.int32), self.replicated))
+        self._compile(jax.tree.map(lambda x: x.sharding, state))
+        return state
+
+    @property
+    def replicated(self):
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def _compile(self, state_shardings):
+        """jit ``prepare`` and ``update`` with explicit input and output shardings."""
+        rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        repl = self.replicated
+        self._prepare_jit = {
+            normalizers: jax.jit(functools.partial(self._prepare, normalizers=normalizers),
+                                 in_shardings=(state_shardings.policy, state_shardings.actor, rows, repl),
+                                 out_shardings=rows)
+            for normalizers in (False, True)}
+        self._update_jit = jax.jit(self._update, donate_argnums=(0,),
+                                   in_shardings=(state_shardings, rows, rows, repl, repl),
+                                   out_shardings=(state_shardings, repl))
+
+    def prepare(self, policy_params, actor_params, batch: TrainBatch, lam, normalizers: bool = False) -> OldStats:
+        """:class:`OldStats` of a rollout batch (see :meth:`_prepare`), jitted on the mesh."""
+        with activation_sharding(self.mesh, self.rules):
+            return self._prepare_jit[normalizers](policy_params, actor_params, batch, lam)
+
+    def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0):
+        """One update of both models on a mini-batch (see :meth:`_update`); ``state`` is donated."""
+        with activation_sharding(self.mesh, self.rules):
+            return self._update_jit(state, batch, old, key, lam_old)
 
     # ------------------------------------------------------------------ forward passes
 
