@@ -73,6 +73,9 @@ def _reference_loss(cfg, policy, actor, trainable, frozen_actor, old_params, bat
     logp_inf = jnp.asarray(batch.logp_inf)
     if cfg.mode == "jackpot":
         target_all = logp_new_all if cfg.p_target == "new" else logp_old_all
+        if cfg.target_accept > 0:  # lam of the budget, over this mini-batch's sampled tokens
+            cfg = cfg._replace(lam=obrs.solve_lambda(logp_inf, sg(_take(target_all, batch.targets)),
+                                                     cfg.target_accept, valid))
         z = (obrs.normalizer(sg(logp_act_all), sg(target_all), cfg.lam) if cfg.z == "exact"
              else obrs.topk_normalizer(sg(logp_act_all), sg(target_all), cfg.lam, cfg.k))
         f = obrs.obrs_filter(key, logp_inf.reshape(-1), logp_old.reshape(-1), logp_new.reshape(-1), z.reshape(-1),
@@ -109,6 +112,7 @@ def _run_step(cfg, policy, actor, batch, key):
 
 CASES = {
     "jackpot_new_topk": dict(mode="jackpot", p_target="new", z="topk", k=5, lam=0.8),
+    "jackpot_new_target_accept": dict(mode="jackpot", p_target="new", z="topk", k=5, target_accept=0.9),
     "jackpot_old_exact": dict(mode="jackpot", p_target="old", z="exact", lam=1.3, c1=3.0),
     "jackpot_new_exact_reverse_t07": dict(mode="jackpot", p_target="new", z="exact", temperature=0.7,
                                           distill_direction="reverse", clip=False),

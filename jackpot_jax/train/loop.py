@@ -92,6 +92,7 @@ class Trainer:
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=config.train.save_every,
                                          keep=config.train.keep)
         self.step, self.nonfinite_in_row = 0, 0
+        self.base_key = jax.random.key(config.seed)  # every step's keys are folded from it and the step
         if resume and self.checkpointer.latest_step() is not None:
             self._restore()
         self._push_actor()
@@ -117,13 +118,15 @@ class Trainer:
             logger.info("warm start of the %s: %s", name, summary)
 
     def _meta(self) -> dict:
-        return {"step": self.step, "data": self.batcher.state_dict(), "config": self.config.to_dict()}
+        return {"step": self.step, "data": self.batcher.state_dict(), "config": self.config.to_dict(),
+                "rng": np.asarray(jax.random.key_data(self.base_key)).tolist()}
 
     def _restore(self):
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         self.state, meta = self.checkpointer.restore(abstract, config=self.config.to_dict())
         self.batcher.load_state_dict(meta["data"])
         self.step = int(meta["step"])
+        self.base_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         logger.info("resumed from step %d of %s", self.step, self.checkpointer.directory)
 
     def _push_actor(self):
@@ -146,7 +149,7 @@ class Trainer:
         """One RL step; returns its metrics."""
         config, algo = self.config, self.config.algorithm
         seed = (config.seed * 1_000_003 + self.step) % 2**31
-        key = jax.random.fold_in(jax.random.key(config.seed), self.step)
+        key = jax.random.fold_in(self.base_key, self.step)
         start = time.perf_counter()
         prompts = self.batcher.next_batch()
         out, rewards = self._rollout(prompts, seed)
