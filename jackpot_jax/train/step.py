@@ -142,7 +142,9 @@ class Updater:
         actor_opt = jax.jit(self.actor_tx.init)(actor_params) if self.cfg.train_actor else None
         state = TrainState(policy_params, actor_params, jax.jit(self.policy_tx.init)(policy_params), actor_opt,
                            jax.device_put(jnp.zeros((), jnp.int32), self.replicated))
-        self._compile(jax.tree.map(lambda x: x.sharding, state))
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        state = jax.device_put(state, shardings)  # committed, as update's outputs: one compilation, not two
+        self._compile(shardings)
         return state
 
     @property
