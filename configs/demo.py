@@ -31,15 +31,15 @@ def get_config():
         manual_dir="",  # for gsm8k / math / deepscaler: where their files are
         reward="math",  # a reward of jackpot_jax.data.rewards' registry, or an import path
         template="plain", instruction="",  # no instruction line: shorter sequences on a CPU
-        max_prompt_tokens=48, train_limit=2000, eval_limit=200))
+        max_prompt_tokens=36, train_limit=2000, eval_limit=200))
 
     # Supervised warm start of both models on the train split's worked solutions, cached in
     # WORKDIR/warm_start (steps=0: none; models loaded from `path` are not warm-started).
-    config.warm_start = ml_collections.ConfigDict(dict(policy_steps=150, actor_steps=150, batch_size=64, lr=3e-3))
+    config.warm_start = ml_collections.ConfigDict(dict(policy_steps=800, actor_steps=1000, batch_size=64, lr=3e-3))
 
     config.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=16, n=8,  # GRPO groups: n samples of each prompt
-        max_new_tokens=32, temperature=1.0, top_p=1.0, top_k=0,
+        max_new_tokens=30, temperature=1.0, top_p=1.0, top_k=0,
         logprobs_top_k=0,  # top-k log-probs of p_inf stored with each token (0: off)
         max_concurrent_decodes=128))
 
@@ -55,14 +55,14 @@ def get_config():
         ppo_epochs=1,
         aggregation="token_mean",
         train_actor=True, actor_ppo=1.0, actor_tis_cap=2.0,  # eq. 6 weight and its truncation C
-        beta=1.0, distill_direction="forward",  # eq. 7 weight and direction
+        beta=0.1, distill_direction="forward",  # eq. 7 weight and direction
         grpo_std=True))
 
-    optimizer = dict(lr=1e-4, schedule="constant", warmup_steps=5, weight_decay=0.0, clip_norm=1.0, b1=0.9,
+    optimizer = dict(lr=2e-5, schedule="constant", warmup_steps=5, weight_decay=0.0, clip_norm=1.0, b1=0.9,
                      b2=0.999)
-    config.optim = ml_collections.ConfigDict(dict(policy=dict(optimizer), actor=dict(optimizer, lr=1e-4)))
+    config.optim = ml_collections.ConfigDict(dict(policy=dict(optimizer), actor=dict(optimizer)))
 
     config.train = ml_collections.ConfigDict(dict(
-        steps=60, eval_every=20, eval_k=1, eval_temperature=0.0,
+        steps=100, eval_every=25, eval_k=1, eval_temperature=0.0,
         save_every=20, keep=2, max_nonfinite=3, log_every=1, kernel_impl="auto", progress=True))
     return config
