@@ -72,7 +72,6 @@ def train_main() -> None:
 def export(workdir: str, out: str, *, model: str = "policy", step: int | None = None) -> str:
     """Write the ``model`` ("policy" or "actor") of the run in ``workdir`` at checkpoint ``step``
     (default: the latest) to ``out`` as a Hugging Face checkpoint with the run's tokenizer."""
-    import jax  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
     from jackpot_jax.models.hf import save_pretrained  # noqa: PLC0415
@@ -95,8 +94,8 @@ def export(workdir: str, out: str, *, model: str = "policy", step: int | None = 
         policy_tx = build.make_optimizer(config.optim.policy, total)[0]
         actor_tx = build.make_optimizer(config.optim.actor, total)[0] if config.algorithm.train_actor else None
         updater = Updater(StepConfig.from_config(config), policy, actor, policy_tx, actor_tx)
-        abstract = jax.eval_shape(lambda: updater.init_state(nnx.state(policy, nnx.Param),
-                                                             None if actor is None else nnx.state(actor, nnx.Param)))
+        abstract = updater.abstract_state(nnx.state(policy, nnx.Param),
+                                          None if actor is None else nnx.state(actor, nnx.Param))
         state, _ = checkpointer.restore(abstract, step=step)
     target = policy if model == "policy" else actor
     nnx.update(target, state.policy if model == "policy" else state.actor)

@@ -36,7 +36,7 @@ from jackpot_jax.train.batch import make_batch, select
 from jackpot_jax.train.checkpoint import Checkpointer
 from jackpot_jax.train.config import validate
 from jackpot_jax.train.metrics import MetricsWriter, Progress
-from jackpot_jax.train.step import StepConfig, TrainState, Updater
+from jackpot_jax.train.step import StepConfig, Updater
 from jackpot_jax.train.warm_start import warm_start
 
 logger = logging.getLogger(__name__)

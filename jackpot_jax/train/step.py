@@ -147,6 +147,14 @@ class Updater:
         self._compile(shardings)
         return state
 
+    def abstract_state(self, policy_params, actor_params=None) -> TrainState:
+        """The shapes and dtypes of :meth:`init_state`'s result (``jax.ShapeDtypeStruct`` leaves,
+        no shardings), without allocating anything: what a checkpoint is restored into on one device."""
+        def build(policy, actor):
+            actor_opt = self.actor_tx.init(actor) if self.cfg.train_actor else None
+            return TrainState(policy, actor, self.policy_tx.init(policy), actor_opt, jnp.zeros((), jnp.int32))
+        return jax.eval_shape(build, policy_params, actor_params)
+
     @property
     def replicated(self):
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
