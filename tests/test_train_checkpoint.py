@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -197,4 +198,8 @@ def test_kill_during_async_save_leaves_only_restorable_steps(tmp_path):
             restored, meta = ckpt.restore({"small": jnp.zeros(4, jnp.float32)})
             np.testing.assert_array_equal(np.asarray(restored["small"]), np.arange(4))
             assert meta == {"step": 1}
+        # Orbax deletes the partial directory in a background thread started by the constructor.
+        deadline = time.monotonic() + 30
+        while sorted(os.listdir(tmp_path)) != [str(ckpt.latest_step())] and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert sorted(os.listdir(tmp_path)) == [str(ckpt.latest_step())]

@@ -11,7 +11,7 @@ writes on a POSIX filesystem into ``<step>.orbax-checkpoint-tmp/`` and renames i
 once every item is written, and on GCS writes ``commit_success.txt`` last; steps lacking either
 are not listed. So a process killed mid-save (tested with SIGKILL) leaves the previous
 checkpoints as they were, old steps are deleted only after a newer one is complete, and the next
-:class:`Checkpointer` deletes the partial directory (``cleanup_tmp_directories``).
+:class:`Checkpointer` deletes the partial directory in the background (``cleanup_tmp_directories``).
 """
 from __future__ import annotations
 
