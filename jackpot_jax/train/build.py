@@ -74,6 +74,16 @@ def make_optimizer(section, total_updates: int):
     return tx, schedule
 
 
+def make_updater(config, policy, actor, total_updates: int):
+    """The run's :class:`~jackpot_jax.train.step.Updater`: both optimizers (the actor's only when it is
+    trained) over ``total_updates`` updates, the policy's schedule reported as ``lr``."""
+    from jackpot_jax.train.step import StepConfig, Updater  # noqa: PLC0415 (step imports the kernels)
+
+    policy_tx, policy_lr = make_optimizer(config.optim.policy, total_updates)
+    actor_tx = make_optimizer(config.optim.actor, total_updates)[0] if config.algorithm.train_actor else None
+    return Updater(StepConfig.from_config(config), policy, actor, policy_tx, actor_tx, policy_lr)
+
+
 def rollout_engine(model, config):
     """The engine that generates rollouts: JetStream's (:class:`~jackpot_jax.rollout.engine.JackpotEngine`)
     when google-jetstream is installed, else its decoding core (same code, same samples)."""

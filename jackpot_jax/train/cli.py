@@ -77,7 +77,6 @@ def export(workdir: str, out: str, *, model: str = "policy", step: int | None = 
     from jackpot_jax.models.hf import save_pretrained  # noqa: PLC0415
     from jackpot_jax.train import build  # noqa: PLC0415
     from jackpot_jax.train.checkpoint import Checkpointer  # noqa: PLC0415
-    from jackpot_jax.train.step import StepConfig, Updater  # noqa: PLC0415
 
     if model not in ("policy", "actor"):
         raise ValueError(f"model={model!r} is not allowed: it must be 'policy' or 'actor'.")
@@ -90,10 +89,7 @@ def export(workdir: str, out: str, *, model: str = "policy", step: int | None = 
             raise ValueError(f"the run in {workdir} is on_policy: it has no actor.")
         tokenizer = build.load_tokenizer(config)
         policy, actor = build.build_models(config, tokenizer)
-        total = 1
-        policy_tx = build.make_optimizer(config.optim.policy, total)[0]
-        actor_tx = build.make_optimizer(config.optim.actor, total)[0] if config.algorithm.train_actor else None
-        updater = Updater(StepConfig.from_config(config), policy, actor, policy_tx, actor_tx)
+        updater = build.make_updater(config, policy, actor, total_updates=1)  # only the state's shapes are used
         abstract = updater.abstract_state(nnx.state(policy, nnx.Param),
                                           None if actor is None else nnx.state(actor, nnx.Param))
         state, _ = checkpointer.restore(abstract, step=step)

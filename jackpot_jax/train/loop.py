@@ -36,7 +36,6 @@ from jackpot_jax.train.batch import make_batch, select
 from jackpot_jax.train.checkpoint import Checkpointer
 from jackpot_jax.train.config import validate
 from jackpot_jax.train.metrics import MetricsWriter, Progress
-from jackpot_jax.train.step import StepConfig, Updater
 from jackpot_jax.train.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -79,11 +78,8 @@ class Trainer:
                                      instruction=config.data.instruction, max_prompt_tokens=config.data.max_prompt_tokens)
         rows = rollout.prompts_per_step * rollout.n
         self.updates_per_step = algo.ppo_epochs * rows // algo.train_batch_size
-        total_updates = config.train.steps * self.updates_per_step
-        policy_tx, policy_lr = build.make_optimizer(config.optim.policy, total_updates)
-        actor_tx = build.make_optimizer(config.optim.actor, total_updates)[0] if algo.train_actor else None
-        self.step_config = StepConfig.from_config(config)
-        self.updater = Updater(self.step_config, policy, actor, policy_tx, actor_tx, policy_lr)
+        self.updater = build.make_updater(config, policy, actor, config.train.steps * self.updates_per_step)
+        self.step_config = self.updater.cfg
         params = lambda model: None if model is None else _copy(nnx.state(model, nnx.Param))
         self.state = self.updater.init_state(params(policy), params(actor))
         self.engine = build.rollout_engine(actor if actor is not None else policy, config)
