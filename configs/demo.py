@@ -35,7 +35,10 @@ def get_config():
 
     # Supervised warm start of both models on the train split's worked solutions, cached in
     # WORKDIR/warm_start (steps=0: none; models loaded from `path` are not warm-started).
-    config.warm_start = ml_collections.ConfigDict(dict(policy_steps=800, actor_steps=1000, batch_size=64, lr=3e-3))
+    # `problems` > 0: the warm start sees only the first `problems` train problems and RL only the
+    # others, so that RL works on problems the models have not memorized (0: both see all).
+    config.warm_start = ml_collections.ConfigDict(dict(policy_steps=800, actor_steps=1000, batch_size=64,
+                                                       policy_lr=1e-3, actor_lr=3e-3, problems=1000))
 
     config.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=16, n=8,  # GRPO groups: n samples of each prompt

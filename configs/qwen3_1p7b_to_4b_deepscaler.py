@@ -58,7 +58,7 @@ def get_config():
         train_limit=0, eval_limit=128)  # ours: all problems; 128 x eval_k=4 evaluation samples
 
     # Real checkpoints are not warm-started.
-    config.warm_start.update(policy_steps=0, actor_steps=0)
+    config.warm_start.update(policy_steps=0, actor_steps=0, problems=0)  # RL on every problem
 
     config.rollout.update(
         max_new_tokens=8192,  # paper

@@ -94,7 +94,7 @@ def test_values_users_rely_on(name):
     assert config.tokenizer.kind == "hf"
     assert config.data.template == "plain"  # base models
     assert config.data.instruction  # the \boxed{} instruction the math reward reads
-    assert config.warm_start.policy_steps == config.warm_start.actor_steps == 0
+    assert config.warm_start.policy_steps == config.warm_start.actor_steps == config.warm_start.problems == 0
     assert config.train.eval_k == 4 and config.train.eval_every > 0
     assert config.train.kernel_impl == "auto"
     for model in names:

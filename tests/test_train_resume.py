@@ -26,7 +26,7 @@ OVERRIDES = {
     "warm_start.policy_steps": 5, "warm_start.actor_steps": 5, "warm_start.batch_size": 8,
     "rollout.prompts_per_step": 4, "rollout.n": 2, "rollout.max_new_tokens": 32, "rollout.max_concurrent_decodes": 8,
     "algorithm.train_batch_size": 4, "algorithm.micro_batch_size": 2, "algorithm.k": 4,
-    "data.train_limit": 64, "data.eval_limit": 0, "data.max_prompt_tokens": 40,
+    "data.train_limit": 64, "data.eval_limit": 0, "data.max_prompt_tokens": 40, "warm_start.problems": 32,
 }
 TIMING = ("time/", "throughput/")
 

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jackpot_jax import losses
+from jackpot_jax.config import ConfigError
 from jackpot_jax.data.batching import PromptBatcher
 from jackpot_jax.data.evaluate import evaluate
 from jackpot_jax.data.prompts import build_prompt, encode_prompts
@@ -59,6 +60,20 @@ def _mean_metrics(rows: list[dict]) -> dict:
     return out
 
 
+def _split_warm_start(records, config):
+    """``(warm-start records, RL records)``: with ``warm_start.problems = n > 0`` the first n train
+    problems and the others (disjoint); with 0, all of them for both."""
+    n = config.warm_start.problems
+    if n == 0:
+        return records, records
+    needed = config.rollout.prompts_per_step
+    if n > len(records) - needed:
+        raise ConfigError(f"config.warm_start.problems={n} is not allowed: the train split has {len(records)} "
+                         f"problems (data.train_limit={config.data.train_limit}) and RL needs at least "
+                         f"rollout.prompts_per_step={needed} of them left; use at most {len(records) - needed}.")
+    return records[:n], records[n:]
+
+
 class Trainer:
     """A run of ``config`` in ``workdir`` (resumed from its latest checkpoint when there is one)."""
 
@@ -70,10 +85,11 @@ class Trainer:
         self.tokenizer = build.load_tokenizer(config)
         self.reward = get_reward(config.data.reward)
         self.train_records, self.eval_records = build.load_records(config)
+        warm_records, rl_records = _split_warm_start(self.train_records, config)
         policy, actor = build.build_models(config, self.tokenizer)
-        self._warm_start(policy, actor)
+        self._warm_start(policy, actor, warm_records)
 
-        self.batcher = PromptBatcher(self.train_records, self.tokenizer, prompts_per_batch=rollout.prompts_per_step,
+        self.batcher = PromptBatcher(rl_records, self.tokenizer, prompts_per_batch=rollout.prompts_per_step,
                                      n=rollout.n, seed=config.seed, template=config.data.template,
                                      instruction=config.data.instruction, max_prompt_tokens=config.data.max_prompt_tokens)
         rows = rollout.prompts_per_step * rollout.n
@@ -100,16 +116,16 @@ class Trainer:
         text = build_prompt(record, self.tokenizer, self.config.data.template, self.config.data.instruction)
         return encode_prompts(self.tokenizer, [text], self.config.data.template)[0]
 
-    def _warm_start(self, policy, actor):
+    def _warm_start(self, policy, actor, records):
         config, ws = self.config, self.config.warm_start
-        spec = {"data": config.data.to_dict(), "tokenizer": config.tokenizer.to_dict()}
+        spec = {"data": config.data.to_dict(), "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}
         max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
-        for name, model, steps, section in (("policy", policy, ws.policy_steps, config.policy),
-                                            ("actor", actor, ws.actor_steps, config.actor)):
+        for name, model, steps, lr, section in (("policy", policy, ws.policy_steps, ws.policy_lr, config.policy),
+                                                ("actor", actor, ws.actor_steps, ws.actor_lr, config.actor)):
             if model is None or steps == 0 or section.path:
                 continue
-            summary = warm_start(model, self.tokenizer, self.train_records, name=name, workdir=self.workdir,
-                                 steps=steps, batch_size=ws.batch_size, lr=ws.lr, seed=config.seed, max_len=max_len,
+            summary = warm_start(model, self.tokenizer, records, name=name, workdir=self.workdir,
+                                 steps=steps, batch_size=ws.batch_size, lr=lr, seed=config.seed, max_len=max_len,
                                  prompt_fn=self._prompt_ids, spec={**spec, "model": section.to_dict()})
             logger.info("warm start of the %s: %s", name, summary)
 
