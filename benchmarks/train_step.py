@@ -81,6 +81,14 @@ def header():
 # ----------------------------------------------------------------------------- update step
 
 
+def _overrides(text):
+    """``"hidden_size=512,num_hidden_layers=8"`` -> ``{"hidden_size": 512, "num_hidden_layers": 8}``."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(pair) != 2 or not pair[1].isdigit() for pair in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=INT pairs separated by commas")
+    return {key: int(value) for key, value in pairs}
+
+
 def random_batch(rng, batch, length, vocab):
     """``batch`` sequences of ``length`` tokens: a prompt of 8..length/2 tokens, then a completion
     filling 1..all of the rest, random tokens, log p_inf in [-6, 0), GRPO-like advantages."""
@@ -103,8 +111,8 @@ def params(model):
 def make_updaters(args, vocab, demo):
     """Policy, actor, and per case an :class:`Updater` and its fresh state: the demo's algorithm
     and optimizer settings with the case's mode and train_actor, chunked kernels."""
-    policy = Transformer(preset(args.policy, vocab_size=vocab), rngs=nnx.Rngs(0))
-    actor = Transformer(preset(args.actor, vocab_size=vocab), rngs=nnx.Rngs(1))
+    policy = Transformer(preset(args.policy, vocab_size=vocab, **args.policy_overrides), rngs=nnx.Rngs(0))
+    actor = Transformer(preset(args.actor, vocab_size=vocab, **args.actor_overrides), rngs=nnx.Rngs(1))
     updaters, states = {}, {}
     for case in args.cases:
         _, mode, train_actor = CASES[case]
@@ -138,11 +146,16 @@ def time_updates(args, vocab, demo):
     return {case: np.asarray(t) for case, t in times.items()}
 
 
+def _describe(overrides):
+    return f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""
+
+
 def update(args):
     demo = demo_config()
     tokens = args.batch * (args.length - 1)
     print(f"Update step (`Updater.update`, one optimizer update, kernel_impl=chunked, float32): policy "
-          f"{args.policy}, actor {args.actor}, B={args.batch} sequences x T={args.length - 1} positions "
+          f"{args.policy}{_describe(args.policy_overrides)}, actor {args.actor}{_describe(args.actor_overrides)}, "
+          f"B={args.batch} sequences x T={args.length - 1} positions "
           f"({tokens} tokens), micro-batch {args.micro_batch}, the demo's other algorithm settings; median of "
           f"{args.repeats} rounds after {args.warmup} warm-up rounds, cases interleaved; {header()}\n")
     cols = [c for c in "abcd" if c in args.cases]
@@ -195,6 +208,10 @@ def main():
     parser.add_argument("what", choices=["update", "e2e", "all"])
     parser.add_argument("--policy", default="tiny-qwen3-large", help="update: the policy's preset")
     parser.add_argument("--actor", default="tiny-qwen3", help="update: the actor's preset")
+    for model in ("policy", "actor"):
+        parser.add_argument(f"--{model}-overrides", type=_overrides, default={}, metavar="KEY=INT,...",
+                            help=f"update: integer fields of the {model}'s preset to replace, e.g. "
+                                 "hidden_size=512,num_hidden_layers=8")
     parser.add_argument("--vocab", type=int, nargs="+", default=[4096, 103],
                         help="update: vocabulary sizes (103: the demo's character tokenizer)")
     parser.add_argument("--batch", type=int, default=0,
