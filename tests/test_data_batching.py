@@ -112,6 +112,16 @@ def test_batches_repeat_each_prompt_n_times_consecutively(tokenizers):
     assert (batch.epoch, batch.index) == (0, 0)
 
 
+def test_encode_record_gives_the_batchers_ids_for_any_record(tokenizers):
+    plain, chat, vocab = tokenizers
+    for tokenizer, template in ((plain, "plain"), (chat, "chat")):
+        b = batcher(tokenizer, make_records(4), prompts_per_batch=2, n=2, template=template, shuffle=False)
+        assert [b.encode_record(r) for r in b.records] == b.prompt_ids
+    outside = {"problem": "p9", "answer": "9"}  # not one of the batcher's records
+    assert batcher(plain, make_records(4)).encode_record(outside) == [
+        vocab[w] for w in ["<bos>", "Question", ":", "p9", "Answer", ":"]]
+
+
 def test_chat_prompts_are_tokenized_without_adding_special_tokens_twice(tokenizers):
     _, chat, vocab = tokenizers
     batch = batcher(chat, make_records(2), template="chat", shuffle=False).next_batch()

@@ -114,6 +114,11 @@ class PromptBatcher:
         self.prompt_ids = self._encode(self.prompts)
         self.epoch, self.position = 0, 0
 
+    def encode_record(self, record: Mapping[str, str]) -> list[int]:
+        """The token ids of ``record``'s prompt, rendered and encoded as this batcher's prompts are
+        (for any record, in the shard or not: the trainer's warm start uses it)."""
+        return self._encode([self._render(record)])[0]
+
     def _render(self, record: Mapping[str, str]) -> str:
         return build_prompt(record, self.tokenizer, self.template, self.instruction, self.system)
 

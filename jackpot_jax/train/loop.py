@@ -28,7 +28,6 @@ from jackpot_jax import losses
 from jackpot_jax.config import ConfigError
 from jackpot_jax.data.batching import PromptBatcher
 from jackpot_jax.data.evaluate import evaluate
-from jackpot_jax.data.prompts import build_prompt, encode_prompts
 from jackpot_jax.data.rewards import get_reward
 from jackpot_jax.rollout.decode import DecodeCore
 from jackpot_jax.rollout.generate import generate
@@ -86,12 +85,11 @@ class Trainer:
         self.reward = get_reward(config.data.reward)
         self.train_records, self.eval_records = build.load_records(config)
         warm_records, rl_records = _split_warm_start(self.train_records, config)
-        policy, actor = build.build_models(config, self.tokenizer)
-        self._warm_start(policy, actor, warm_records)
-
         self.batcher = PromptBatcher(rl_records, self.tokenizer, prompts_per_batch=rollout.prompts_per_step,
                                      n=rollout.n, seed=config.seed, template=config.data.template,
                                      instruction=config.data.instruction, max_prompt_tokens=config.data.max_prompt_tokens)
+        policy, actor = build.build_models(config, self.tokenizer)
+        self._warm_start(policy, actor, warm_records)
         rows = rollout.prompts_per_step * rollout.n
         self.updates_per_step = algo.ppo_epochs * rows // algo.train_batch_size
         self.updater = build.make_updater(config, policy, actor, config.train.steps * self.updates_per_step)
@@ -112,10 +110,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _prompt_ids(self, record):
-        text = build_prompt(record, self.tokenizer, self.config.data.template, self.config.data.instruction)
-        return encode_prompts(self.tokenizer, [text], self.config.data.template)[0]
-
     def _warm_start(self, policy, actor, records):
         config, ws = self.config, self.config.warm_start
         spec = {"data": config.data.to_dict(), "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}
@@ -126,7 +120,7 @@ class Trainer:
                 continue
             summary = warm_start(model, self.tokenizer, records, name=name, workdir=self.workdir,
                                  steps=steps, batch_size=ws.batch_size, lr=lr, seed=config.seed, max_len=max_len,
-                                 prompt_fn=self._prompt_ids, spec={**spec, "model": section.to_dict()})
+                                 prompt_fn=self.batcher.encode_record, spec={**spec, "model": section.to_dict()})
             logger.info("warm start of the %s: %s", name, summary)
 
     def _meta(self) -> dict:
