@@ -68,8 +68,8 @@ def _split_warm_start(records, config):
     needed = config.rollout.prompts_per_step
     if n > len(records) - needed:
         raise ConfigError(f"config.warm_start.problems={n} is not allowed: the train split has {len(records)} "
-                         f"problems (data.train_limit={config.data.train_limit}) and RL needs at least "
-                         f"rollout.prompts_per_step={needed} of them left; use at most {len(records) - needed}.")
+                          f"problems (data.train_limit={config.data.train_limit}) and RL needs at least "
+                          f"rollout.prompts_per_step={needed} of them left; use at most {len(records) - needed}.")
     return records[:n], records[n:]
 
 
