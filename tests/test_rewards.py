@@ -1,6 +1,7 @@
 """Rewards (answer extraction, the math-verify grader and its time limit, the format reward, the
 registry) and the Mean@k / Pass@k metrics."""
 import itertools
+import random
 import pathlib
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from fractions import Fraction
 
 import pytest
 
-from jackpot_jax.data import metrics, rewards
+from jackpot_jax.data import arithmetic, metrics, rewards
 
 GSM8K_SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
                   "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
@@ -227,6 +228,36 @@ def test_format_reward(completion, expected):
     assert rewards.format_reward(completion, "ignored") == expected
 
 
+@pytest.mark.parametrize("completion, answer, expected", [
+    (" 52 - 20 = 32. \\boxed{32}", "32", 1.0),
+    ("52 - 20 = 32. \\boxed{32}\n", "32", 1.0),  # surrounding whitespace is fine
+    (" 3 + 4 = 7. 7 * 2 = 14. 14 - 5 = 9. \\boxed{9}", "9", 1.0),
+    (" 52 - 20 = . \\boxed{32}", "32", 0.0),  # math_reward gives 1.0: the worked line is broken
+    (" 52 - 20 = 32. \\boxed{ 32}", "32", 0.0),  # not the task's form
+    (" 52 - 20 = 32.  \\boxed{32}", "32", 0.0),
+    (" 52 - 20 = 33. \\boxed{32}", "32", 0.0),  # a wrong step
+    (" 52 - 20 = 32. \\boxed{33}", "33", 0.0),  # box is not the last result
+    (" 52 - 20 = 32. \\boxed{32}", "33", 0.0),  # wrong answer
+    (" 3 + 4 = 7. 6 - 1 = 5. \\boxed{5}", "5", 0.0),  # a step that does not start from the result
+    (" \\boxed{32}", "32", 0.0),  # no step
+    (" 7 / 7 = 1. \\boxed{1}", "1", 0.0),
+])
+def test_arithmetic_solution_reward(completion, answer, expected):
+    assert rewards.get_reward("arithmetic")(completion, answer) == expected
+
+
+def test_arithmetic_solution_reward_accepts_every_generated_solution_and_no_altered_one():
+    rng = random.Random(0)
+    for difficulty in (1, 2, 3, 4):
+        for _ in range(200):
+            problem = arithmetic.generate_problem(rng, difficulty)
+            solution = " " + problem["solution"]
+            assert arithmetic.solution_reward(solution, problem["answer"]) == 1.0, problem
+            digit = rng.choice([i for i, ch in enumerate(solution) if ch.isdigit()])
+            altered = solution[:digit] + str((int(solution[digit]) + 1) % 10) + solution[digit + 1:]
+            assert arithmetic.solution_reward(altered, problem["answer"]) == 0.0, altered
+
+
 def test_registry(monkeypatch):
     monkeypatch.setattr(rewards, "_REGISTRY", dict(rewards._REGISTRY))
     assert rewards.get_reward("math") is rewards.math_reward
@@ -240,7 +271,7 @@ def test_registry(monkeypatch):
     rewards.register_reward("short", length_reward)
     rewards.register_reward("short", length_reward)  # the same function again is fine
     assert rewards.get_reward("short")("hi", "") == 1.0
-    assert rewards.registered_rewards() == ["format", "math", "short"]
+    assert rewards.registered_rewards() == ["arithmetic", "format", "math", "short"]
     with pytest.raises(ValueError, match="already registered"):
         rewards.register_reward("short", rewards.format_reward)
     with pytest.raises(ValueError, match="import path"):
@@ -250,7 +281,7 @@ def test_registry(monkeypatch):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("nope", "Unknown reward 'nope'. Registered rewards: format, math"),
+    ("nope", "Unknown reward 'nope'. Registered rewards: arithmetic, format, math"),
     ("no_such_module_xyz:f", "Cannot import the module 'no_such_module_xyz'"),
     ("jackpot_jax.data.rewards:no_such_fn", "has no attribute 'no_such_fn'"),
     ("jackpot_jax.data.rewards:DEFAULT_TIME_LIMIT_S", "is not callable"),

@@ -13,13 +13,15 @@ Difficulty is the number of operations:
   is) or doubles / triples (only while the count is 1..30).
 
 Every answer is a unique non-negative integer. The solution shows one line per step and ends with
-``\\boxed{N}``: ``"3 + 4 = 7. 7 - 2 = 5. \\boxed{5}"``. Prompts stay short (tiny models, small
-vocabularies). Each problem dict also carries its structure (``start``, ``steps``) so that answers
+``\\boxed{N}``: ``"3 + 4 = 7. 7 - 2 = 5. \\boxed{5}"``; :func:`solution_reward` grades a
+completion on that whole form (every step checked), not on its final answer alone. Prompts stay
+short (tiny models, small vocabularies). Each problem dict also carries its structure (``start``, ``steps``) so that answers
 can be recomputed independently (:func:`evaluate`).
 """
 from __future__ import annotations
 
 import random
+import re
 from typing import Iterable
 
 MAX_DRAWS_PER_PROBLEM = 50  # make_split gives up past count * this many draws (space too small)
@@ -140,3 +142,29 @@ def make_split(seed: int, count: int, difficulty: int, *, exclude: Iterable[str]
         seen.add(problem["problem"])
         problems.append(problem)
     return problems
+
+
+_STEP = r"(\d+) ([-+*]) (\d+) = (\d+)\."
+_SOLUTION_RE = re.compile(rf"(?:{_STEP} )+\\boxed\{{(\d+)\}}")
+
+
+def solution_reward(completion: str, answer: str) -> float:
+    """1.0 when ``completion`` (surrounding whitespace aside) is a worked solution in exactly the
+    form of this task's solutions, every step ``a op b = c.`` is right, each step starts from the
+    previous result, and the boxed number is the last result and equals ``answer``; else 0.0.
+
+    Stricter than :func:`jackpot_jax.data.rewards.math_reward`, which reads only the final box: RL
+    on that reward is free to corrupt the worked line that a small model computes its answer with
+    (``"52 - 20 = . \\boxed{32}"`` earns 1.0 there, 0.0 here). Registered as ``"arithmetic"``.
+    """
+    text = completion.strip()
+    if _SOLUTION_RE.fullmatch(text) is None:
+        return 0.0
+    steps = re.findall(_STEP, text)
+    value = None
+    for a, op, b, c in steps:
+        if (value is not None and int(a) != value) or apply(int(a), op, int(b)) != int(c):
+            return 0.0
+        value = int(c)
+    boxed = int(text[text.rindex("{") + 1:-1])
+    return 1.0 if boxed == value and str(boxed) == answer.strip() else 0.0

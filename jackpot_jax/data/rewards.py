@@ -41,6 +41,7 @@ import threading
 import time
 from typing import Callable
 
+from jackpot_jax.data.arithmetic import solution_reward
 from jackpot_jax.imports import import_object
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ def format_reward(completion: str, answer: str | None = None) -> float:
 # Registry
 # ------------------------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, RewardFn] = {"math": math_reward, "format": format_reward}
+_REGISTRY: dict[str, RewardFn] = {"math": math_reward, "format": format_reward, "arithmetic": solution_reward}
 
 
 def register_reward(name: str, fn: RewardFn) -> None:

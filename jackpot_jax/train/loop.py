@@ -112,7 +112,8 @@ class Trainer:
 
     def _warm_start(self, policy, actor, records):
         config, ws = self.config, self.config.warm_start
-        spec = {"data": config.data.to_dict(), "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}
+        data = {k: v for k, v in config.data.to_dict().items() if k not in ("reward", "eval_split", "eval_limit")}
+        spec = {"data": data, "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}  # what it depends on
         max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
         for name, model, steps, lr, section in (("policy", policy, ws.policy_steps, ws.policy_lr, config.policy),
                                                 ("actor", actor, ws.actor_steps, ws.actor_lr, config.actor)):
