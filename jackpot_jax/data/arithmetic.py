@@ -15,8 +15,8 @@ Difficulty is the number of operations:
 Every answer is a unique non-negative integer. The solution shows one line per step and ends with
 ``\\boxed{N}``: ``"3 + 4 = 7. 7 - 2 = 5. \\boxed{5}"``; :func:`solution_reward` grades a
 completion on that whole form (every step checked), not on its final answer alone. Prompts stay
-short (tiny models, small vocabularies). Each problem dict also carries its structure (``start``, ``steps``) so that answers
-can be recomputed independently (:func:`evaluate`).
+short (tiny models, small vocabularies). Each problem dict also carries its structure (``start``,
+``steps``) so that answers can be recomputed independently (:func:`evaluate`).
 """
 from __future__ import annotations
 
