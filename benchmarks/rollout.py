@@ -7,6 +7,17 @@ Configs: ``30m`` and ``150m`` Qwen3-like models (vocabulary 32,768, tied embeddi
 
     python benchmarks/rollout.py [--sizes 30m 150m] [--batch 32] [--prompt 64] [--new 128] [--repeats 2]
 
+``decode`` (meant for a GPU) times one decode step (:meth:`DecodeCore.generate`: every slot's next token,
+sampling included) of a Qwen3-1.7B-shaped model (``--preset``) with random bfloat16 weights and a random bfloat16 KV
+cache, at each ``--batches`` size, against the memory-bandwidth floor: the bytes one step must read
+(every weight once; the tied embedding once, as the unembedding) plus the keys and values of each
+slot's context, over the copy bandwidth measured in the same process (an elementwise pass over
+2 GiB, bytes read plus written). The cache holds ``--cache`` positions; the slots start at
+``--context`` filled positions and the timed ``--steps`` steps go on from there. Our attention reads
+the whole cache (dense, masked), so a second floor counts all ``--cache`` positions.
+
+    python benchmarks/rollout.py decode [--preset qwen3-1.7b] [--batches 1 64] [--cache 1024] [--context 512] [--steps 128]
+
 Prints Markdown rows for BENCHMARKS.md with the device, versions and date.
 """
 from __future__ import annotations
@@ -14,14 +25,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import sys
 import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jackpot_jax.models import ModelConfig, Transformer
+from jackpot_jax.models import ModelConfig, Transformer, preset
 from jackpot_jax.models.hf import save_pretrained
 from jackpot_jax.rollout import DecodeCore, generate
 
@@ -72,7 +85,68 @@ def best(fn, repeats):
     return min(times), result
 
 
+def copy_bandwidth(gib=2, repeats=10):
+    """Bytes read plus written per second of an elementwise pass over ``gib`` GiB of bfloat16."""
+    x = jax.random.normal(jax.random.key(0), (gib * 2**29,), jnp.bfloat16)
+    step = jax.jit(lambda x: x * jnp.bfloat16(1.5))
+    jax.block_until_ready(step(x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(step(x))
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / float(np.median(times))
+
+
+def decode(args):
+    cfg = preset(args.preset)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    bandwidth = copy_bandwidth()
+    weight_bytes = cfg.num_params() * cfg.jnp_param_dtype.itemsize
+    kv_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * cfg.jnp_dtype.itemsize
+    dev = jax.devices()[0]
+    print(f"Decode step, {args.preset} shape ({cfg.num_params() / 1e9:.2f}B parameters, {weight_bytes / 2**30:.2f} GiB), "
+          f"{cfg.dtype}, cache {args.cache} positions, context {args.context} -> {args.context + args.steps}, "
+          f"median over {args.steps} steps; copy bandwidth measured {bandwidth / 1e12:.2f} TB/s; "
+          f"{dev.platform} ({dev.device_kind}), JAX {jax.__version__}, {datetime.date.today().isoformat()}\n")
+    print("| batch | ms per step | tokens/s | floor, context KV (ms) | vs floor | floor, whole cache (ms) | vs floor |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in args.batches:
+        core = DecodeCore(model, max_concurrent_decodes=batch, max_prefill_length=16, max_target_length=args.cache)
+        state = core.init_decode_state()
+        keys = iter(jax.random.split(jax.random.key(1), 2 * cfg.num_hidden_layers))
+        fill = lambda c: jax.random.normal(next(keys), c.shape, c.dtype)
+        cache = state.cache._replace(k=tuple(map(fill, state.cache.k)), v=tuple(map(fill, state.cache.v)),
+                                     lengths=jnp.full((batch,), args.context, jnp.int32))
+        state = state._replace(cache=cache, tokens=jnp.asarray(np.arange(batch) % cfg.vocab_size, jnp.int32))
+        for _ in range(3):  # compile, warm up
+            state = core.generate(core.params, state)
+        jax.block_until_ready(state)
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            state = core.generate(core.params, state)
+            jax.block_until_ready(state.tokens)
+            times.append(time.perf_counter() - start)
+        step = float(np.median(times))
+        context = args.context + 3 + args.steps / 2
+        floor = (weight_bytes + batch * context * kv_per_position) / bandwidth
+        floor_cache = (weight_bytes + batch * args.cache * kv_per_position) / bandwidth
+        print(f"| {batch} | {1e3 * step:.3f} | {batch / step:,.0f} | {1e3 * floor:.3f} | {step / floor:.2f}x "
+              f"| {1e3 * floor_cache:.3f} | {step / floor_cache:.2f}x |", flush=True)
+        del state, core
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "decode":
+        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("what", choices=["decode"])
+        parser.add_argument("--preset", default="qwen3-1.7b", help="the model's shape (random bfloat16 weights)")
+        parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+        parser.add_argument("--cache", type=int, default=1024)
+        parser.add_argument("--context", type=int, default=512)
+        parser.add_argument("--steps", type=int, default=128)
+        return decode(parser.parse_args())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["30m", "150m"], choices=sorted(SIZES))
     parser.add_argument("--batch", type=int, default=32)

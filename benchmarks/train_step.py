@@ -18,11 +18,19 @@ of them alike; each reports the median over ``--repeats`` rounds after ``--warmu
 (``algorithm.train_batch_size``) and sequence length. Models: ``preset(--policy, vocab_size=V)``
 and ``preset(--actor, vocab_size=V)`` for each ``--vocab`` V.
 
+On a GPU the table is followed by tokens/s and the model FLOPs utilization of each case: the
+forward and backward of each trained model (3 x :func:`models.forward_flops`: 2 P per token and the
+full T x T attention, backward twice the forward) plus the forward of a frozen actor that the update
+runs (case b); the extra passes over the vocabulary are overhead, not counted. ``--peak-tflops`` is
+the device's dense bfloat16 peak (H100 SXM: 989).
+
 ``e2e`` runs :class:`jackpot_jax.train.loop.Trainer` on ``configs/demo.py`` in a temporary work dir
 (short warm start, no evaluation) and reports the median ``time/rollout_s`` and ``time/update_s``
 over the steps after the first (which compiles).
 
     python benchmarks/train_step.py update [--vocab 4096 103] [--batch B] [--length L] [--repeats 10]
+    python benchmarks/train_step.py update --policy qwen3-1.7b --actor qwen3-0.6b --vocab 151936 \
+        --batch 4 --length 1024 --cases a b c [--kernel-impl chunked]          # on a GPU
     python benchmarks/train_step.py e2e [--steps 6] [--warm-steps 20] [--modes jackpot off_policy]
     python benchmarks/train_step.py all
 
@@ -110,14 +118,15 @@ def params(model):
 
 def make_updaters(args, vocab, demo):
     """Policy, actor, and per case an :class:`Updater` and its fresh state: the demo's algorithm
-    and optimizer settings with the case's mode and train_actor, chunked kernels."""
+    and optimizer settings with the case's mode and train_actor, the ``--kernel-impl`` kernels."""
     policy = Transformer(preset(args.policy, vocab_size=vocab, **args.policy_overrides), rngs=nnx.Rngs(0))
     actor = Transformer(preset(args.actor, vocab_size=vocab, **args.actor_overrides), rngs=nnx.Rngs(1))
     updaters, states = {}, {}
     for case in args.cases:
         _, mode, train_actor = CASES[case]
         cfg = StepConfig.from_config(demo)._replace(mode=mode, train_actor=train_actor,
-                                                    micro_batch_size=args.micro_batch, kernel_impl="chunked")
+                                                    micro_batch_size=args.micro_batch,
+                                                    kernel_impl=args.kernel_impl)
         policy_tx = build.make_optimizer(demo.optim.policy, 1000)[0]
         actor_tx = build.make_optimizer(demo.optim.actor, 1000)[0] if train_actor else None
         updaters[case] = Updater(cfg, policy, actor, policy_tx, actor_tx)
@@ -143,7 +152,7 @@ def time_updates(args, vocab, demo):
                 times[case].append(time.perf_counter() - start)
             if float(metrics["nonfinite/skipped"]):
                 raise RuntimeError(f"case {case}: the update was skipped (non-finite loss or gradient)")
-    return {case: np.asarray(t) for case, t in times.items()}
+    return {case: np.asarray(t) for case, t in times.items()}, (policy.config, actor.config)
 
 
 def _describe(overrides):
@@ -153,7 +162,8 @@ def _describe(overrides):
 def update(args):
     demo = demo_config()
     tokens = args.batch * (args.length - 1)
-    print(f"Update step (`Updater.update`, one optimizer update, kernel_impl=chunked, float32): policy "
+    dtype = preset(args.policy, **args.policy_overrides).dtype
+    print(f"Update step (`Updater.update`, one optimizer update, kernel_impl={args.kernel_impl}, {dtype}): policy "
           f"{args.policy}{_describe(args.policy_overrides)}, actor {args.actor}{_describe(args.actor_overrides)}, "
           f"B={args.batch} sequences x T={args.length - 1} positions "
           f"({tokens} tokens), micro-batch {args.micro_batch}, the demo's other algorithm settings; median of "
@@ -161,8 +171,10 @@ def update(args):
     cols = [c for c in "abcd" if c in args.cases]
     print("| V | " + " | ".join(f"({c}) {CASES[c][0]}" for c in cols) + " | (b)/(a) | (c)/(d) | (c)/(a) |")
     print("|---" * (len(cols) + 4) + "|")
+    gpu_rows = []
     for vocab in args.vocab:
-        times = time_updates(args, vocab, demo)
+        times, configs = time_updates(args, vocab, demo)
+        gpu_rows.append((vocab, times, configs))
         med = {case: float(np.median(t)) for case, t in times.items()}
         spread = {case: (float(np.min(t)), float(np.max(t))) for case, t in times.items()}
         cells = [f"{1e3 * med[c]:.0f} ms ({1e3 * spread[c][0]:.0f}-{1e3 * spread[c][1]:.0f})" for c in cols]
@@ -170,6 +182,25 @@ def update(args):
         print(f"| {vocab:,} | " + " | ".join(cells) + f" | {ratio('b', 'a')} | {ratio('c', 'd')} | {ratio('c', 'a')} |",
               flush=True)
     print("\nCells: median (min-max) wall time per update.")
+    if jax.default_backend() == "gpu":
+        print(f"\n| V | case | tokens/s | model TFLOP per update | TFLOP/s | MFU (peak {args.peak_tflops:g}) |")
+        print("|---|---|---|---|---|---|")
+        for vocab, times, configs in gpu_rows:
+            for case, t in times.items():
+                flops = update_flops(case, *configs, args.batch, args.length - 1)
+                sec = float(np.median(t))
+                print(f"| {vocab:,} | ({case}) | {tokens / sec:,.0f} | {flops / 1e12:.1f} | {flops / sec / 1e12:.0f} "
+                      f"| {100 * flops / sec / (args.peak_tflops * 1e12):.1f}% |")
+
+
+def update_flops(case, policy_config, actor_config, batch, seq):
+    """Model FLOPs of one update of ``case`` (see the module docstring)."""
+    from models import forward_flops  # noqa: PLC0415 (benchmarks/models.py, beside this file)
+
+    _, mode, train_actor = CASES[case]
+    actor_passes = 3 if train_actor else (1 if mode != "off_policy" else 0)
+    return (3 * forward_flops(policy_config, batch, seq)
+            + actor_passes * forward_flops(actor_config, batch, seq))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -221,6 +252,9 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=0,
                         help="update: sequences per micro-batch (0: the demo's, or the batch if it does not divide it)")
     parser.add_argument("--cases", nargs="+", default=list("abcd"), choices=list("abcd"))
+    parser.add_argument("--kernel-impl", default="chunked", choices=["chunked", "pallas", "reference"],
+                        help="update: the vocabulary statistics' implementation")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="update, on a GPU: dense bfloat16 peak")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="e2e: RL steps (the first is not counted)")

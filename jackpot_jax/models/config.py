@@ -192,12 +192,15 @@ _LLAMA3_SCALING = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, hig
                        original_max_position_embeddings=8192)
 
 PRESETS = {
-    # the paper's pairs (base models), from their published config.json
+    # the paper's pairs (base models) and Qwen3-0.6B (the GPU benchmarks' actor), from their config.json
     "qwen2.5-1.5b": ModelConfig(151936, 1536, 8960, 28, 12, 2, model_type="qwen2", rope_theta=1e6,
                                 max_position_embeddings=131072, tie_word_embeddings=True, param_dtype="bfloat16",
                                 dtype="bfloat16"),
     "qwen2.5-3b": ModelConfig(151936, 2048, 11008, 36, 16, 2, model_type="qwen2", rope_theta=1e6,
                               max_position_embeddings=32768, tie_word_embeddings=True, param_dtype="bfloat16",
+                              dtype="bfloat16"),
+    "qwen3-0.6b": ModelConfig(151936, 1024, 3072, 28, 16, 8, head_dim=128, rope_theta=1e6,
+                              max_position_embeddings=40960, tie_word_embeddings=True, param_dtype="bfloat16",
                               dtype="bfloat16"),
     "qwen3-1.7b": ModelConfig(151936, 2048, 6144, 28, 16, 8, head_dim=128, rope_theta=1e6,
                               max_position_embeddings=40960, tie_word_embeddings=True, param_dtype="bfloat16",
