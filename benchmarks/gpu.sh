@@ -5,8 +5,9 @@
 #
 # Each part runs in its own process under a time limit, logs to OUTDIR/PART.log and prints the end
 # of its log; a failing part does not stop the others. Needs JAX with CUDA, flax, optax, orbax,
-# pytest and hypothesis, and ml_collections (the demo config that train_step.py reads); no
-# TensorFlow, TFDS or JetStream.
+# pytest and hypothesis, and ml_collections (the demo config that train_step.py reads; a pure-Python
+# wheel where it is missing); no TensorFlow, TFDS or JetStream. Results of 2026-11-25 on an H100
+# are in BENCHMARKS.md.
 set -u
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR [PART...]}
 shift

@@ -27,9 +27,12 @@ Implementations, chosen by ``impl``:
     the OBRS filter fused into their last step, and rho in a second elementwise kernel), the
     two-model pass behind the distillation KL and the first pass of :func:`fused_jackpot_stats`;
     backward passes (and that op's second pass) are the chunked ones. On CPU the TPU kernels run
-    interpreted (for tests). They lower for their targets from a CPU host and match the
-    reference interpreted, but have not yet run on TPU or GPU hardware.
-  * ``"auto"``: ``"chunked"`` on every backend, until the Pallas kernels are checked on hardware.
+    interpreted (for tests). Both lower for their targets from a CPU host and match the reference
+    interpreted; the Triton kernels also ran compiled on an H100 and match the float64 reference
+    there (``tests/test_gpu.py``). The Mosaic TPU kernels have not run on TPU hardware.
+  * ``"auto"``: ``"chunked"`` on every backend: on an H100 the chunked step statistics take 0.075 s
+    against 0.119 s with the Triton forward (N=8192, D=2048, V=151,936, bfloat16; BENCHMARKS.md),
+    and TPU is unmeasured.
 """
 from __future__ import annotations
 
@@ -56,8 +59,8 @@ _BLOCK_V = {"cpu": 2048, "gpu": 8192, "tpu": 8192}
 
 
 def _resolve(impl, block_v):
-    """The implementation and block size to run; "auto" stays on "chunked" until the Pallas
-    kernels have been checked on real hardware."""
+    """The implementation and block size to run; "auto" is "chunked" (faster than the Triton
+    kernels on an H100; see the module docstring)."""
     check_choice("impl", impl, IMPLS)
     impl = "chunked" if impl == "auto" else impl
     if block_v is None:

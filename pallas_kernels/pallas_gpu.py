@@ -4,8 +4,10 @@ Why Triton rather than Mosaic GPU: in JAX 0.10 ``pallas_call`` lowers to Triton 
 NVIDIA GPUs, and one kernel serves Ampere and Hopper; the op is a tiled matmul followed by row
 reductions, which Triton schedules well. Mosaic GPU (Hopper and newer, hand-managed WGMMA and TMA
 pipelines) is the JAX team's recommended path and the Triton backend is maintained on a
-best-effort basis: if measurements on H100 show Triton short of the matmul floor, a Mosaic GPU
-kernel replaces this one behind the same dispatch.
+best-effort basis (JAX 0.11 warns that it is deprecated). Measured on an H100 (2026-11-25,
+BENCHMARKS.md): these kernels are correct (``tests/test_gpu.py``) but the step statistics with
+them take 1.6x the chunked XLA path's time, which is why ``impl="auto"`` does not pick them; a
+Mosaic GPU kernel is the next thing to try behind the same dispatch.
 
 One program per block of ``bn`` tokens; it walks the vocabulary in blocks of ``bv`` columns, each
 block's logits accumulated over ``bd``-wide slices of D on the tensor cores, and folds them into
