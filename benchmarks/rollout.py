@@ -5,18 +5,21 @@ Both generate exactly ``--new`` tokens for each of ``--batch`` prompts of ``--pr
 (greedy; no EOS), float32; the time includes prefill. The two must produce the same tokens (checked).
 Configs: ``30m`` and ``150m`` Qwen3-like models (vocabulary 32,768, tied embeddings).
 
-    python benchmarks/rollout.py [--sizes 30m 150m] [--batch 32] [--prompt 64] [--new 128] [--repeats 2]
+    python benchmarks/rollout.py [--sizes 30m 150m] [--batch 32] [--prompt 64] [--new 128] [--repeats 2] \
+        [--steps-per-call 8]
 
-``decode`` (meant for a GPU) times one decode step (:meth:`DecodeCore.generate`: every slot's next token,
-sampling included) of a Qwen3-1.7B-shaped model (``--preset``) with random bfloat16 weights and a random bfloat16 KV
-cache, at each ``--batches`` size, against the memory-bandwidth floor: the bytes one step must read
+``decode`` (meant for a GPU) times a decode step (every slot's next token, sampling included,
+``--steps-per-call`` steps per :meth:`DecodeCore.generate_steps` call, the tokens fetched to the host
+after each call) of a Qwen3-1.7B-shaped model (``--preset``) with random bfloat16 weights and a
+random bfloat16 KV cache, at each ``--batches`` size, against the memory-bandwidth floor: the bytes one step must read
 (every weight once; the tied embedding once, as the unembedding) plus the keys and values of each
 slot's context, over the copy bandwidth measured in the same process (an elementwise pass over
 2 GiB, bytes read plus written). The cache holds ``--cache`` positions; the slots start at
 ``--context`` filled positions and the timed ``--steps`` steps go on from there. Our attention reads
 the whole cache (dense, masked), so a second floor counts all ``--cache`` positions.
 
-    python benchmarks/rollout.py decode [--preset qwen3-1.7b] [--batches 1 64] [--cache 1024] [--context 512] [--steps 128]
+    python benchmarks/rollout.py decode [--preset qwen3-1.7b] [--batches 1 64] [--cache 1024] [--context 512] \
+        [--steps 128] [--steps-per-call 1]
 
 Prints Markdown rows for BENCHMARKS.md with the device, versions and date.
 """
@@ -51,10 +54,10 @@ def config(size):
                        **SIZES[size])
 
 
-def ours(model, prompts, new):
+def ours(model, prompts, new, steps_per_call):
     core = DecodeCore(model, max_concurrent_decodes=len(prompts), max_prefill_length=len(prompts[0]),
                       max_target_length=len(prompts[0]) + new)
-    return lambda: generate(core, prompts, new, temperature=0.0).completions
+    return lambda: generate(core, prompts, new, temperature=0.0, steps_per_call=steps_per_call).completions
 
 
 def theirs(model, prompts, new, path):
@@ -107,7 +110,7 @@ def decode(args):
     dev = jax.devices()[0]
     print(f"Decode step, {args.preset} shape ({cfg.num_params() / 1e9:.2f}B parameters, {weight_bytes / 2**30:.2f} GiB), "
           f"{cfg.dtype}, cache {args.cache} positions, context {args.context} -> {args.context + args.steps}, "
-          f"median over {args.steps} steps; copy bandwidth measured {bandwidth / 1e12:.2f} TB/s; "
+          f"{args.steps_per_call} steps per call, median over {args.steps} steps; copy bandwidth measured {bandwidth / 1e12:.2f} TB/s; "
           f"{dev.platform} ({dev.device_kind}), JAX {jax.__version__}, {datetime.date.today().isoformat()}\n")
     print("| batch | ms per step | tokens/s | floor, context KV (ms) | vs floor | floor, whole cache (ms) | vs floor |")
     print("|---|---|---|---|---|---|---|")
@@ -119,17 +122,18 @@ def decode(args):
         cache = state.cache._replace(k=tuple(map(fill, state.cache.k)), v=tuple(map(fill, state.cache.v)),
                                      lengths=jnp.full((batch,), args.context, jnp.int32))
         state = state._replace(cache=cache, tokens=jnp.asarray(np.arange(batch) % cfg.vocab_size, jnp.int32))
-        for _ in range(3):  # compile, warm up
-            state = core.generate(core.params, state)
-        jax.block_until_ready(state)
+        per_call = args.steps_per_call
+        for _ in range(2):  # compile, warm up
+            state, drawn = core.generate_steps(core.params, state, per_call)
+        jax.device_get(drawn.tokens)
         times = []
-        for _ in range(args.steps):
+        for _ in range(max(1, args.steps // per_call)):
             start = time.perf_counter()
-            state = core.generate(core.params, state)
-            jax.block_until_ready(state.tokens)
-            times.append(time.perf_counter() - start)
+            state, drawn = core.generate_steps(core.params, state, per_call)
+            jax.device_get(drawn.tokens)  # the host needs the tokens, as generate does
+            times.append((time.perf_counter() - start) / per_call)
         step = float(np.median(times))
-        context = args.context + 3 + args.steps / 2
+        context = args.context + 2 * per_call + args.steps / 2
         floor = (weight_bytes + batch * context * kv_per_position) / bandwidth
         floor_cache = (weight_bytes + batch * args.cache * kv_per_position) / bandwidth
         print(f"| {batch} | {1e3 * step:.3f} | {batch / step:,.0f} | {1e3 * floor:.3f} | {step / floor:.2f}x "
@@ -146,6 +150,8 @@ def main():
         parser.add_argument("--cache", type=int, default=1024)
         parser.add_argument("--context", type=int, default=512)
         parser.add_argument("--steps", type=int, default=128)
+        parser.add_argument("--steps-per-call", type=int, default=1,
+                            help="decode steps per jitted call (DecodeCore.generate_steps); 1: one token per call")
         return decode(parser.parse_args())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["30m", "150m"], choices=sorted(SIZES))
@@ -153,13 +159,14 @@ def main():
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps-per-call", type=int, default=8, help="decode steps per jitted call (generate's)")
     args = parser.parse_args()
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
     dev = jax.devices()[0]
     print(f"Generated tokens/s, batch {args.batch}, {args.prompt}-token prompts, {args.new} new tokens, greedy, "
-          f"float32, best of {args.repeats}; {dev.platform} ({dev.device_kind}), {platform.machine()}, "
+          f"float32, {args.steps_per_call} decode steps per call, best of {args.repeats}; {dev.platform} ({dev.device_kind}), {platform.machine()}, "
           f"JAX {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}, {datetime.date.today().isoformat()}\n")
     print("| model | parameters | jackpot_jax tokens/s | transformers tokens/s | ratio |")
@@ -171,7 +178,7 @@ def main():
         prompts = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt)).tolist()
         with tempfile.TemporaryDirectory() as path:
             hf_run = theirs(model, prompts, args.new, path)
-        t_ours, out_ours = best(ours(model, prompts, args.new), args.repeats)
+        t_ours, out_ours = best(ours(model, prompts, args.new, args.steps_per_call), args.repeats)
         t_theirs, out_theirs = best(hf_run, args.repeats)
         same = np.mean([a == b for a, b in zip(out_ours, out_theirs)])
         tokens = args.batch * args.new

@@ -161,9 +161,12 @@ def _describe(overrides):
 
 def update(args):
     demo = demo_config()
+    for key, value in args.algorithm_overrides.items():
+        setattr(demo.algorithm, key, type(getattr(demo.algorithm, key))(value))
     tokens = args.batch * (args.length - 1)
     dtype = preset(args.policy, **args.policy_overrides).dtype
-    print(f"Update step (`Updater.update`, one optimizer update, kernel_impl={args.kernel_impl}, {dtype}): policy "
+    changed = "".join(f", {key}={value}" for key, value in args.algorithm_overrides.items())
+    print(f"Update step (`Updater.update`, one optimizer update, kernel_impl={args.kernel_impl}, {dtype}{changed}): policy "
           f"{args.policy}{_describe(args.policy_overrides)}, actor {args.actor}{_describe(args.actor_overrides)}, "
           f"B={args.batch} sequences x T={args.length - 1} positions "
           f"({tokens} tokens), micro-batch {args.micro_batch}, the demo's other algorithm settings; median of "
@@ -252,6 +255,9 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=0,
                         help="update: sequences per micro-batch (0: the demo's, or the batch if it does not divide it)")
     parser.add_argument("--cases", nargs="+", default=list("abcd"), choices=list("abcd"))
+    parser.add_argument("--algorithm-overrides", type=lambda text: dict(item.split("=", 1) for item in text.split(",")),
+                        default={}, metavar="KEY=VALUE,...",
+                        help="update: keys of the demo's algorithm section to replace, e.g. z=exact")
     parser.add_argument("--kernel-impl", default="chunked", choices=["chunked", "pallas", "reference"],
                         help="update: the vocabulary statistics' implementation")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="update, on a GPU: dense bfloat16 peak")

@@ -117,18 +117,49 @@ def test_sampling_frequencies_match_the_processed_distribution():
 
 def test_continuous_batching_equals_one_by_one_generation(rng):
     """Per-prompt seeds; a frequent EOS token makes requests end at different steps, so slots are
-    refilled mid-flight."""
+    refilled mid-flight, and requests end inside a multi-step decode call (8 steps per call
+    together, 1 alone: the one-token-per-call loop is the reference)."""
     model = Transformer(preset("tiny-qwen3"), rngs=nnx.Rngs(0))
     batch = prompts(rng, (3, 8, 5, 11, 2, 6))
     seeds = [5, 6, 7, 8, 9, 10]
     opts = dict(temperature=1.0, top_k=8, logprobs_top_k=2, n=2, eos_token_ids=list(range(0, 512, 9)))
-    together = generate(model, batch, 10, seed=seeds, max_concurrent_decodes=3, **opts)
+    together = generate(model, batch, 10, seed=seeds, max_concurrent_decodes=3, steps_per_call=8, **opts)
     assert {"eos", "length"} <= set(together.finish_reasons)
+    # some request drew EOS inside the first 8-step call (its later draws must be dropped)
+    assert any(2 <= len(c) <= 8 for c, r in zip(together.completions, together.finish_reasons) if r == "eos")
     for i, (prompt, seed) in enumerate(zip(batch, seeds)):
-        alone = generate(model, [prompt], 10, seed=[seed], max_concurrent_decodes=1, **opts)
+        alone = generate(model, [prompt], 10, seed=[seed], max_concurrent_decodes=1, steps_per_call=1, **opts)
         for j in range(2):
             assert together.completions[2 * i + j] == alone.completions[j]
+            assert together.finish_reasons[2 * i + j] == alone.finish_reasons[j]
             np.testing.assert_allclose(together.logprobs[2 * i + j], alone.logprobs[j], atol=1e-5)
+            np.testing.assert_array_equal(together.topk_ids[2 * i + j], alone.topk_ids[j])
+
+
+def test_generate_steps_equals_repeated_generate(rng):
+    model = Transformer(preset("tiny-qwen3"), rngs=nnx.Rngs(4))
+    core = DecodeCore(model, max_concurrent_decodes=2, max_prefill_length=16, max_target_length=32,
+                      logprobs_top_k=3)
+
+    batch = prompts(rng, (5, 9))
+
+    def started():
+        state = core.init_decode_state()
+        for slot, prompt in enumerate(batch):
+            state = core.insert(core.prefill(core.params, prompt, len(prompt), key=jax.random.key(slot)), state, slot)
+        return state
+
+    one, drawn = started(), []
+    for _ in range(5):
+        one = core.generate(core.params, one)
+        drawn.append(jax.device_get(one.last))
+    many, steps = core.generate_steps(core.params, started(), 5)
+    for t in range(5):
+        for field in ("tokens", "logprobs", "topk_ids", "topk_logprobs"):
+            np.testing.assert_allclose(getattr(steps, field)[t], getattr(drawn[t], field), atol=1e-6)
+    np.testing.assert_array_equal(many.steps, one.steps)
+    with pytest.raises(ValueError, match="steps=0 is not allowed"):
+        core.generate_steps(core.params, many, 0)
 
 
 def test_stop_sequences_and_eos_end_a_completion(pair, rng):

@@ -8,7 +8,9 @@ where JetStream is not installed. Any model of the registry works (the ``CausalL
   from 16 up to ``max_prefill_length``, so at most log2 compiled shapes) and samples the first
   token: a :class:`Prefix`.
 * ``insert(prefix, state, slot)`` writes the prefix's cache into a decode slot.
-* ``generate(params, state)`` advances every slot by one token.
+* ``generate(params, state)`` advances every slot by one token; ``generate_steps(params, state,
+  steps)`` by ``steps`` tokens in one jitted call (a scan over the same step), returning what each
+  step sampled: one dispatch and one host transfer per ``steps`` tokens instead of per token.
 
 Randomness: each request has a key; its ``t``-th generated token is drawn with
 ``fold_in(key, t)``, whatever slot or batch it runs in, so continuous batching gives the same
@@ -86,6 +88,7 @@ class DecodeCore:
         self._prefill = jax.jit(self._prefill_impl)
         self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
         self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
+        self._generate_steps = jax.jit(self._generate_steps_impl, donate_argnums=(1,), static_argnums=(2,))
 
     @property
     def params(self):
@@ -170,6 +173,23 @@ class DecodeCore:
         keys = jax.vmap(jax.random.fold_in)(state.keys, state.steps)
         drawn = sample(keys, logits, state.sampling, self.logprobs_top_k)
         return state._replace(cache=cache, tokens=drawn.tokens, steps=state.steps + 1, last=drawn)
+
+    def generate_steps(self, params, state: DecodeState, steps: int) -> tuple[DecodeState, Sampled]:
+        """``steps`` tokens for every slot in one call: the new state (the old one is donated) and
+        what each step sampled, ``[steps, slots, ...]`` (``last`` of each step's state). The
+        draws are those of ``steps`` calls of :meth:`generate`. A slot keeps decoding past its
+        request's end within the call (cache writes past ``max_target_length`` are dropped); the
+        caller discards those tokens."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r} is not allowed: it must be an integer >= 1.")
+        return self._generate_steps(params, state, steps)
+
+    def _generate_steps_impl(self, params, state, steps):
+        def step(state, _):
+            state = self._generate_impl(params, state)
+            return state, state.last
+
+        return jax.lax.scan(step, state, None, length=steps)
 
     def update_params(self, params):
         """New parameters (e.g. the actor after an update), moved device to device into this

@@ -3,7 +3,9 @@
 Every request (prompt i, sample j) gets its own key, ``fold_in(fold_in(key(seed), i), j)`` (or
 ``fold_in(key(seed[i]), j)`` with one seed per prompt), and the decode core draws its t-th token
 with ``fold_in(key, t)``: results do not depend on slot assignment, batch size or order. A slot
-whose request finishes is refilled from the queue before the next step.
+whose request finishes is refilled from the queue before the next decode call; each call
+advances every slot by up to ``steps_per_call`` tokens (:meth:`DecodeCore.generate_steps`), so a
+finished slot may idle for the rest of a call, and the tokens it drew past its end are dropped.
 """
 from __future__ import annotations
 
@@ -71,15 +73,21 @@ def _keys(seed, num_prompts, n):
 def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, logprobs_top_k: int = 0, n: int = 1, seed=0, *,
              eos_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (), params=None,
-             max_concurrent_decodes: int = 32, progress: bool = False) -> Rollout:
+             max_concurrent_decodes: int = 32, steps_per_call: int = 8, progress: bool = False) -> Rollout:
     """Sample ``n`` completions of each prompt (token-id lists) with a model of the registry or an
     engine (a :class:`DecodeCore`, e.g. a :class:`~jackpot_jax.rollout.engine.JackpotEngine`;
-    then ``logprobs_top_k`` is the engine's). ``params`` default to the engine's / model's."""
+    then ``logprobs_top_k`` is the engine's). ``params`` default to the engine's / model's.
+
+    ``steps_per_call`` decode steps run per jitted call and host transfer (fewer at the end of a
+    batch, never more than the longest remaining request needs); the samples do not depend on it.
+    """
     check_sampling(temperature, top_p, top_k)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is not allowed: it must be >= 1.")
     if n < 1:
         raise ValueError(f"n={n} is not allowed: it must be >= 1.")
+    if not isinstance(steps_per_call, (int, np.integer)) or steps_per_call < 1:
+        raise ValueError(f"steps_per_call={steps_per_call!r} is not allowed: it must be an integer >= 1.")
     is_core = isinstance(model_or_engine, DecodeCore)
     _check_prompts(prompts, (model_or_engine.model_config if is_core else model_or_engine.config).vocab_size)
     prompts = [list(map(int, p)) for p in prompts]
@@ -135,13 +143,19 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
             active[slot] = request
         if not active:
             continue
-        state = DecodeCore.generate(core, params, state)  # an engine's own generate is JetStream's
-        last = jax.device_get(state.last)
+        # a power of two (few compiled shapes) no larger than the longest remaining request needs
+        needed = max(max_new_tokens - len(request.tokens) for request in active.values())
+        steps = 1 << (min(int(steps_per_call), needed).bit_length() - 1)
+        state, drawn = DecodeCore.generate_steps(core, params, state, steps)  # an engine's own generate is JetStream's
+        drawn = jax.device_get(drawn)
         for slot, request in list(active.items()):
-            if record(request, last.tokens[slot], last.logprobs[slot], last.topk_ids[slot], last.topk_logprobs[slot]):
-                del active[slot]
-                free.append(slot)
-                bar and bar.update()
+            for t in range(steps):
+                if record(request, drawn.tokens[t, slot], drawn.logprobs[t, slot], drawn.topk_ids[t, slot],
+                          drawn.topk_logprobs[t, slot]):
+                    del active[slot]
+                    free.append(slot)
+                    bar and bar.update()
+                    break
     bar and bar.close()
 
     k = core.logprobs_top_k
