@@ -105,7 +105,7 @@ def test_arithmetic_exclude_and_bad_arguments(monkeypatch):
 def test_arithmetic_builder_splits(data_dir):
     train = load_split("jackpot_arithmetic", "train", data_dir=data_dir)
     test = load_split("jackpot_arithmetic", "test", data_dir=data_dir)
-    assert (len(train), len(test)) == (2000, 200)
+    assert (len(train), len(test)) == (12000, 200)
     assert all(isinstance(v, str) for record in train[:5] for v in record.values())
     assert set(train[0]) == {"problem", "answer", "solution"}
     assert not {r["problem"] for r in train} & {r["problem"] for r in test}

@@ -48,12 +48,19 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
 
 
 class JackpotArithmetic(_Builder, skip_registration=True):
-    """Procedurally generated arithmetic word problems (:mod:`jackpot_jax.data.arithmetic`)."""
+    """Procedurally generated arithmetic word problems (:mod:`jackpot_jax.data.arithmetic`).
+
+    ``d1`` has 12,000 train problems (of about 15,000 distinct ones): fitted on 2,000, a tiny
+    model memorizes them (99.5% greedy accuracy on them, 29% held out), on 11,000 it learns the
+    digit procedures (56.5% held out; ``docs/training.md``). ``d2``-``d4`` have 2,000.
+    """
 
     name = "jackpot_arithmetic"
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First version.", "1.1.0": "d1: 12,000 train problems instead of 2,000."}
     BUILDER_CONFIGS = [
         ArithmeticConfig(name=f"d{d}", description=f"{d} operation(s) per problem", difficulty=d,
-                         train_seed=1000 * d, test_seed=1000 * d + 1)
+                         train_size=12000 if d == 1 else 2000, train_seed=1000 * d, test_seed=1000 * d + 1)
         for d in (1, 2, 3, 4)
     ]
 

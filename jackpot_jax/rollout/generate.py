@@ -78,8 +78,9 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
     engine (a :class:`DecodeCore`, e.g. a :class:`~jackpot_jax.rollout.engine.JackpotEngine`;
     then ``logprobs_top_k`` is the engine's). ``params`` default to the engine's / model's.
 
-    ``steps_per_call`` decode steps run per jitted call and host transfer (fewer at the end of a
-    batch, never more than the longest remaining request needs); the samples do not depend on it.
+    Up to ``steps_per_call`` decode steps run per jitted call and host transfer: the largest power
+    of two no larger than it or than what the longest remaining request needs (few compiled
+    shapes). The samples do not depend on it.
     """
     check_sampling(temperature, top_p, top_k)
     if max_new_tokens < 1:
@@ -143,7 +144,6 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
             active[slot] = request
         if not active:
             continue
-        # a power of two (few compiled shapes) no larger than the longest remaining request needs
         needed = max(max_new_tokens - len(request.tokens) for request in active.values())
         steps = 1 << (min(int(steps_per_call), needed).bit_length() - 1)
         state, drawn = DecodeCore.generate_steps(core, params, state, steps)  # an engine's own generate is JetStream's
