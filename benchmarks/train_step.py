@@ -31,6 +31,7 @@ over the steps after the first (which compiles).
     python benchmarks/train_step.py update [--vocab 4096 103] [--batch B] [--length L] [--repeats 10]
     python benchmarks/train_step.py update --policy qwen3-1.7b --actor qwen3-0.6b --vocab 151936 \
         --batch 4 --length 1024 --cases a b c [--kernel-impl chunked]          # on a GPU
+    python benchmarks/train_step.py update --vocab 4096 --algorithm-overrides z=exact,k=20
     python benchmarks/train_step.py e2e [--steps 6] [--warm-steps 20] [--modes jackpot off_policy]
     python benchmarks/train_step.py all
 
@@ -162,7 +163,8 @@ def _describe(overrides):
 def update(args):
     demo = demo_config()
     for key, value in args.algorithm_overrides.items():
-        setattr(demo.algorithm, key, type(getattr(demo.algorithm, key))(value))
+        old = getattr(demo.algorithm, key)  # an unknown key fails here, naming it
+        setattr(demo.algorithm, key, value in ("True", "true", "1") if isinstance(old, bool) else type(old)(value))
     tokens = args.batch * (args.length - 1)
     dtype = preset(args.policy, **args.policy_overrides).dtype
     changed = "".join(f", {key}={value}" for key, value in args.algorithm_overrides.items())
