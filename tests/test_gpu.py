@@ -1,8 +1,10 @@
-"""The Pallas GPU kernels compiled by Triton on a real GPU, against the float64 reference.
+"""The Pallas GPU kernels compiled by Triton on a real GPU, against the reference.
 
 On the CPU the kernels only run interpreted (``tests/test_kernels.py``); this file runs them as
 ``impl="pallas"`` through the public ops on a CUDA device and compares with
-:mod:`pallas_kernels.reference` evaluated in float64 on the CPU. Every test is skipped where
+:mod:`pallas_kernels.reference` evaluated in float64 on the CPU (token stats), or with the
+reference / chunked path at full float32 precision on the GPU (the filter, the step statistics and
+their gradients; the chunked path's own float64 agreement is checked beside). Every test is skipped where
 ``jax.default_backend()`` is not ``"gpu"`` (so in CI); on a GPU machine:
 
     python -m pytest -m gpu tests/test_gpu.py
@@ -71,7 +73,7 @@ def test_token_stats_triton_matches_float64_reference(shape, temperature):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_obrs_filter_triton_matches_float64_reference(shape):
+def test_obrs_filter_triton_matches_the_reference(shape):
     n, d, v, vocab_size, k = shape
     h_inf, w_inf, rng = _problem(1, n, d, v)
     h_tgt = h_inf + 0.3 * rng.normal(size=h_inf.shape).astype(np.float32)
