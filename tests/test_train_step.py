@@ -184,6 +184,34 @@ def test_same_actor_and_policy_with_lam_one_is_plain_grpo():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_the_filter_uses_the_rollout_actor_once_the_trained_actor_has_moved():
+    """update(state with actor A, rollout_actor=R) gives the policy the update (and the OBRS
+    statistics) of update(state with actor R): the filter's p_inf is the actor that sampled the
+    batch. The negative control, actor A as p_inf, moves the policy differently."""
+    policy, actor = _models()
+    rollout = _params(actor)
+    moved = jax.tree.map(lambda x: x + 0.2 * jnp.sign(x), rollout)  # the trained actor, far from R
+    batch = _batch(actor)
+    cfg = StepConfig(mode="jackpot", p_target="new", z="exact", lam=0.7, micro_batch_size=B, kernel_impl="chunked")
+    sgd = optax.sgd(1.0)
+    updater = Updater(cfg, policy, actor, sgd, sgd)
+    key = jax.random.key(5)
+
+    def run(actor_params, rollout_actor):
+        state = updater.init_state(_params(policy), jax.tree.map(jnp.copy, actor_params))  # donated by update
+        old = updater.prepare(state.policy, rollout, batch, cfg.lam)  # p_omega_old: the rollout actor
+        return updater.update(state, batch, old, key, cfg.lam, rollout_actor=rollout_actor)
+
+    (want, want_m), (got, got_m), (wrong, wrong_m) = (run(rollout, None), run(moved, rollout), run(moved, None))
+    for name in ("obrs/z_exact_mean", "obrs/accept_rate", "obrs/rho_mean"):
+        np.testing.assert_allclose(float(got_m[name]), float(want_m[name]), rtol=1e-5, err_msg=name)
+    for a, b in zip(jax.tree.leaves(got.policy), jax.tree.leaves(want.policy)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert abs(float(wrong_m["obrs/z_exact_mean"]) - float(want_m["obrs/z_exact_mean"])) > 1e-3
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(wrong.policy),
+                                                              jax.tree.leaves(want.policy))) > 1e-4
+
+
 def test_nonfinite_update_is_skipped():
     """A NaN advantage poisons the loss: the update is skipped (state unchanged) and counted."""
     policy, actor = _models()

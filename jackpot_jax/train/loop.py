@@ -180,8 +180,12 @@ class Trainer:
             for u in range(batch.num_sequences // algo.train_batch_size):
                 rows = np.sort(perm[u * algo.train_batch_size:(u + 1) * algo.train_batch_size])
                 update_key = jax.random.fold_in(jax.random.fold_in(key, epoch), u)
+                # after the first update the trained actor has moved: the filter's p_inf is the
+                # actor that sampled the batch, the engine's copy
+                moved = (epoch, u) != (0, 0) and algo.train_actor and algo.mode == "jackpot" and algo.p_target == "new"
                 self.state, metrics = self.updater.update(self.state, select(batch, rows), select(old, rows),
-                                                          update_key, lam)
+                                                          update_key, lam,
+                                                          rollout_actor=self.engine.params if moved else None)
                 update_metrics.append(jax.device_get(metrics))
                 self.nonfinite_in_row = self.nonfinite_in_row + 1 if update_metrics[-1]["nonfinite/skipped"] else 0
         self._push_actor()

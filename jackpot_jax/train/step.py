@@ -168,19 +168,30 @@ class Updater:
                                  in_shardings=(state_shardings.policy, state_shardings.actor, rows, repl),
                                  out_shardings=rows)
             for normalizers in (False, True)}
-        self._update_jit = jax.jit(self._update, donate_argnums=(0,),
-                                   in_shardings=(state_shardings, rows, rows, repl, repl),
-                                   out_shardings=(state_shardings, repl))
+        self._update_jit = {  # without / with the rollout actor's parameters (see update)
+            with_rollout: jax.jit(self._update, donate_argnums=(0,),
+                                  in_shardings=(state_shardings, rows, rows, repl, repl,
+                                                state_shardings.actor if with_rollout else None),
+                                  out_shardings=(state_shardings, repl))
+            for with_rollout in (False, True)}
 
     def prepare(self, policy_params, actor_params, batch: TrainBatch, lam, normalizers: bool = False) -> OldStats:
         """:class:`OldStats` of a rollout batch (see :meth:`_prepare`), jitted on the mesh."""
         with activation_sharding(self.mesh, self.rules):
             return self._prepare_jit[normalizers](policy_params, actor_params, batch, lam)
 
-    def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0):
-        """One update of both models on a mini-batch (see :meth:`_update`); ``state`` is donated."""
+    def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None):
+        """One update of both models on a mini-batch (see :meth:`_update`); ``state`` is donated.
+
+        ``rollout_actor``: the actor parameters that sampled ``batch`` (not ``state.actor`` itself,
+        which is donated: the rollout engine's copy). The OBRS filter's p_inf is the distribution
+        the tokens were drawn from; once the trained actor has moved (a second mini-batch or PPO
+        epoch on the same rollouts) that is this one, not ``state.actor``. ``None``: ``state.actor``
+        is the rollout actor (the first update after a rollout, or a frozen actor)."""
+        if rollout_actor is not None:  # into the actor's shardings (a no-op when already there)
+            rollout_actor = jax.device_put(rollout_actor, self._param_shardings["actor"])
         with activation_sharding(self.mesh, self.rules):
-            return self._update_jit(state, batch, old, key, lam_old)
+            return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -260,7 +271,7 @@ class Updater:
             metrics["obrs/z_exact_mean"] = losses.masked_mean(z_exact, valid)
         return f.accepted, f.rho, metrics
 
-    def _micro_loss(self, trainable, frozen_actor, mb, key):
+    def _micro_loss(self, trainable, frozen_actor, mb, key, rollout_actor=None):
         """Eq. 8 on one micro-batch: ``(L_policy + L_actor, metrics)``."""
         cfg, sg = self.cfg, jax.lax.stop_gradient
         actor_params = trainable.get("actor", frozen_actor)
@@ -272,6 +283,12 @@ class Updater:
                                            temperature_actor=cfg.temperature, direction=cfg.distill_direction,
                                            normalizers=False, impl=cfg.kernel_impl)
             logp_new, heads, lse = stats.logp_new, (h_pol, w_pol, h_act, w_act), (stats.lse_new, stats.lse_actor)
+            if rollout_actor is not None and cfg.mode == "jackpot" and cfg.p_target == "new":
+                # p_inf for the filter: the actor that sampled the batch (stop-gradient)
+                h_inf, w_inf = self._hidden("actor", sg(rollout_actor), mb)
+                lse_inf = pk.fused_token_stats(h_inf, w_inf, targets, 1, temperature=cfg.temperature,
+                                               impl=cfg.kernel_impl)[1]
+                heads, lse = (h_pol, w_pol, h_inf, w_inf), (stats.lse_new, lse_inf)
         else:
             logp_new, stats, heads, lse = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl=cfg.kernel_impl)[0], None, None, None
         zero = lambda x: jnp.where(valid, x, 0.0)  # padding never reaches a ratio (nor its gradient)
@@ -304,7 +321,7 @@ class Updater:
         metrics["loss/total"] = total
         return total, metrics
 
-    def _update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0):
+    def _update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None):
         """One optimizer update of both models on a mini-batch: ``(new state, metrics)``."""
         cfg = self.cfg
         trainable = {"policy": state.policy, **({"actor": state.actor} if cfg.train_actor else {})}
@@ -315,14 +332,15 @@ class Updater:
 
         def accumulate(carry, inputs):
             index, mb = inputs
-            (_, metrics), grads = grad_fn(trainable, frozen_actor, mb, jax.random.fold_in(key, index))
+            (_, metrics), grads = grad_fn(trainable, frozen_actor, mb, jax.random.fold_in(key, index), rollout_actor)
             grad_sum, metric_sum = carry
             maxed = _max_keys(metrics)
             metric_sum = {k: jnp.maximum(metric_sum[k], v) if k in maxed else metric_sum[k] + v
                           for k, v in metrics.items()}
             return (jax.tree.map(jnp.add, grad_sum, grads), metric_sum), None
 
-        shapes = jax.eval_shape(grad_fn, trainable, frozen_actor, jax.tree.map(lambda x: x[0], micro), key)
+        shapes = jax.eval_shape(grad_fn, trainable, frozen_actor, jax.tree.map(lambda x: x[0], micro), key,
+                                rollout_actor)
         (_, metric_shapes), _ = shapes
         init = (jax.tree.map(jnp.zeros_like, trainable),
                 {k: jnp.full(v.shape, -jnp.inf if k in _max_keys(metric_shapes) else 0.0, v.dtype)
