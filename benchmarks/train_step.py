@@ -15,8 +15,10 @@ and log p_inf) and the same :class:`~jackpot_jax.train.step.OldStats` from ``pre
 The cases take turns, one update each per round, so that a change in the machine's load hits all
 of them alike; each reports the median over ``--repeats`` rounds after ``--warmup`` rounds
 (compilation included there); ``--batch`` and ``--length`` default to the demo's mini-batch
-(``algorithm.train_batch_size``) and sequence length. Models: ``preset(--policy, vocab_size=V)``
-and ``preset(--actor, vocab_size=V)`` for each ``--vocab`` V.
+(``algorithm.train_batch_size``) and sequence length. Each update is timed as the first after a
+rollout (no ``rollout_actor``); the loop's later updates of a rollout batch, with a trained actor,
+also run the rollout actor's forward for p_inf (``e2e`` includes them). Models:
+``preset(--policy, vocab_size=V)`` and ``preset(--actor, vocab_size=V)`` for each ``--vocab`` V.
 
 On a GPU the table is followed by tokens/s and the model FLOPs utilization of each case: the
 forward and backward of each trained model (3 x :func:`models.forward_flops`: 2 P per token and the
