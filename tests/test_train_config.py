@@ -303,11 +303,20 @@ def test_on_policy_refuses_train_actor():
     validate(with_values(algorithm__mode="on_policy", algorithm__train_actor=False))
 
 
+def test_jackpot_needs_untruncated_rollouts():
+    for key, value in (("top_p", 0.9), ("top_k", 50)):
+        message = refused(with_values(**{f"rollout__{key}": value}))  # the demo's mode is jackpot
+        for text in (f"config.rollout.{key}={value}", "mode='jackpot'", "rollout.top_p=1.0 and rollout.top_k=0"):
+            assert text in message, message
+        validate(with_values(**{f"rollout__{key}": value, "algorithm__mode": "tis"}))  # TIS reads log p_inf only
+    validate(with_values(rollout__temperature=0.7))
+
+
 def test_logprobs_top_k_must_not_exceed_top_k():
-    message = refused(with_values(rollout__top_k=5, rollout__logprobs_top_k=6))
+    message = refused(with_values(algorithm__mode="tis", rollout__top_k=5, rollout__logprobs_top_k=6))
     for text in ("config.rollout.logprobs_top_k=6", "rollout.top_k=5"):
         assert text in message, message
-    validate(with_values(rollout__top_k=5, rollout__logprobs_top_k=5))
+    validate(with_values(algorithm__mode="tis", rollout__top_k=5, rollout__logprobs_top_k=5))
     validate(with_values(rollout__top_k=0, rollout__logprobs_top_k=6))  # top_k=0: no top-k sampling
 
 

@@ -119,6 +119,11 @@ def validate(config) -> None:
     if rollout.logprobs_top_k > 0 and rollout.top_k and rollout.logprobs_top_k > rollout.top_k:
         raise ConfigError(f"config.rollout.logprobs_top_k={rollout.logprobs_top_k} is not allowed: it must be <= "
                           f"rollout.top_k={rollout.top_k} (the sampling distribution has only top_k tokens).")
+    if algo.mode == "jackpot" and (rollout.top_p < 1 or rollout.top_k):
+        name, value = ("top_p", rollout.top_p) if rollout.top_p < 1 else ("top_k", rollout.top_k)
+        raise ConfigError(f"config.rollout.{name}={value} is not allowed with algorithm.mode='jackpot': OBRS' Z "
+                          "sums over the actor's untruncated (tempered) distribution, so rollouts must sample from "
+                          "it: set rollout.top_p=1.0 and rollout.top_k=0 (rollout.temperature may be any).")
     if config.tokenizer.kind == "hf" and not config.tokenizer.path:
         raise ConfigError("config.tokenizer.path='' is not allowed with tokenizer.kind='hf': give the tokenizer "
                           "directory.")
