@@ -15,9 +15,9 @@ and log p_inf) and the same :class:`~jackpot_jax.train.step.OldStats` from ``pre
 The cases take turns, one update each per round, so that a change in the machine's load hits all
 of them alike; each reports the median over ``--repeats`` rounds after ``--warmup`` rounds
 (compilation included there); ``--batch`` and ``--length`` default to the demo's mini-batch
-(``algorithm.train_batch_size``) and sequence length. Each update is timed as the first after a
-rollout (no ``rollout_actor``); the loop's later updates of a rollout batch, with a trained actor,
-also run the rollout actor's forward for p_inf (``e2e`` includes them). Models:
+(``algorithm.train_batch_size``) and sequence length. Updates run without ``rollout_actor`` (the
+trained actor as p_inf, as in a rollout's first update); the loop passes the rollout actor to every
+jackpot update with a trained actor, one more forward of it (``e2e`` includes that). Models:
 ``preset(--policy, vocab_size=V)`` and ``preset(--actor, vocab_size=V)`` for each ``--vocab`` V.
 
 On a GPU the table is followed by tokens/s and the model FLOPs utilization of each case: the

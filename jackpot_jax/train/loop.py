@@ -175,17 +175,17 @@ class Trainer:
             old = self.updater.prepare(self.state.policy, self.state.actor, batch, lam, normalizers=True)
         update_metrics = []
         order = np.random.default_rng([config.seed, self.step])
+        # once an update has moved the trained actor, the filter's p_inf must still be the actor that
+        # sampled the batch: the engine's copy (passed to every update, so that one function compiles)
+        moves = algo.train_actor and algo.mode == "jackpot" and algo.p_target == "new"
+        rollout_actor = self.engine.params if moves else None
         for epoch in range(algo.ppo_epochs):
             perm = order.permutation(batch.num_sequences)
             for u in range(batch.num_sequences // algo.train_batch_size):
                 rows = np.sort(perm[u * algo.train_batch_size:(u + 1) * algo.train_batch_size])
                 update_key = jax.random.fold_in(jax.random.fold_in(key, epoch), u)
-                # after the first update the trained actor has moved: the filter's p_inf is the
-                # actor that sampled the batch, the engine's copy
-                moved = (epoch, u) != (0, 0) and algo.train_actor and algo.mode == "jackpot" and algo.p_target == "new"
                 self.state, metrics = self.updater.update(self.state, select(batch, rows), select(old, rows),
-                                                          update_key, lam,
-                                                          rollout_actor=self.engine.params if moved else None)
+                                                          update_key, lam, rollout_actor=rollout_actor)
                 update_metrics.append(jax.device_get(metrics))
                 self.nonfinite_in_row = self.nonfinite_in_row + 1 if update_metrics[-1]["nonfinite/skipped"] else 0
         self._push_actor()
