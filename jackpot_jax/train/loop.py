@@ -175,10 +175,9 @@ class Trainer:
             old = self.updater.prepare(self.state.policy, self.state.actor, batch, lam, normalizers=True)
         update_metrics = []
         order = np.random.default_rng([config.seed, self.step])
-        # once an update has moved the trained actor, the filter's p_inf must still be the actor that
-        # sampled the batch: the engine's copy (passed to every update, so that one function compiles)
-        moves = algo.train_actor and algo.mode == "jackpot" and algo.p_target == "new"
-        rollout_actor = self.engine.params if moves else None
+        # the actor that sampled the batch, for the filter's p_inf once updates have moved the trained
+        # actor: the engine's copy (passed to every update, so that one function compiles)
+        rollout_actor = self.engine.params if self.step_config.filter_needs_rollout_actor else None
         for epoch in range(algo.ppo_epochs):
             perm = order.permutation(batch.num_sequences)
             for u in range(batch.num_sequences // algo.train_batch_size):

@@ -77,6 +77,12 @@ class StepConfig(NamedTuple):
         """The actor's forward runs in the update: to train it, or as p_inf's Z for p_target = new."""
         return self.train_actor or (self.mode == "jackpot" and self.p_target == "new")
 
+    @property
+    def filter_needs_rollout_actor(self) -> bool:
+        """The OBRS filter reads p_inf in the update (p_target = new) while the actor is trained, so
+        after a rollout's first update p_inf must come from the actor that sampled the batch."""
+        return self.train_actor and self.mode == "jackpot" and self.p_target == "new"
+
 
 class TrainState(NamedTuple):
     """Everything an update changes: both models' parameters, both optimizer states, the count."""
@@ -283,7 +289,7 @@ class Updater:
                                            temperature_actor=cfg.temperature, direction=cfg.distill_direction,
                                            normalizers=False, impl=cfg.kernel_impl)
             logp_new, heads, lse = stats.logp_new, (h_pol, w_pol, h_act, w_act), (stats.lse_new, stats.lse_actor)
-            if rollout_actor is not None and cfg.mode == "jackpot" and cfg.p_target == "new":
+            if rollout_actor is not None and cfg.filter_needs_rollout_actor:
                 # p_inf for the filter: the actor that sampled the batch (stop-gradient)
                 h_inf, w_inf = self._hidden("actor", sg(rollout_actor), mb)
                 lse_inf = pk.fused_token_stats(h_inf, w_inf, targets, 1, temperature=cfg.temperature,
