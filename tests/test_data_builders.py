@@ -4,6 +4,7 @@ malformed lines, missing fields, empty splits and missing manual files, each wit
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -77,6 +78,28 @@ def test_arithmetic_answers_recomputed_and_difficulty_is_number_of_steps(difficu
             assert " has " in p["problem"] and p["problem"].endswith("have?")
 
 
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+def test_arithmetic_expressions(difficulty):
+    problems = arithmetic.make_split(5, 300, difficulty, form="expression")
+    assert problems == arithmetic.make_split(5, 300, difficulty, form="expression")
+    assert len({p["problem"] for p in problems}) == 300
+    for p in problems:
+        numbers = [int(t) for t in re.findall(r"\d+", p["problem"])]
+        ops = re.findall(r" ([-+]) ", p["problem"])
+        assert p["problem"] == "What is " + " ".join(
+            [str(numbers[0])] + [f"{op} {n}" for op, n in zip(ops, numbers[1:])]) + "?"
+        assert len(ops) == difficulty and all(0 <= n <= 49 for n in numbers)
+        value = numbers[0]
+        for op, n in zip(ops, numbers[1:]):  # left to right, every partial result non-negative
+            value = value + n if op == "+" else value - n
+            assert value >= 0, p["problem"]
+        assert p["answer"] == str(value)
+        assert arithmetic.solution_reward(p["solution"], p["answer"]) == 1.0
+    assert {op for p in problems for op, _ in p["steps"]} == {"+", "-"}
+    with pytest.raises(ValueError, match="form='words' is not allowed.*'expression'"):
+        arithmetic.make_split(5, 3, difficulty, form="words")
+
+
 def test_arithmetic_solution_graded_correct_by_math_reward():
     sample = arithmetic.make_split(5, 2, 1) + arithmetic.make_split(5, 2, 3)
     for p in sample:
@@ -123,6 +146,16 @@ def test_arithmetic_builder_difficulty_configs(data_dir):
         test = load_split("jackpot_arithmetic", "test", data_dir=data_dir, config=name, limit=20)
         assert all(r["solution"].count("=") == steps for r in test)
         assert all(extract_answer(r["solution"]) == r["answer"] for r in test)
+
+
+def test_arithmetic_builder_expression_config(data_dir):
+    from jackpot_jax.data.builders import JackpotArithmetic
+    config = JackpotArithmetic.builder_configs["e2"]
+    test = load_split("jackpot_arithmetic", "test", data_dir=data_dir, config="e2")
+    expected = arithmetic.make_split(config.test_seed, 200, 2, form="expression")
+    assert test == [{k: p[k] for k in ("problem", "answer", "solution")} for p in expected]
+    train = load_split("jackpot_arithmetic", "train", data_dir=data_dir, config="e2")
+    assert len(train) == 12000 and not {r["problem"] for r in train} & {r["problem"] for r in test}
 
 
 def test_arithmetic_builder_custom_config_and_empty_split(tmp_path):

@@ -4,13 +4,17 @@ Pure Python (no TensorFlow): :func:`generate_problem` draws one problem from a `
 :func:`make_split` draws a split deterministically from a seed. The TFDS builder
 ``jackpot_arithmetic`` (:mod:`jackpot_jax.data.builders`) wraps :func:`make_split`.
 
-Difficulty is the number of operations:
+Difficulty is the number of operations; ``form`` how the problem is written:
 
-- ``difficulty=1``: one operation on numbers below 100, ``"What is 7 + 5?"`` (``+``, ``-`` with a
-  non-negative result, ``*`` on 2..12).
-- ``difficulty=k >= 2``: a ``k``-step word problem, ``"Ann has 3 apples, buys 4 more, then gives away
-  2. How many apples does Ann have?"``; each step adds 1..10, removes 1..10 (never more than there
-  is) or doubles / triples (only while the count is 1..30).
+- ``form="word"``, ``difficulty=1``: one operation on numbers below 100, ``"What is 7 + 5?"``
+  (``+``, ``-`` with a non-negative result, ``*`` on 2..12).
+- ``form="word"``, ``difficulty=k >= 2``: a ``k``-step word problem, ``"Ann has 3 apples, buys 4 more,
+  then gives away 2. How many apples does Ann have?"``; each step adds 1..10, removes 1..10 (never
+  more than there is) or doubles / triples (only while the count is 1..30).
+- ``form="expression"``: ``difficulty`` additions and subtractions of numbers below 50, evaluated
+  left to right, ``"What is 12 + 30 - 7?"``; every partial result is non-negative. Short prompts,
+  several steps, and every step's arithmetic is in every train split (unlike the ``*`` facts of
+  ``difficulty=1``, which a split of its 121 can hold back from train).
 
 Every answer is a unique non-negative integer. The solution shows one line per step and ends with
 ``\\boxed{N}``: ``"3 + 4 = 7. 7 - 2 = 5. \\boxed{5}"``; :func:`solution_reward` grades a
@@ -25,6 +29,8 @@ import re
 from typing import Iterable
 
 MAX_DRAWS_PER_PROBLEM = 50  # make_split gives up past count * this many draws (space too small)
+FORMS = ("word", "expression")
+EXPRESSION_MAX = 49  # operands of expression problems are 0..EXPRESSION_MAX
 
 NAMES = ("Ann", "Bob", "Sam", "Tom", "Eva", "Max", "Lia", "Ben", "Amy", "Joe", "Kim", "Leo")
 ITEMS = ("apples", "pens", "books", "coins", "cards", "eggs", "balls", "cups", "shells", "stamps")
@@ -101,22 +107,42 @@ def _word_problem(rng: random.Random, difficulty: int) -> tuple[int, list[tuple[
     return start, steps, f"{name} has {start} {item}, {story}. How many {item} does {name} have?"
 
 
-def generate_problem(rng: random.Random, difficulty: int) -> dict:
-    """One problem drawn from ``rng`` with ``difficulty`` operations.
+def _expression(rng: random.Random, difficulty: int) -> tuple[int, list[tuple[str, int]], str]:
+    while True:  # redraw until every partial result is >= 0
+        start = value = rng.randint(0, EXPRESSION_MAX)
+        steps = [(rng.choice("+-"), rng.randint(0, EXPRESSION_MAX)) for _ in range(difficulty)]
+        for op, operand in steps:
+            value = apply(value, op, operand)
+            if value < 0:
+                break
+        else:
+            text = " ".join(f"{op} {operand}" for op, operand in steps)
+            return start, steps, f"What is {start} {text}?"
+
+
+def generate_problem(rng: random.Random, difficulty: int, form: str = "word") -> dict:
+    """One problem drawn from ``rng`` with ``difficulty`` operations, written in ``form``.
 
     Returns ``{"problem", "answer", "solution"}`` (strings; ``answer`` is the integer in decimal) plus
     the structure: ``"start"`` (int) and ``"steps"`` (list of ``(op, operand)``), so that
     ``evaluate(start, steps) == int(answer)``.
     """
     _check_difficulty(difficulty)
-    start, steps, problem = _one_step(rng) if difficulty == 1 else _word_problem(rng, difficulty)
+    if form not in FORMS:
+        raise ValueError(f"form={form!r} is not allowed: form must be one of {FORMS}.")
+    if form == "expression":
+        start, steps, problem = _expression(rng, difficulty)
+    else:
+        start, steps, problem = _one_step(rng) if difficulty == 1 else _word_problem(rng, difficulty)
     answer = evaluate(start, steps)
     return {"problem": problem, "answer": str(answer), "solution": _solution(start, steps),
             "start": start, "steps": steps}
 
 
-def make_split(seed: int, count: int, difficulty: int, *, exclude: Iterable[str] = ()) -> list[dict]:
-    """``count`` distinct problems (by text) drawn deterministically from ``random.Random(seed)``.
+def make_split(seed: int, count: int, difficulty: int, *, form: str = "word",
+               exclude: Iterable[str] = ()) -> list[dict]:
+    """``count`` distinct problems (by text) in ``form`` drawn deterministically from
+    ``random.Random(seed)``.
 
     Problems whose text is in ``exclude`` (e.g. the test split's problems, when drawing train) are
     skipped, so splits drawn with ``exclude`` are disjoint. Raises ``ValueError`` if ``count``
@@ -136,7 +162,7 @@ def make_split(seed: int, count: int, difficulty: int, *, exclude: Iterable[str]
                              f"{len(problems)} distinct problems found in {draws} draws; ask for fewer "
                              "problems or a higher difficulty.")
         draws += 1
-        problem = generate_problem(rng, difficulty)
+        problem = generate_problem(rng, difficulty, form)
         if problem["problem"] in seen or problem["problem"] in excluded:
             continue
         seen.add(problem["problem"])

@@ -38,9 +38,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 @dataclasses.dataclass(eq=False)
 class ArithmeticConfig(tfds.core.BuilderConfig):
-    """``difficulty``: number of operations per problem; split sizes and seeds (the train split
-    never contains a test problem)."""
+    """``difficulty``: number of operations per problem; ``form``: ``"word"`` or ``"expression"``
+    (:mod:`jackpot_jax.data.arithmetic`); split sizes and seeds (the train split never contains a
+    test problem)."""
     difficulty: int = 1
+    form: str = "word"
     train_size: int = 2000
     test_size: int = 200
     train_seed: int = 0
@@ -48,20 +50,28 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
 
 
 class JackpotArithmetic(_Builder, skip_registration=True):
-    """Procedurally generated arithmetic word problems (:mod:`jackpot_jax.data.arithmetic`).
+    """Procedurally generated arithmetic problems (:mod:`jackpot_jax.data.arithmetic`).
 
-    ``d1`` has 12,000 train problems (of about 15,000 distinct ones): fitted on 2,000, a tiny
-    model memorizes them (99.5% greedy accuracy on them, 29% held out), on 11,000 it learns the
-    digit procedures (56.5% held out; ``docs/training.md``). ``d2``-``d4`` have 2,000.
+    ``d1``-``d4``: word problems with 1-4 operations (``d1``: ``"What is 7 + 5?"``). ``d1`` has
+    12,000 train problems (of about 15,000 distinct ones): fitted on 2,000, a tiny model memorizes
+    them (99.5% greedy accuracy on them, 29% held out), on 11,000 it learns the digit procedures
+    (56.5% held out; ``docs/training.md``). ``d2``-``d4`` have 2,000. ``e2``, ``e3``: expressions
+    with 2 and 3 additions / subtractions (``"What is 12 + 30 - 7?"``), 12,000 train problems of
+    millions, so that no split can be memorized (``docs/arithmetic.md``).
     """
 
     name = "jackpot_arithmetic"
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "First version.", "1.1.0": "d1: 12,000 train problems instead of 2,000."}
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {"1.0.0": "First version.", "1.1.0": "d1: 12,000 train problems instead of 2,000.",
+                     "1.2.0": "e2, e3: expression problems."}
     BUILDER_CONFIGS = [
         ArithmeticConfig(name=f"d{d}", description=f"{d} operation(s) per problem", difficulty=d,
                          train_size=12000 if d == 1 else 2000, train_seed=1000 * d, test_seed=1000 * d + 1)
         for d in (1, 2, 3, 4)
+    ] + [
+        ArithmeticConfig(name=f"e{d}", description=f"{d} additions / subtractions in one expression", difficulty=d,
+                         form="expression", train_size=12000, train_seed=1000 * d + 500, test_seed=1000 * d + 501)
+        for d in (2, 3)
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -75,8 +85,8 @@ class JackpotArithmetic(_Builder, skip_registration=True):
             if size <= 0:
                 raise ValueError(f"Dataset 'jackpot_arithmetic', config {config.name!r}: empty split "
                                  f"{split!r} ({split}_size={size}); sizes must be >= 1.")
-        test = arithmetic.make_split(config.test_seed, config.test_size, config.difficulty)
-        train = arithmetic.make_split(config.train_seed, config.train_size, config.difficulty,
+        test = arithmetic.make_split(config.test_seed, config.test_size, config.difficulty, form=config.form)
+        train = arithmetic.make_split(config.train_seed, config.train_size, config.difficulty, form=config.form,
                                       exclude=[problem["problem"] for problem in test])
         return {"train": self._generate_examples(train), "test": self._generate_examples(test)}
 

@@ -5,7 +5,9 @@ final answer, graded by :func:`jackpot_jax.data.rewards.math_reward`) and ``solu
 solution, ``""`` when the source has none).
 
 - ``jackpot_arithmetic``: procedurally generated arithmetic (:mod:`jackpot_jax.data.arithmetic`);
-  configs ``d1``..``d4`` (difficulty = number of operations), 2,000 train / 200 test problems.
+  configs ``d1``..``d4`` (word problems, difficulty = number of operations; 12,000 train problems
+  for ``d1``, 2,000 for the others) and ``e2``, ``e3`` (expressions of 2 and 3 additions /
+  subtractions, 12,000 train problems), 200 test problems each.
 - ``gsm8k``: the official ``{"question", "answer"}`` JSONL; ``answer`` is the number after ``####``
   (commas removed), ``solution`` the whole official answer text.
 - ``math``: MATH / MATH-500 ``{"problem", "solution"}`` (+ optional ``"answer"``); without an
