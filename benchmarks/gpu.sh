@@ -37,7 +37,8 @@ print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'" ;;
             --impls reference chunked pallas floor --blocks 4096 8192 16384 ;;
         train) run train 420 env XLA_PYTHON_CLIENT_MEM_FRACTION=.95 "$py" benchmarks/train_step.py update \
             --policy qwen3-1.7b --actor qwen3-0.6b --policy-overrides remat=1 --actor-overrides remat=1 \
-            --vocab 151936 --batch 4 --length 1024 --micro-batch 4 --cases a b c --warmup 1 --repeats 4 ;;
+            --vocab 151936 --batch 4 --length 1024 --max-new-tokens 1016 --micro-batch 4 \
+            --cases a b c --warmup 1 --repeats 4 ;;
         *) echo "unknown part $part (parts: env tests models rollout kernels train)"; exit 2 ;;
     esac
 done

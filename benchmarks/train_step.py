@@ -100,13 +100,14 @@ def _overrides(text):
     return {key: int(value) for key, value in pairs}
 
 
-def random_batch(rng, batch, length, vocab):
+def random_batch(rng, batch, length, vocab, max_new):
     """``batch`` sequences of ``length`` tokens: a prompt of 8..length/2 tokens, then a completion
-    filling 1..all of the rest, random tokens, log p_inf in [-6, 0), GRPO-like advantages."""
+    of 1..``max_new`` tokens (at most the rest), random tokens, log p_inf in [-6, 0), GRPO-like
+    advantages."""
     prompts, completions, logprobs = [], [], []
     for _ in range(batch):
         prompt = int(rng.integers(8, length // 2 + 1))
-        completion = int(rng.integers(1, length - prompt + 1))
+        completion = int(rng.integers(1, min(length - prompt, max_new) + 1))
         prompts.append(rng.integers(1, vocab, prompt).tolist())
         completions.append(rng.integers(1, vocab, completion).tolist())
         logprobs.append(-rng.exponential(1.5, completion).clip(max=6.0).astype(np.float32))
@@ -129,7 +130,7 @@ def make_updaters(args, vocab, demo):
         _, mode, train_actor = CASES[case]
         cfg = StepConfig.from_config(demo)._replace(mode=mode, train_actor=train_actor,
                                                     micro_batch_size=args.micro_batch,
-                                                    kernel_impl=args.kernel_impl)
+                                                    kernel_impl=args.kernel_impl, window=args.max_new_tokens)
         policy_tx = build.make_optimizer(demo.optim.policy, 1000)[0]
         actor_tx = build.make_optimizer(demo.optim.actor, 1000)[0] if train_actor else None
         updaters[case] = Updater(cfg, policy, actor, policy_tx, actor_tx)
@@ -140,7 +141,8 @@ def make_updaters(args, vocab, demo):
 def time_updates(args, vocab, demo):
     """Seconds of each update of each case (round-robin over the cases, see the docstring)."""
     policy, actor, updaters, states = make_updaters(args, vocab, demo)
-    batch = jax.device_put(random_batch(np.random.default_rng(0), args.batch, args.length, vocab))
+    batch = jax.device_put(random_batch(np.random.default_rng(0), args.batch, args.length, vocab,
+                                        args.max_new_tokens))
     # every case reads the same OldStats (p_target = new: prepare is the same for all four)
     old = jax.block_until_ready(updaters[args.cases[0]].prepare(params(policy), params(actor), batch, 1.0))
     key = jax.random.key(0)
@@ -173,7 +175,7 @@ def update(args):
     print(f"Update step (`Updater.update`, one optimizer update, kernel_impl={args.kernel_impl}, {dtype}{changed}): policy "
           f"{args.policy}{_describe(args.policy_overrides)}, actor {args.actor}{_describe(args.actor_overrides)}, "
           f"B={args.batch} sequences x T={args.length - 1} positions "
-          f"({tokens} tokens), micro-batch {args.micro_batch}, the demo's other algorithm settings; median of "
+          f"({tokens} tokens; completions of at most {args.max_new_tokens}), micro-batch {args.micro_batch}, the demo's other algorithm settings; median of "
           f"{args.repeats} rounds after {args.warmup} warm-up rounds, cases interleaved; {header()}\n")
     cols = [c for c in "abcd" if c in args.cases]
     print("| V | " + " | ".join(f"({c}) {CASES[c][0]}" for c in cols) + " | (b)/(a) | (c)/(d) | (c)/(a) |")
@@ -256,6 +258,9 @@ def main():
                         help="update: sequences per update (0: the demo's algorithm.train_batch_size)")
     parser.add_argument("--length", type=int, default=0, help="update: tokens per sequence (0: the demo's "
                         "data.max_prompt_tokens + rollout.max_new_tokens)")
+    parser.add_argument("--max-new-tokens", type=int, default=0,
+                        help="update: longest completion, the step's statistics window (0: the demo's "
+                             "rollout.max_new_tokens)")
     parser.add_argument("--micro-batch", type=int, default=0,
                         help="update: sequences per micro-batch (0: the demo's, or the batch if it does not divide it)")
     parser.add_argument("--cases", nargs="+", default=list("abcd"), choices=list("abcd"))
@@ -277,6 +282,7 @@ def main():
     demo = demo_config()
     args.batch = args.batch or demo.algorithm.train_batch_size
     args.length = args.length or demo.data.max_prompt_tokens + demo.rollout.max_new_tokens
+    args.max_new_tokens = args.max_new_tokens or demo.rollout.max_new_tokens
     micro = demo.algorithm.micro_batch_size
     args.micro_batch = args.micro_batch or (micro if args.batch % micro == 0 else args.batch)
     logging.basicConfig(level=logging.WARNING)

@@ -235,3 +235,43 @@ def test_remat_models_give_the_same_update():
         results.append(_run_step(cfg, policy, actor, _batch(actor), jax.random.key(5))[1])
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+WINDOW_CASES = {  # masks that do not depend on the uniforms (every token accepted): both paths agree exactly
+    "jackpot_new_topk_accept_all": dict(mode="jackpot", p_target="new", z="topk", k=5, lam=1e-4),
+    "jackpot_old_exact_accept_all": dict(mode="jackpot", p_target="old", z="exact", lam=1e-4, c1=3.0),
+    "tis_distill_seq_mean": dict(mode="tis_distill", c1=1.5, beta=0.5, aggregation="seq_mean_token_mean"),
+    "off_policy_frozen_actor": dict(mode="off_policy", train_actor=False),
+    "on_policy": dict(mode="on_policy", train_actor=False),
+}
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_statistics_on_the_completion_window_equal_all_positions(case):
+    """window = the longest completion (and a window running past the sequence end) gives the update
+    of the statistics at every position: the same parameters and the same metrics."""
+    policy, actor = _models()
+    base = StepConfig(micro_batch_size=B // 2, kernel_impl="chunked", **WINDOW_CASES[case])
+    batch = _batch(actor if base.has_actor else policy, base.temperature)
+    longest = int(batch.valid.sum(axis=1).max())
+    key = jax.random.key(2)
+    _, want, want_m, _ = _run_step(base, policy, actor if base.has_actor else None, batch, key)
+    for window in (longest, LENGTH + 3):
+        _, got, got_m, _ = _run_step(base._replace(window=window), policy, actor if base.has_actor else None,
+                                     batch, key)
+        assert set(got_m) == set(want_m)
+        for name in want_m:
+            np.testing.assert_allclose(float(got_m[name]), float(want_m[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    if base.mode == "jackpot":
+        assert float(want_m["obrs/accept_rate"]) == 1.0  # the premise: no token left to the uniforms
+
+
+def test_a_completion_longer_than_the_window_is_refused():
+    policy, actor = _models()
+    batch = _batch(actor)
+    longest = int(batch.valid.sum(axis=1).max())
+    with pytest.raises(ValueError, match=f"{longest} generated tokens, more than the step's window={longest - 1}"):
+        _run_step(StepConfig(mode="jackpot", micro_batch_size=B, kernel_impl="chunked", window=longest - 1),
+                  policy, actor, batch, jax.random.key(0))

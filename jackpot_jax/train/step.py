@@ -8,7 +8,9 @@ function with explicit shardings:
 
 1. forwards the policy (p_new) and the actor (p_omega) to their final hidden states;
 2. computes the sampled tokens' log-probs and the distillation KL (eq. 7) with
-   :func:`pallas_kernels.fused_jackpot_stats`, never forming the logits;
+   :func:`pallas_kernels.fused_jackpot_stats`, never forming the logits, only where the losses
+   read them: with ``window`` (the trainer sets ``rollout.max_new_tokens``), at each sequence's
+   completion positions, not its prompt and padding;
 3. weights each token by its mode: ``jackpot`` samples the OBRS mask and rho with
    :func:`pallas_kernels.fused_obrs_filter` (Z from the top-k union with kappa, or exact), ``tis``
    truncates p_old / p_inf, ``on_policy`` / ``off_policy`` weigh every token 1;
@@ -29,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -61,12 +64,14 @@ class StepConfig(NamedTuple):
     temperature: float = 1.0  # the rollout temperature: p_inf = softmax(actor logits / temperature)
     micro_batch_size: int = 1  # sequences per forward / backward pass (gradient accumulation)
     kernel_impl: str = "auto"
+    window: int = 0  # > 0: vocabulary statistics only at each sequence's first `window` generated tokens
 
     @classmethod
     def from_config(cls, config) -> "StepConfig":
         algo = config.algorithm
         fields = {name: algo[name] for name in cls._fields if name in algo}
-        return cls(**fields, temperature=config.rollout.temperature, kernel_impl=config.train.kernel_impl)
+        return cls(**fields, temperature=config.rollout.temperature, kernel_impl=config.train.kernel_impl,
+                   window=config.rollout.max_new_tokens)
 
     @property
     def has_actor(self) -> bool:
@@ -194,6 +199,11 @@ class Updater:
         the tokens were drawn from; once the trained actor has moved (a second mini-batch or PPO
         epoch on the same rollouts) that is this one, not ``state.actor``. ``None``: ``state.actor``
         is the rollout actor (the first update after a rollout, or a frozen actor)."""
+        if self.cfg.window:
+            longest = int(np.max(np.sum(np.asarray(batch.valid), axis=1), initial=0))
+            if longest > self.cfg.window:
+                raise ValueError(f"a sequence of the batch has {longest} generated tokens, more than the step's "
+                                 f"window={self.cfg.window} (rollout.max_new_tokens).")
         if rollout_actor is not None:  # into the actor's shardings (a no-op when already there)
             rollout_actor = jax.device_put(rollout_actor, self._param_shardings["actor"])
         with activation_sharding(self.mesh, self.rules):
@@ -282,9 +292,13 @@ class Updater:
         cfg, sg = self.cfg, jax.lax.stop_gradient
         actor_params = trainable.get("actor", frozen_actor)
         h_pol, w_pol = self._hidden("policy", trainable["policy"], mb)
+        rows, mb = _completion_window(mb, cfg.window) if cfg.window else (None, mb)
+        take = (lambda h: h[rows]) if cfg.window else (lambda h: h)  # hidden states at the window's positions
+        h_pol = take(h_pol)
         targets, valid = _flat(mb.targets), _flat(mb.valid)
         if cfg.actor_in_update:
             h_act, w_act = self._hidden("actor", actor_params, mb)
+            h_act = take(h_act)
             stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, cfg.k, cfg.lam,
                                            temperature_actor=cfg.temperature, direction=cfg.distill_direction,
                                            normalizers=False, impl=cfg.kernel_impl)
@@ -292,6 +306,7 @@ class Updater:
             if rollout_actor is not None and cfg.filter_needs_rollout_actor:
                 # p_inf for the filter: the actor that sampled the batch (stop-gradient)
                 h_inf, w_inf = self._hidden("actor", sg(rollout_actor), mb)
+                h_inf = take(h_inf)
                 lse_inf = pk.fused_token_stats(h_inf, w_inf, targets, 1, temperature=cfg.temperature,
                                                impl=cfg.kernel_impl)[1]
                 heads, lse = (h_pol, w_pol, h_inf, w_inf), (stats.lse_new, lse_inf)
@@ -368,6 +383,22 @@ class Updater:
         if self.policy_lr is not None:
             metrics["lr"] = jnp.asarray(self.policy_lr(state.updates), jnp.float32)
         return TrainState(policy, actor, policy_opt, actor_opt, state.updates + finite.astype(jnp.int32)), metrics
+
+
+def _completion_window(mb, width):
+    """``(rows [B * width], windowed mini-batch)``: each sequence's first ``width`` target positions
+    from its first generated token (a completion's targets are contiguous and at most ``width``:
+    ``rollout.max_new_tokens``), as rows of the flattened ``[B * T]`` positions, and the mini-batch
+    with its per-token arrays taken there, ``[B, width]``; positions past ``T`` repeat the last one
+    and are not ``valid``. The inputs stay whole: the models read every position."""
+    b, t = mb.valid.shape
+    pos = jnp.argmax(mb.valid, axis=1)[:, None] + jnp.arange(width)[None, :]
+    rows = (jnp.arange(b)[:, None] * t + jnp.minimum(pos, t - 1)).reshape(-1)
+    take = lambda x: x.reshape(-1)[rows].reshape(b, width)
+    fields = ("targets", "valid", "logp_inf", "logp_old", "logp_actor_old", "z_topk", "z_exact")
+    windowed = {name: take(getattr(mb, name)) for name in fields}
+    windowed["valid"] = windowed["valid"] & (pos < t)
+    return rows, mb._replace(**windowed)
 
 
 def _apply(tx, grads, opt_state, params):
