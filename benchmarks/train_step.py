@@ -175,7 +175,8 @@ def update(args):
     print(f"Update step (`Updater.update`, one optimizer update, kernel_impl={args.kernel_impl}, {dtype}{changed}): policy "
           f"{args.policy}{_describe(args.policy_overrides)}, actor {args.actor}{_describe(args.actor_overrides)}, "
           f"B={args.batch} sequences x T={args.length - 1} positions "
-          f"({tokens} tokens; completions of at most {args.max_new_tokens}), micro-batch {args.micro_batch}, the demo's other algorithm settings; median of "
+          f"({tokens} tokens; completions of at most {args.max_new_tokens}), micro-batch {args.micro_batch}, "
+          f"the demo's other algorithm settings; median of "
           f"{args.repeats} rounds after {args.warmup} warm-up rounds, cases interleaved; {header()}\n")
     cols = [c for c in "abcd" if c in args.cases]
     print("| V | " + " | ".join(f"({c}) {CASES[c][0]}" for c in cols) + " | (b)/(a) | (c)/(d) | (c)/(a) |")
