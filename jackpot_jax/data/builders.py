@@ -57,7 +57,8 @@ class JackpotArithmetic(_Builder, skip_registration=True):
     them (99.5% greedy accuracy on them, 29% held out), on 11,000 it learns the digit procedures
     (56.5% held out; ``docs/training.md``). ``d2``-``d4`` have 2,000. ``e2``, ``e3``: expressions
     with 2 and 3 additions / subtractions (``"What is 12 + 30 - 7?"``), 12,000 train problems of
-    millions, so that no split can be memorized (``docs/arithmetic.md``).
+    315,025 (``e2``) and millions (``e3``), so that no split can be memorized
+    (``docs/arithmetic.md``).
     """
 
     name = "jackpot_arithmetic"
