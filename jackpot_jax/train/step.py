@@ -211,12 +211,14 @@ class Updater:
 
     # ------------------------------------------------------------------ forward passes
 
-    def _hidden(self, which, params, batch):
-        """``(h [B * T, D], w [D, V])`` of the policy or the actor on a batch's inputs."""
+    def _hidden(self, which, params, batch, rows=None):
+        """``(h [B * T, D], w [D, V])`` of the policy or the actor on a batch's inputs; with ``rows``
+        (of :func:`_completion_window`), ``h`` at those positions only."""
         graphdef, rest = (self.policy_def, self.policy_rest) if which == "policy" else (self.actor_def, self.actor_rest)
         model = nnx.merge(graphdef, params, rest)
         h, _ = model.hidden_states(batch.inputs, attention_mask=batch.input_mask)
-        return _flat(h), model.unembedding()
+        h = _flat(h)
+        return (h if rows is None else h[rows]), model.unembedding()
 
     # ------------------------------------------------------------------ once per rollout batch
 
@@ -291,22 +293,18 @@ class Updater:
         """Eq. 8 on one micro-batch: ``(L_policy + L_actor, metrics)``."""
         cfg, sg = self.cfg, jax.lax.stop_gradient
         actor_params = trainable.get("actor", frozen_actor)
-        h_pol, w_pol = self._hidden("policy", trainable["policy"], mb)
         rows, mb = _completion_window(mb, cfg.window) if cfg.window else (None, mb)
-        take = (lambda h: h[rows]) if cfg.window else (lambda h: h)  # hidden states at the window's positions
-        h_pol = take(h_pol)
+        h_pol, w_pol = self._hidden("policy", trainable["policy"], mb, rows)
         targets, valid = _flat(mb.targets), _flat(mb.valid)
         if cfg.actor_in_update:
-            h_act, w_act = self._hidden("actor", actor_params, mb)
-            h_act = take(h_act)
+            h_act, w_act = self._hidden("actor", actor_params, mb, rows)
             stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, cfg.k, cfg.lam,
                                            temperature_actor=cfg.temperature, direction=cfg.distill_direction,
                                            normalizers=False, impl=cfg.kernel_impl)
             logp_new, heads, lse = stats.logp_new, (h_pol, w_pol, h_act, w_act), (stats.lse_new, stats.lse_actor)
             if rollout_actor is not None and cfg.filter_needs_rollout_actor:
                 # p_inf for the filter: the actor that sampled the batch (stop-gradient)
-                h_inf, w_inf = self._hidden("actor", sg(rollout_actor), mb)
-                h_inf = take(h_inf)
+                h_inf, w_inf = self._hidden("actor", sg(rollout_actor), mb, rows)
                 lse_inf = pk.fused_token_stats(h_inf, w_inf, targets, 1, temperature=cfg.temperature,
                                                impl=cfg.kernel_impl)[1]
                 heads, lse = (h_pol, w_pol, h_inf, w_inf), (stats.lse_new, lse_inf)
