@@ -38,8 +38,14 @@ def get_config():
     # `problems` > 0: the warm start sees only the first `problems` train problems and RL only the
     # others, so that RL works on problems the models have not been fitted on (0: both see all).
     # d1 has 12,000: 11,000 are enough for the models to learn the digit procedures, not memorize.
+    # `boxed`: the fraction of warm-start solutions that end with the boxed answer (the others stop
+    # after the worked line; `warm_start.unbox`). The `math` reward reads only boxed answers, so the
+    # warm-started models earn it on about 30% of their otherwise right completions: the gap between
+    # the supervised data's habit and the reward that RL closes in the demo's 100 steps (1.0: none;
+    # docs/training.md, "The demo").
     config.warm_start = ml_collections.ConfigDict(dict(policy_steps=800, actor_steps=1000, batch_size=64,
-                                                       policy_lr=1e-3, actor_lr=3e-3, problems=11000))
+                                                       policy_lr=1e-3, actor_lr=3e-3, problems=11000,
+                                                       boxed=0.3))
 
     config.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=16, n=8,  # GRPO groups: n samples of each prompt
@@ -67,6 +73,8 @@ def get_config():
     config.optim = ml_collections.ConfigDict(dict(policy=dict(optimizer), actor=dict(optimizer)))
 
     config.train = ml_collections.ConfigDict(dict(
-        steps=100, eval_every=25, eval_k=1, eval_temperature=0.0,
+        # evaluation: Mean@k / Pass@k of eval_k samples per problem at eval_temperature (0: greedy);
+        # the demo's, 4 samples at the rollouts' temperature, measures what RL maximizes
+        steps=100, eval_every=25, eval_k=4, eval_temperature=1.0,
         save_every=20, keep=2, max_nonfinite=3, log_every=1, kernel_impl="auto", progress=True))
     return config

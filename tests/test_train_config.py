@@ -348,6 +348,26 @@ def test_warm_start_problems_split_the_train_records():
         assert text in str(error.value), error.value
 
 
+def test_unbox_removes_the_final_box_from_a_seeded_fraction_of_the_solutions():
+    from jackpot_jax.data.arithmetic import make_split  # noqa: PLC0415
+    from jackpot_jax.data.rewards import math_reward  # noqa: PLC0415
+    from jackpot_jax.train.warm_start import unbox  # noqa: PLC0415
+
+    records = make_split(7, 2000, 2, form="expression")
+    assert unbox(records, 1.0, seed=0) is records
+    out = unbox(records, 0.3, seed=0)
+    assert out == unbox(records, 0.3, seed=0) and out != unbox(records, 0.3, seed=1)  # seeded
+    kept = [new == old for new, old in zip(out, records)]
+    assert abs(sum(kept) / len(kept) - 0.3) < 0.035, sum(kept)  # 3.5 standard deviations of a binomial mean
+    for new, old, same in zip(out, records, kept):
+        assert math_reward(old["solution"], old["answer"]) == 1.0
+        if not same:  # the worked lines stay, only the box goes, and the reward then reads no answer
+            assert old["solution"] == new["solution"] + " \\boxed{" + old["answer"] + "}", (old, new)
+            assert "\\boxed" not in new["solution"] and math_reward(new["solution"], new["answer"]) == 0.0
+    with pytest.raises(ValueError, match=r"warm_start.boxed=0.5 needs solutions that end with .*'x = 1\.'"):
+        unbox([{"problem": "p", "answer": "1", "solution": "x = 1."}], 0.5, seed=0)
+    refused(with_values(warm_start__boxed=1.5))
+
 # --- the command line ----------------------------------------------------------------------------
 
 def _train_cli(*args, workdir):

@@ -36,7 +36,7 @@ from jackpot_jax.train.batch import make_batch, select
 from jackpot_jax.train.checkpoint import Checkpointer
 from jackpot_jax.train.config import validate
 from jackpot_jax.train.metrics import MetricsWriter, Progress
-from jackpot_jax.train.warm_start import warm_start
+from jackpot_jax.train.warm_start import unbox, warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +112,19 @@ class Trainer:
 
     def _warm_start(self, policy, actor, records):
         config, ws = self.config, self.config.warm_start
+        todo = [(name, model, steps, lr, section)
+                for name, model, steps, lr, section in (("policy", policy, ws.policy_steps, ws.policy_lr, config.policy),
+                                                        ("actor", actor, ws.actor_steps, ws.actor_lr, config.actor))
+                if model is not None and steps > 0 and not section.path]
+        if not todo:
+            return
         data = {k: v for k, v in config.data.to_dict().items() if k not in ("reward", "eval_split", "eval_limit")}
         spec = {"data": data, "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}  # what it depends on
+        if ws.boxed != 1.0:
+            records = unbox(records, ws.boxed, config.seed)
+            spec["boxed"] = ws.boxed
         max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
-        for name, model, steps, lr, section in (("policy", policy, ws.policy_steps, ws.policy_lr, config.policy),
-                                                ("actor", actor, ws.actor_steps, ws.actor_lr, config.actor)):
-            if model is None or steps == 0 or section.path:
-                continue
+        for name, model, steps, lr, section in todo:
             summary = warm_start(model, self.tokenizer, records, name=name, workdir=self.workdir,
                                  steps=steps, batch_size=ws.batch_size, lr=lr, seed=config.seed, max_len=max_len,
                                  prompt_fn=self.batcher.encode_record, spec={**spec, "model": section.to_dict()})

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+
+import numpy as np
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,6 +24,28 @@ from jackpot_jax.experiments.arithmetic_sft import sft
 from jackpot_jax.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+
+_FINAL_BOX_RE = re.compile(r"\s*\\boxed\{[^{}]*\}\s*$")
+
+
+def unbox(records: list[dict], boxed: float, seed: int) -> list[dict]:
+    """``records`` with the final ``\\boxed{...}`` removed from the solution of a fraction
+    ``1 - boxed`` of them (drawn with ``seed``; the others unchanged). The worked lines stay, so a
+    model fine-tuned on the result still computes the answer but boxes it only a fraction ``boxed``
+    of the time, and the ``math`` reward, which reads only boxed answers, scores the rest 0: a
+    habit of the supervised data that RL, and only RL, is told to change. A solution that does not
+    end with a boxed answer is refused."""
+    if boxed == 1.0:
+        return records
+    keep = np.random.default_rng(seed).random(len(records)) < boxed
+    out = []
+    for record, kept in zip(records, keep):
+        if not _FINAL_BOX_RE.search(record["solution"]):
+            raise ValueError(f"warm_start.boxed={boxed} needs solutions that end with \\boxed{{...}}; this one "
+                             f"does not: {record['solution']!r}")
+        out.append(record if kept else {**record, "solution": _FINAL_BOX_RE.sub("", record["solution"])})
+    return out
 
 
 def warm_start(model, tokenizer, records, *, name: str, workdir: str, steps: int, batch_size: int, lr: float,
