@@ -5,7 +5,8 @@ advantage would be 0. Each model is first fine-tuned on the train split's worked
 (:func:`jackpot_jax.experiments.arithmetic_sft.sft`: next-token loss on the completion only). The
 result is saved under ``WORKDIR/warm_start/<name>`` (an Orbax checkpoint of the parameters) with a
 ``spec.json`` of everything that determined it; a later run, or a resumed one, with the same spec
-loads it instead of training again.
+loads it instead of training again. :func:`unbox` drops the final boxed answer from some of the
+solutions first (``warm_start.boxed < 1``), which gives RL a habit of the data to correct.
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import logging
 import os
 import re
 
-import numpy as np
-
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
