@@ -332,7 +332,8 @@ def _one_pass_problem(rng, shape, ties):
 
 
 # SHAPES, a block of k + 1 columns over a padded vocabulary, and integer data with ties across blocks
-ONE_PASS = [(shape, False) for shape in SHAPES] + [((6, 8, 100, 97, 15, 16), False), ((9, 8, 300, 290, 20, 32), True)]
+ONE_PASS = [(shape, False) for shape in SHAPES] + [((6, 8, 100, 97, 15, 16), False),
+                                                  ((9, 8, 300, 290, 20, 32), True)]
 
 
 @pytest.mark.parametrize("shape,ties", ONE_PASS)
@@ -343,12 +344,14 @@ def test_jackpot_stats_collect_both_topk_sets_in_the_first_pass(rng, shape, ties
     at the given lam and at another lam applied afterwards; gradients as the reference's."""
     n, d, v, vocab_size, k, block_v = shape
     h_pol, w_pol, h_act, w_act, targets = _one_pass_problem(rng, shape, ties)
-    cot = {name: jnp.asarray(rng.normal(size=n)) for name in ("logp_new", "lse_new", "logp_actor", "lse_actor", "distill_kl")}
+    differentiable = ("logp_new", "lse_new", "logp_actor", "lse_actor", "distill_kl")
+    cot = {name: jnp.asarray(rng.normal(size=n)) for name in differentiable}
 
     def run(impl):
         def f(h_pol, w_pol, h_act, w_act):
-            stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, temperature_actor=temperature,
-                                           direction=direction, vocab_size=vocab_size, impl=impl, block_v=block_v)
+            stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, direction=direction,
+                                           temperature_actor=temperature, vocab_size=vocab_size, impl=impl,
+                                           block_v=block_v)
             return sum(jnp.sum(c * getattr(stats, name)) for name, c in cot.items()), stats
         return jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)(h_pol, w_pol, h_act, w_act)
 

@@ -234,7 +234,8 @@ def test_top_k_z_from_the_first_pass_equals_the_filter_pass(case, monkeypatch):
     batch = _batch(actor, cfg.temperature)
     filter_calls = []
     fused_obrs_filter = pk.fused_obrs_filter
-    monkeypatch.setattr(pk, "fused_obrs_filter", lambda *a, **kw: filter_calls.append(1) or fused_obrs_filter(*a, **kw))
+    monkeypatch.setattr(pk, "fused_obrs_filter",
+                        lambda *args, **kw: filter_calls.append(1) or fused_obrs_filter(*args, **kw))
     _, got, got_m, _ = _run_step(cfg, policy, actor, batch, jax.random.key(4))
     assert cfg.z_in_first_pass and not filter_calls
     monkeypatch.setattr(StepConfig, "z_in_first_pass", property(lambda self: False))
