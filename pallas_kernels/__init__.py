@@ -13,9 +13,9 @@ Public ops (each jit- and shard-friendly: static ``k``, no host callbacks):
   * :func:`fused_distill_kl`: the per-token distillation KL of eq. 7 (or its reverse) over the
     full vocabulary.
   * :func:`fused_jackpot_stats`: all of the above for a policy and an actor in one call, the op an
-    update step uses: two forward passes and one backward pass over the vocabulary, and each
-    model's weight gradient written once (separate ops would each produce a D x V gradient for the
-    actor, summed afterwards).
+    update step uses: one forward pass over the vocabulary (a second for the exact Z), one
+    backward pass, and each model's weight gradient written once (separate ops would each produce
+    a D x V gradient for the actor, summed afterwards).
 
 Implementations, chosen by ``impl``:
   * ``"reference"``: materialized jnp over ``[N, V]``, built on :mod:`jackpot_jax.obrs`: the
@@ -240,14 +240,17 @@ def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, l
     w_actor / temperature_actor), both as :func:`fused_token_stats`. ``z_topk``/``z_exact`` are
     :func:`fused_obrs_normalizer` with the actor as p_inf and the policy as target;
     ``distill_kl`` is :func:`fused_distill_kl` with the policy as teacher and the actor (at its
-    temperature) as student. Gradients: the policy's through ``logp_new`` and ``lse_new``; the
-    actor's through ``logp_actor``, ``lse_actor`` and ``distill_kl``. With ``impl="pallas"`` the
-    first forward pass (both lse, targets, KL) is a Pallas kernel; the second (normalizers and
-    top-k lists) and the backward pass are chunked.
+    temperature) as student; ``vk_logp_actor``/``vk_logp_new`` both models' log-probs on V_k, so
+    that ``z_topk`` at a lam chosen afterwards is ``obrs.normalizer(vk_logp_actor, vk_logp_new,
+    lam)``. Gradients: the policy's through ``logp_new`` and ``lse_new``; the actor's through
+    ``logp_actor``, ``lse_actor`` and ``distill_kl``.
 
-    ``normalizers=False`` skips the second pass (``z_*`` and ``topk_*`` are None): an update step
-    that applies the OBRS filter gets Z from :func:`fused_obrs_filter`, whose pass over the
-    vocabulary computes it alongside the mask, so nothing is computed twice.
+    Passes over the vocabulary (chunked): the first gives both lse, the target log-probs, the KL
+    and both top-k sets (ranked by raw logits: the same tokens as by log-probs), so the top-k Z
+    needs no other; ``exact`` takes a second one (Z_exact needs both lse inside its sum). With
+    ``impl="pallas"`` the first forward pass (both lse, targets, KL) is a Pallas kernel; a second
+    (normalizers and top-k lists) and the backward pass are chunked. ``normalizers=False``
+    collects no top-k and computes no Z (``z_*``, ``topk_*`` and ``vk_*`` are None).
     """
     impl, block_v = _resolve(impl, block_v)
     check_choice("direction", direction, DIRECTIONS)

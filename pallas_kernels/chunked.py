@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jackpot_jax import obrs
 from pallas_kernels._online import online_lse
 from pallas_kernels.reference import JackpotStats
 
@@ -75,6 +76,32 @@ def _topk_merge(values, payloads, block_values, block_payloads, k):
         block = jnp.take_along_axis(block, idx, axis=-1)
         merged.append(jnp.take_along_axis(jnp.concatenate([running, block], axis=-1), pick, axis=-1))
     return top, merged
+
+
+def _topk_set_merge(top_set, own, other, ids, k):
+    """Merge a block into one model's running top-k set ``(own [N, k], other [N, k], ids [N, k])``:
+    ranked by its own values ``own [N, Bv]``, with the other model's ``other [N, Bv]`` and the
+    column ``ids`` at the same columns riding along."""
+    top, (top_other, top_ids) = _topk_merge(top_set[0], top_set[1:], own, (other, ids), k)
+    return top, top_other, top_ids
+
+
+def _init_topk_set(n, k):
+    neg = jnp.full((n, k), NEG_INF)
+    return neg, neg, jnp.zeros((n, k), jnp.int32)
+
+
+def topk_union(inf_set, tgt_set):
+    """V_k = topk(p_inf) U topk(p_target) (section 4.4.1) from both top-k sets ``(own log-probs,
+    the other model's log-probs, ids)`` ``[N, k]``: ``(logp_inf, logp_target)`` ``[N, 2k]`` on V_k,
+    p_inf's k tokens then p_target's, with -inf on those already in p_inf's set (each token once).
+    Z_approx = :func:`jackpot_jax.obrs.normalizer` of the two."""
+    inf_own, inf_other, inf_ids = inf_set
+    tgt_own, tgt_other, tgt_ids = tgt_set
+    in_both = jnp.any(tgt_ids[:, :, None] == inf_ids[:, None, :], axis=-1)
+    logp_inf = jnp.concatenate([inf_own, jnp.where(in_both, NEG_INF, tgt_other)], axis=-1)
+    logp_tgt = jnp.concatenate([inf_other, jnp.where(in_both, NEG_INF, tgt_own)], axis=-1)
+    return logp_inf, logp_tgt
 
 
 # ----------------------------------------------------------------------------- token stats
@@ -205,34 +232,30 @@ def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, exact,
     vocab_size = w_inf.shape[1] if vocab_size is None else vocab_size
     blocks = _Blocks(w_inf.shape[1], block_v, vocab_size, min_block=k)
     args = [lax.stop_gradient(x) for x in (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt)]
-    return _obrs_normalizer(*args, jnp.log(lam), k, exact, 1.0 / temperature_inf, blocks)[:2]
+    z_exact, inf_set, tgt_set = _obrs_normalizer(*args, jnp.log(lam), k, exact, 1.0 / temperature_inf, blocks)
+    return obrs.normalizer(*topk_union(inf_set, tgt_set), lam), z_exact
 
 
 def _obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, log_lam, k, exact, scale_inf, blocks):
-    """One pass: Z_topk, Z_exact (or None), and both top-k sets ``(logp [N, k], ids [N, k])``."""
+    """One pass: Z_exact (or None) and both top-k sets, p_inf's and p_target's, each ``(own
+    log-probs, the other model's log-probs, ids)`` ``[N, k]`` (see :func:`topk_union`)."""
     n = h_inf.shape[0]
 
     def body(carry, i):
-        m, s, inf_v, inf_mass, inf_ids, tgt_v, tgt_mass, tgt_ids = carry
+        m, s, inf_set, tgt_set = carry
         start, cols, counted = blocks.columns(i)
         logp_inf = _logits(h_inf, w_inf, start, blocks, scale_inf, counted) - lse_inf[:, None]
         logp_tgt = _logits(h_tgt, w_tgt, start, blocks, 1.0, counted) - lse_tgt[:, None]
-        log_mass = jnp.minimum(logp_inf, logp_tgt - log_lam)  # eq. 4 summand
         if exact:
-            m, s = _lse_update(m, s, log_mass)
-        ids = jnp.broadcast_to(cols[None, :], log_mass.shape)
-        inf_v, (inf_mass, inf_ids) = _topk_merge(inf_v, (inf_mass, inf_ids), logp_inf, (log_mass, ids), k)
-        tgt_v, (tgt_mass, tgt_ids) = _topk_merge(tgt_v, (tgt_mass, tgt_ids), logp_tgt, (log_mass, ids), k)
-        return (m, s, inf_v, inf_mass, inf_ids, tgt_v, tgt_mass, tgt_ids), None
+            m, s = _lse_update(m, s, jnp.minimum(logp_inf, logp_tgt - log_lam))  # eq. 4 summand
+        ids = jnp.broadcast_to(cols[None, :], logp_inf.shape)
+        inf_set = _topk_set_merge(inf_set, logp_inf, logp_tgt, ids, k)
+        tgt_set = _topk_set_merge(tgt_set, logp_tgt, logp_inf, ids, k)
+        return (m, s, inf_set, tgt_set), None
 
-    neg = jnp.full((n, k), NEG_INF)
-    zeros_i = jnp.zeros((n, k), jnp.int32)
-    init = (jnp.full((n,), NEG_INF), jnp.zeros((n,)), neg, neg, zeros_i, neg, neg, zeros_i)
-    (m, s, inf_v, inf_mass, inf_ids, tgt_v, tgt_mass, tgt_ids), _ = lax.scan(body, init, jnp.arange(blocks.count))
-    in_both = jnp.any(tgt_ids[:, :, None] == inf_ids[:, None, :], axis=-1)
-    terms = jnp.concatenate([inf_mass, jnp.where(in_both, NEG_INF, tgt_mass)], axis=-1)
-    z_topk = jnp.exp(jax.nn.logsumexp(terms, axis=-1))
-    return z_topk, (jnp.exp(_lse(m, s)) if exact else None), (inf_v, inf_ids), (tgt_v, tgt_ids)
+    init = (jnp.full((n,), NEG_INF), jnp.zeros((n,)), _init_topk_set(n, k), _init_topk_set(n, k))
+    (m, s, inf_set, tgt_set), _ = lax.scan(body, init, jnp.arange(blocks.count))
+    return (jnp.exp(_lse(m, s)) if exact else None), inf_set, tgt_set
 
 
 # ----------------------------------------------------------------------------- distillation KL
@@ -248,22 +271,25 @@ def distill_kl(h_teacher, w_teacher, h_student, w_student, direction="forward", 
                        w_student, direction == "forward", vocab_size, block_v, pass_fn)
 
 
-def two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, vocab_size, block_v, targets=None):
+def two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, vocab_size, block_v, targets=None, k=0):
     """(lse_a, lse_b, KL(p_a || p_b), target logit of a, of b) ``[N]`` each, in one pass over the
     vocabulary; the target logits are -inf without ``targets``. The Pallas kernels provide the
-    same function."""
-    return _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, _Blocks(w_a.shape[1], block_v, vocab_size),
-                           targets)
+    same function, without ``k``; with ``k`` two more outputs, the top-k sets of a and of b (see
+    :func:`_two_model_pass`)."""
+    blocks = _Blocks(w_a.shape[1], block_v, vocab_size, min_block=max(k, 1))
+    return _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets, k)
 
 
-def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None):
+def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None, k=0):
     """One pass over both models' logits a and b: their lse, KL(p_a || p_b) = E_{p_a}[a - b] -
-    lse_a + lse_b (online, like the lse), and, given ``targets``, both models' target logits."""
+    lse_a + lse_b (online, like the lse), given ``targets`` both models' target logits, and, with
+    ``k``, each model's top-k set ``(own logits, the other model's logits, ids)`` ``[N, k]``, ranked
+    by its own logits: the top-k of its log-probs, found before the lse is known (section 4.4.1)."""
     n = h_a.shape[0]
 
     def body(carry, i):
-        m_a, s_a, u, m_b, s_b, t_a, t_b = carry
-        start, _, counted = blocks.columns(i)
+        (m_a, s_a, u, m_b, s_b, t_a, t_b), sets = carry
+        start, cols, counted = blocks.columns(i)
         a = _logits(h_a, w_a, start, blocks, scale_a, counted)
         b = _logits(h_b, w_b, start, blocks, scale_b, counted)
         m_new, s_a, weights, rescale = online_lse(m_a, s_a, a, keepdims=False)
@@ -275,13 +301,17 @@ def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None):
             pick = jnp.clip(local, 0, blocks.size - 1)[:, None]
             t_a = jnp.where(here, jnp.take_along_axis(a, pick, axis=-1)[:, 0], t_a)
             t_b = jnp.where(here, jnp.take_along_axis(b, pick, axis=-1)[:, 0], t_b)
-        return (m_new, s_a, u, m_b, s_b, t_a, t_b), None
+        if k:
+            ids = jnp.broadcast_to(cols[None, :], a.shape)
+            sets = (_topk_set_merge(sets[0], a, b, ids, k), _topk_set_merge(sets[1], b, a, ids, k))
+        return ((m_new, s_a, u, m_b, s_b, t_a, t_b), sets), None
 
     neg, zero = jnp.full((n,), NEG_INF), jnp.zeros((n,))
-    (m_a, s_a, u, m_b, s_b, t_a, t_b), _ = lax.scan(body, (neg, zero, zero, neg, zero, neg, neg),
-                                                    jnp.arange(blocks.count))
+    sets = (_init_topk_set(n, k), _init_topk_set(n, k)) if k else ()
+    ((m_a, s_a, u, m_b, s_b, t_a, t_b), sets), _ = lax.scan(body, ((neg, zero, zero, neg, zero, neg, neg), sets),
+                                                            jnp.arange(blocks.count))
     lse_a, lse_b = _lse(m_a, s_a), _lse(m_b, s_b)
-    return lse_a, lse_b, u / s_a - lse_a + lse_b, t_a, t_b
+    return (lse_a, lse_b, u / s_a - lse_a + lse_b, t_a, t_b) + sets
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -329,45 +359,61 @@ _distill_kl.defvjp(_distill_kl_fwd, _distill_kl_bwd)
 
 def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_actor=1.0, exact=False,
                   direction="forward", vocab_size=None, block_v=2048, pass_fn=None, normalizers=True):
-    """Policy and actor token stats, the OBRS normalizers and the distillation KL in two forward
-    passes and one backward pass over the vocabulary; each model's dw is written once. Without
-    ``normalizers`` the second pass (Z and the top-k lists) is skipped."""
+    """Policy and actor token stats, the OBRS normalizers and the distillation KL; each model's dw is
+    written once. One forward pass over the vocabulary collects both top-k sets (by raw logits) with
+    the lse and the KL, and Z_approx follows from them (section 4.4.1); the exact Z (``exact``) and
+    a Pallas first pass (``pass_fn``, which collects no top-k) take a second forward pass. One
+    backward pass. Without ``normalizers`` no top-k is collected and Z is not computed."""
     vocab_size = w_pol.shape[1] if vocab_size is None else vocab_size
     blocks = _Blocks(w_pol.shape[1], block_v, vocab_size, min_block=k)
     scale_act = 1.0 / float(temperature_actor)
-    pass_fn = pass_fn or two_model_pass
-    logp_new, lse_new, logp_act, lse_act, kl = _jackpot_core(
-        h_pol, w_pol, h_act, w_act, targets, scale_act, direction == "forward", vocab_size, blocks.size, pass_fn)
+    one_pass = normalizers and not exact and pass_fn is None
+    logp_new, lse_new, logp_act, lse_act, kl, sets = _jackpot_core(
+        h_pol, w_pol, h_act, w_act, targets, scale_act, direction == "forward", vocab_size, blocks.size,
+        pass_fn or two_model_pass, k if one_pass else 0)
     if not normalizers:
         return JackpotStats(logp_new, lse_new, None, None, logp_act, lse_act, None, None, None, None, kl)
     sg = lax.stop_gradient
-    z_topk, z_exact, (act_v, act_ids), (pol_v, pol_ids) = _obrs_normalizer(
-        sg(h_act), sg(w_act), sg(lse_act), sg(h_pol), sg(w_pol), sg(lse_new), jnp.log(lam), k, exact,
-        scale_act, blocks)
-    return JackpotStats(logp_new, lse_new, pol_v, pol_ids, logp_act, lse_act, act_v, act_ids, z_topk,
-                        z_exact, kl)
+    if one_pass:
+        z_exact, (act_set, new_set) = None, sg(sets)
+    else:
+        z_exact, act_set, new_set = _obrs_normalizer(sg(h_act), sg(w_act), sg(lse_act), sg(h_pol), sg(w_pol),
+                                                     sg(lse_new), jnp.log(lam), k, exact, scale_act, blocks)
+    vk_logp_act, vk_logp_new = topk_union(act_set, new_set)
+    return JackpotStats(logp_new, lse_new, new_set[0], new_set[2], logp_act, lse_act, act_set[0], act_set[2],
+                        obrs.normalizer(vk_logp_act, vk_logp_new, lam), z_exact, kl, vk_logp_act, vk_logp_new)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _jackpot_core(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v, pass_fn):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _jackpot_core(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v, pass_fn, k):
     return _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v,
-                             pass_fn)[0]
+                             pass_fn, k)[0]
 
 
-def _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v, pass_fn):
+def _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v, pass_fn, k):
+    """The first pass: per token logp_new, lse_new, logp_actor, lse_actor, the distillation KL and,
+    with ``k`` (the chunked pass only), the actor's and the policy's top-k sets in log-probs (see
+    :func:`topk_union`), else None."""
+    top_k = {"k": k} if k else {}
     if forward:  # KL(p_new || p_actor)
-        lse_new, lse_act, kl, t_new, t_act = pass_fn(h_pol, w_pol, 1.0, h_act, w_act, scale_act, vocab_size,
-                                                     block_v, targets)
+        lse_new, lse_act, kl, t_new, t_act, *sets = pass_fn(h_pol, w_pol, 1.0, h_act, w_act, scale_act,
+                                                            vocab_size, block_v, targets, **top_k)
+        sets = sets[::-1]
     else:  # KL(p_actor || p_new)
-        lse_act, lse_new, kl, t_act, t_new = pass_fn(h_act, w_act, scale_act, h_pol, w_pol, 1.0, vocab_size,
-                                                     block_v, targets)
-    out = (t_new - lse_new, lse_new, t_act - lse_act, lse_act, kl)
+        lse_act, lse_new, kl, t_act, t_new, *sets = pass_fn(h_act, w_act, scale_act, h_pol, w_pol, 1.0,
+                                                            vocab_size, block_v, targets, **top_k)
+    if sets:  # raw logits to log-probs: (actor's set, policy's set)
+        (act_own, new_other, act_ids), (new_own, act_other, new_ids) = sets
+        sets = ((act_own - lse_act[:, None], new_other - lse_new[:, None], act_ids),
+                (new_own - lse_new[:, None], act_other - lse_act[:, None], new_ids))
+    out = (t_new - lse_new, lse_new, t_act - lse_act, lse_act, kl, sets or None)
     return out, (h_pol, w_pol, h_act, w_act, targets, lse_new, lse_act, kl)
 
 
-def _jackpot_core_bwd(scale_act, forward, vocab_size, block_v, pass_fn, residuals, cotangents):
+def _jackpot_core_bwd(scale_act, forward, vocab_size, block_v, pass_fn, k, residuals, cotangents):
+    """The top-k sets get no cotangent (stop-gradient, like Z)."""
     h_pol, w_pol, h_act, w_act, targets, lse_new, lse_act, kl = residuals
-    g_logp_new, g_lse_new, g_logp_act, g_lse_act, g_kl = cotangents
+    g_logp_new, g_lse_new, g_logp_act, g_lse_act, g_kl, _ = cotangents
     blocks = _Blocks(w_pol.shape[1], block_v, vocab_size)
 
     def dlogits_fn(i, start, cols, counted):

@@ -30,6 +30,8 @@ class JackpotStats(NamedTuple):
     z_topk: jax.Array  # [N] Z_approx over the union of both top-k sets (actor = p_inf, policy = target)
     z_exact: jax.Array | None  # [N] exact Z of eq. 4, when asked for
     distill_kl: jax.Array  # [N] eq. 7 (forward) or its reverse, policy teacher, actor student
+    vk_logp_actor: jax.Array | None = None  # [N, 2k] both models' log-probs on V_k = topk(actor) U topk(policy),
+    vk_logp_new: jax.Array | None = None  # each token once (-inf on repeats): z_topk = obrs.normalizer of the two
 
 
 def _logits(h, w, scale, vocab_size):
@@ -79,5 +81,8 @@ def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_ac
     kl = losses.distill_kl(logp_new_all, logp_act_all, direction)
     if not normalizers:
         return JackpotStats(logp_new, lse_new, None, None, logp_act, lse_act, None, None, None, None, kl)
+    repeated = jnp.any(ids_new[:, :, None] == ids_act[:, None, :], axis=-1)
+    on_vk = lambda logp: sg(jnp.concatenate([jnp.take_along_axis(logp, ids_act, axis=-1), jnp.where(
+        repeated, -jnp.inf, jnp.take_along_axis(logp, ids_new, axis=-1))], axis=-1))
     return JackpotStats(logp_new, lse_new, topk_new, ids_new, logp_act, lse_act, topk_act, ids_act,
-                        z_topk, z_exact, kl)
+                        z_topk, z_exact, kl, on_vk(logp_act_all), on_vk(logp_new_all))

@@ -320,6 +320,70 @@ def test_jackpot_stats_match_reference_and_the_separate_ops(rng, impl, shape, di
     np.testing.assert_allclose(got.z_topk, z_topk, rtol=1e-5)
 
 
+def _one_pass_problem(rng, shape, ties):
+    """A policy and a narrower actor; with ``ties``, small integers: exactly tied logits across blocks."""
+    n, d, v, vocab_size, k, block_v = shape
+    if ties:
+        ints = lambda *size: jnp.asarray(rng.integers(-2, 3, size=size), jnp.float32)
+        h_pol, w_pol, h_act, w_act = ints(n, d + 4), ints(d + 4, v), ints(n, d), ints(d, v)
+    else:
+        (h_pol, w_pol), (h_act, w_act) = head(rng, n, d + 4, v), head(rng, n, d, v)
+    return h_pol, w_pol, h_act, w_act, jnp.asarray(rng.integers(0, vocab_size, n))
+
+
+# SHAPES, a block of k + 1 columns over a padded vocabulary, and integer data with ties across blocks
+ONE_PASS = [(shape, False) for shape in SHAPES] + [((6, 8, 100, 97, 15, 16), False),
+                                                  ((9, 8, 300, 290, 20, 32), True)]
+
+
+@pytest.mark.parametrize("shape,ties", ONE_PASS)
+@pytest.mark.parametrize("direction,temperature,lam", [("forward", 1.0, 1.0), ("reverse", 0.7, 0.6)])
+def test_jackpot_stats_collect_both_topk_sets_in_the_first_pass(rng, shape, ties, direction, temperature, lam):
+    """Chunked fused_jackpot_stats with the top-k Z: one forward pass gives both top-k sets (by raw
+    logits), V_k and Z_approx, equal to the materialized reference and to the normalizer's own pass,
+    at the given lam and at another lam applied afterwards; gradients as the reference's."""
+    n, d, v, vocab_size, k, block_v = shape
+    h_pol, w_pol, h_act, w_act, targets = _one_pass_problem(rng, shape, ties)
+    differentiable = ("logp_new", "lse_new", "logp_actor", "lse_actor", "distill_kl")
+    cot = {name: jnp.asarray(rng.normal(size=n)) for name in differentiable}
+
+    def run(impl):
+        def f(h_pol, w_pol, h_act, w_act):
+            stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, direction=direction,
+                                           temperature_actor=temperature, vocab_size=vocab_size, impl=impl,
+                                           block_v=block_v)
+            return sum(jnp.sum(c * getattr(stats, name)) for name, c in cot.items()), stats
+        return jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)(h_pol, w_pol, h_act, w_act)
+
+    got_grads, got = run("chunked")
+    want_grads, want = run("reference")
+    assert got.z_exact is None
+    tol = dict(rtol=2e-5, atol=2e-5)
+    for field in ("logp_new", "lse_new", "logp_actor", "lse_actor", "z_topk", "distill_kl"):
+        np.testing.assert_allclose(getattr(got, field), getattr(want, field), err_msg=field, **tol)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    check_ids = np.testing.assert_array_equal if ties else (lambda got_ids, want_ids: None)
+    for model in ("new", "actor"):
+        got_logp, got_ids = getattr(got, f"topk_logp_{model}"), getattr(got, f"topk_ids_{model}")
+        want_logp, want_ids = getattr(want, f"topk_logp_{model}"), getattr(want, f"topk_ids_{model}")
+        assert_topk_equal(got_logp, got_ids, want_logp, want_ids, rtol=1e-5)
+        check_ids(got_ids, want_ids)
+    if ties:
+        assert np.sum(np.diff(np.asarray(want.topk_logp_new), axis=1) == 0) > 20
+        np.testing.assert_allclose(got.vk_logp_actor, want.vk_logp_actor, **tol)
+        np.testing.assert_allclose(got.vk_logp_new, want.vk_logp_new, **tol)
+    # the normalizer's own pass over the vocabulary gives the same Z, and so does a lam chosen later
+    z_topk, _ = chunked.obrs_normalizer(h_act, w_act, got.lse_actor, h_pol, w_pol, got.lse_new, lam, k, False,
+                                        temperature_inf=temperature, vocab_size=vocab_size, block_v=block_v)
+    np.testing.assert_allclose(got.z_topk, z_topk, rtol=1e-5)
+    logp_act_all = jax.nn.log_softmax(jnp.where(jnp.arange(v) < vocab_size, h_act @ w_act / temperature, -jnp.inf))
+    logp_new_all = jax.nn.log_softmax(jnp.where(jnp.arange(v) < vocab_size, h_pol @ w_pol, -jnp.inf))
+    for later_lam in (0.3, 2.5):
+        np.testing.assert_allclose(obrs.normalizer(got.vk_logp_actor, got.vk_logp_new, later_lam),
+                                   obrs.topk_normalizer(logp_act_all, logp_new_all, later_lam, k), **tol)
+
+
 @pytest.mark.parametrize("kernel,platform,custom_call", [
     (pallas_tpu, "tpu", "tpu_custom_call"), (pallas_gpu, "cuda", "xla.gpu.triton")])
 def test_pallas_normalizers_lower_for_their_targets_at_a_realistic_shape(kernel, platform, custom_call):

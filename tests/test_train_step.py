@@ -13,6 +13,8 @@ import optax
 import pytest
 from flax import nnx
 
+import pallas_kernels as pk
+
 from jackpot_jax import losses, obrs
 from jackpot_jax.models import Transformer, preset
 from jackpot_jax.train.batch import make_batch
@@ -184,15 +186,17 @@ def test_same_actor_and_policy_with_lam_one_is_plain_grpo():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_the_filter_uses_the_rollout_actor_once_the_trained_actor_has_moved():
+@pytest.mark.parametrize("z", ["exact", "topk"])
+def test_the_filter_uses_the_rollout_actor_once_the_trained_actor_has_moved(z):
     """update(state with actor A, rollout_actor=R) gives the policy the update (and the OBRS
     statistics) of update(state with actor R): the filter's p_inf is the actor that sampled the
-    batch. The negative control, actor A as p_inf, moves the policy differently."""
+    batch (with the top-k Z: the filter's own pass, against Z from the first pass). The negative
+    control, actor A as p_inf, moves the policy differently."""
     policy, actor = _models()
     rollout = _params(actor)
     moved = jax.tree.map(lambda x: x + 0.2 * jnp.sign(x), rollout)  # the trained actor, far from R
     batch = _batch(actor)
-    cfg = StepConfig(mode="jackpot", p_target="new", z="exact", lam=0.7, micro_batch_size=B, kernel_impl="chunked")
+    cfg = StepConfig(mode="jackpot", p_target="new", z=z, k=5, lam=0.7, micro_batch_size=B, kernel_impl="chunked")
     sgd = optax.sgd(1.0)
     updater = Updater(cfg, policy, actor, sgd, sgd)
     key = jax.random.key(5)
@@ -203,13 +207,46 @@ def test_the_filter_uses_the_rollout_actor_once_the_trained_actor_has_moved():
         return updater.update(state, batch, old, key, cfg.lam, rollout_actor=rollout_actor)
 
     (want, want_m), (got, got_m), (wrong, wrong_m) = (run(rollout, None), run(moved, rollout), run(moved, None))
-    for name in ("obrs/z_exact_mean", "obrs/accept_rate", "obrs/rho_mean"):
+    z_mean = f"obrs/z_{z}_mean"
+    for name in (z_mean, "obrs/accept_rate", "obrs/rho_mean"):
         np.testing.assert_allclose(float(got_m[name]), float(want_m[name]), rtol=1e-5, err_msg=name)
     for a, b in zip(jax.tree.leaves(got.policy), jax.tree.leaves(want.policy)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    assert abs(float(wrong_m["obrs/z_exact_mean"]) - float(want_m["obrs/z_exact_mean"])) > 1e-3
+    assert abs(float(wrong_m[z_mean]) - float(want_m[z_mean])) > 1e-3
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(wrong.policy),
                                                               jax.tree.leaves(want.policy))) > 1e-4
+
+
+ONE_PASS_CASES = {
+    "frozen_actor": dict(mode="jackpot", train_actor=False, k=5, lam=2.5, c1=3.0),
+    "trained_actor_t07": dict(mode="jackpot", k=4, lam=1.3, temperature=0.7, distill_direction="reverse"),
+    "target_accept": dict(mode="jackpot", k=5, target_accept=0.9),
+}
+
+
+@pytest.mark.parametrize("case", ONE_PASS_CASES)
+def test_top_k_z_from_the_first_pass_equals_the_filter_pass(case, monkeypatch):
+    """p_target = new, z = topk (chunked): Z from fused_jackpot_stats' one pass and no
+    fused_obrs_filter gives the update of the two-pass path (the filter's own pass over the
+    vocabulary, forced): the same loss, metrics and parameters, with the same key."""
+    policy, actor = _models()
+    cfg = StepConfig(micro_batch_size=B // 2, kernel_impl="chunked", **ONE_PASS_CASES[case])
+    batch = _batch(actor, cfg.temperature)
+    filter_calls = []
+    fused_obrs_filter = pk.fused_obrs_filter
+    monkeypatch.setattr(pk, "fused_obrs_filter",
+                        lambda *args, **kw: filter_calls.append(1) or fused_obrs_filter(*args, **kw))
+    _, got, got_m, _ = _run_step(cfg, policy, actor, batch, jax.random.key(4))
+    assert cfg.z_in_first_pass and not filter_calls
+    monkeypatch.setattr(StepConfig, "z_in_first_pass", property(lambda self: False))
+    _, want, want_m, _ = _run_step(cfg, policy, actor, batch, jax.random.key(4))
+    assert filter_calls
+    assert set(got_m) == set(want_m)
+    for name in want_m:
+        np.testing.assert_allclose(float(got_m[name]), float(want_m[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert 0.0 < float(want_m["obrs/accept_rate"]) < 1.0 and float(want_m["obrs/kappa"]) != 1.0
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_update_is_skipped():

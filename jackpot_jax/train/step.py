@@ -11,8 +11,10 @@ function with explicit shardings:
    :func:`pallas_kernels.fused_jackpot_stats`, never forming the logits, only where the losses
    read them: with ``window`` (the trainer sets ``rollout.max_new_tokens``), at each sequence's
    completion positions, not its prompt and padding;
-3. weights each token by its mode: ``jackpot`` samples the OBRS mask and rho with
-   :func:`pallas_kernels.fused_obrs_filter` (Z from the top-k union with kappa, or exact), ``tis``
+3. weights each token by its mode: ``jackpot`` samples the OBRS mask and rho (Z from the top-k
+   union with kappa, or exact): with the chunked kernels' top-k Z towards p_new, from the top-k
+   sets that step 2's one pass collected (``StepConfig.z_in_first_pass``), else with
+   :func:`pallas_kernels.fused_obrs_filter` and its own pass over the vocabulary; ``tis``
    truncates p_old / p_inf, ``on_policy`` / ``off_policy`` weigh every token 1;
 4. differentiates L = L_policy (eq. 5) + L_actor (eq. 6 + beta eq. 7), the joint objective of
    eq. 8, over micro-batches (gradient accumulation), and applies both optax updates, skipping
@@ -87,6 +89,14 @@ class StepConfig(NamedTuple):
         """The OBRS filter reads p_inf in the update (p_target = new) while the actor is trained, so
         after a rollout's first update p_inf must come from the actor that sampled the batch."""
         return self.train_actor and self.mode == "jackpot" and self.p_target == "new"
+
+    @property
+    def z_in_first_pass(self) -> bool:
+        """The chunked statistics' one pass gives Z_approx (both top-k sets by raw logits, section
+        4.4.1), so the OBRS filter makes no pass over the vocabulary of its own: the top-k Z towards
+        p_new, when the filter's p_inf is the actor of that pass (see ``filter_needs_rollout_actor``)."""
+        return (self.mode == "jackpot" and self.p_target == "new" and self.z == "topk"
+                and self.kernel_impl in ("auto", "chunked"))
 
 
 class TrainState(NamedTuple):
@@ -258,8 +268,9 @@ class Updater:
                              f"{self.cfg.micro_batch_size}.")
         return rows.shape[0] // self.cfg.micro_batch_size
 
-    def _weights(self, key, mb, tok, h, lse):
-        """Per-token ``(mask, rho, metrics)`` of the policy loss for this mode (stop-gradient)."""
+    def _weights(self, key, mb, tok, h, lse, vk=None):
+        """Per-token ``(mask, rho, metrics)`` of the policy loss for this mode (stop-gradient); ``vk``:
+        p_inf's and p_new's log-probs on V_k from the first pass (:class:`pk.JackpotStats`), or None."""
         cfg, sg = self.cfg, jax.lax.stop_gradient
         logp_inf, logp_old, logp_new, valid = tok.logp_inf, tok.logp_old, sg(tok.logp_new), tok.valid
         if cfg.mode in ("on_policy", "off_policy"):
@@ -270,7 +281,11 @@ class Updater:
         lam = (obrs.solve_lambda(logp_inf, logp_target, cfg.target_accept, valid) if cfg.target_accept > 0
                else cfg.lam) if cfg.p_target == "new" else mb.lam[0]
         metrics = {"obrs/lam": jnp.asarray(lam, jnp.float32)}
-        if cfg.p_target == "new":
+        if vk is not None:  # Z_approx = sum over V_k of min(p_inf, p_new / lam) (eq. 4, section 4.4.1)
+            z_topk, z_exact = obrs.normalizer(*vk, lam), None
+            f = obrs.obrs_filter(key, logp_inf, logp_old, logp_new, z_topk, valid, lam=lam, c1=cfg.c1, c2=cfg.c2,
+                                 target="new")
+        elif cfg.p_target == "new":
             (h_pol, w_pol, h_act, w_act), (lse_new, lse_actor) = h, lse
             f = pk.fused_obrs_filter(key, h_act, w_act, lse_actor, h_pol, w_pol, lse_new,
                                      pk.SampledTokens(logp_inf, logp_old, logp_new, valid), lam=lam, c1=cfg.c1,
@@ -296,13 +311,18 @@ class Updater:
         rows, mb = _completion_window(mb, cfg.window) if cfg.window else (None, mb)
         h_pol, w_pol = self._hidden("policy", trainable["policy"], mb, rows)
         targets, valid = _flat(mb.targets), _flat(mb.valid)
+        vk = None
         if cfg.actor_in_update:
             h_act, w_act = self._hidden("actor", actor_params, mb, rows)
+            rollout_p_inf = rollout_actor is not None and cfg.filter_needs_rollout_actor
+            z_in_first_pass = cfg.z_in_first_pass and not rollout_p_inf
             stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, cfg.k, cfg.lam,
                                            temperature_actor=cfg.temperature, direction=cfg.distill_direction,
-                                           normalizers=False, impl=cfg.kernel_impl)
+                                           normalizers=z_in_first_pass, impl=cfg.kernel_impl)
             logp_new, heads, lse = stats.logp_new, (h_pol, w_pol, h_act, w_act), (stats.lse_new, stats.lse_actor)
-            if rollout_actor is not None and cfg.filter_needs_rollout_actor:
+            if z_in_first_pass:
+                vk = (stats.vk_logp_actor, stats.vk_logp_new)
+            if rollout_p_inf:
                 # p_inf for the filter: the actor that sampled the batch (stop-gradient)
                 h_inf, w_inf = self._hidden("actor", sg(rollout_actor), mb, rows)
                 lse_inf = pk.fused_token_stats(h_inf, w_inf, targets, 1, temperature=cfg.temperature,
@@ -313,7 +333,7 @@ class Updater:
         zero = lambda x: jnp.where(valid, x, 0.0)  # padding never reaches a ratio (nor its gradient)
         tok = pk.SampledTokens(zero(_flat(mb.logp_inf)), zero(_flat(mb.logp_old)), zero(logp_new), valid)
         advantages = jnp.repeat(mb.advantages, mb.targets.shape[1])
-        mask, rho, metrics = self._weights(key, mb, tok, heads, lse)
+        mask, rho, metrics = self._weights(key, mb, tok, heads, lse, vk)
         ppo, clipped = losses.ppo_token_loss(tok.logp_new, tok.logp_old, advantages, eps_low=cfg.eps_low,
                                              eps_high=cfg.eps_high, clip=cfg.clip)
         policy_loss = losses.masked_mean((rho * ppo).reshape(mb.valid.shape), mask.reshape(mb.valid.shape),
