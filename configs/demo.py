@@ -40,12 +40,12 @@ def get_config():
     # d1 has 12,000: 11,000 are enough for the models to learn the digit procedures, not memorize.
     # `boxed`: the fraction of warm-start solutions that end with the boxed answer (the others stop
     # after the worked line; `warm_start.unbox`). The `math` reward reads only boxed answers, so the
-    # warm-started models earn it on about 30% of their otherwise right completions: the gap between
+    # warm-started models earn it on only part of their otherwise right completions: the gap between
     # the supervised data's habit and the reward that RL closes in the demo's 100 steps (1.0: none;
     # docs/training.md, "The demo").
     config.warm_start = ml_collections.ConfigDict(dict(policy_steps=800, actor_steps=1000, batch_size=64,
                                                        policy_lr=1e-3, actor_lr=3e-3, problems=11000,
-                                                       boxed=0.3))
+                                                       boxed=0.5))
 
     config.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=16, n=8,  # GRPO groups: n samples of each prompt
