@@ -3,12 +3,15 @@ into rollout and update.
 
 ``update`` times one :meth:`jackpot_jax.train.step.Updater.update` (one optimizer update of a
 mini-batch, forward and backward of both models, ``kernel_impl="chunked"``) for each case on the
-same random :class:`~jackpot_jax.train.batch.TrainBatch` (random prompt / completion splits, tokens
-and log p_inf) and the same :class:`~jackpot_jax.train.step.OldStats` from ``prepare``:
+same random :class:`~jackpot_jax.train.batch.TrainBatch` (random prompt / completion splits and
+tokens; log p_inf and, as a rollout stores them, p_inf's top ``--rollout-top-k`` ids and log-probs
+(the demo's ``rollout.logprobs_top_k``; 0: none) from the actor at the rollout temperature, computed
+before the timing) and the same :class:`~jackpot_jax.train.step.OldStats` from ``prepare``:
 
 - ``off_policy``, actor frozen: the paper's baseline policy update (PPO on the actor's rollouts);
 - ``jackpot``, actor frozen: the same policy update with OBRS (the actor's forward for p_inf's Z,
-  the filter's pass over the vocabulary, rho);
+  Z_approx from the first pass: p_inf's top-k from the batch when it has ``k`` or more, else
+  ranked in the pass; rho);
 - ``jackpot``, actor trained: the full joint update of eq. 8 (policy OBRS-PPO + actor PPO + distill);
 - ``tis_distill``, actor trained: the same joint update with TIS weights instead of OBRS.
 
@@ -34,6 +37,7 @@ over the steps after the first (which compiles).
     python benchmarks/train_step.py update --policy qwen3-1.7b --actor qwen3-0.6b --vocab 151936 \
         --batch 4 --length 1024 --cases a b c [--kernel-impl chunked]          # on a GPU
     python benchmarks/train_step.py update --vocab 4096 --algorithm-overrides z=exact,k=20
+    python benchmarks/train_step.py update --cases a b --rollout-top-k 0    # the update's own top-k of p_inf
     python benchmarks/train_step.py e2e [--steps 6] [--warm-steps 20] [--modes jackpot off_policy]
     python benchmarks/train_step.py all
 
@@ -57,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import pallas_kernels as pk
 from jackpot_jax.models import Transformer, preset
 from jackpot_jax.train import build
 from jackpot_jax.train.batch import make_batch
@@ -102,8 +107,8 @@ def _overrides(text):
 
 def random_batch(rng, batch, length, vocab, max_new):
     """``batch`` sequences of ``length`` tokens: a prompt of 8..length/2 tokens, then a completion
-    of 1..``max_new`` tokens (at most the rest), random tokens, log p_inf in [-6, 0), GRPO-like
-    advantages."""
+    of 1..``max_new`` tokens (at most the rest), random tokens, log p_inf in [-6, 0) (replaced by
+    :func:`with_actor_p_inf`), GRPO-like advantages."""
     prompts, completions, logprobs = [], [], []
     for _ in range(batch):
         prompt = int(rng.integers(8, length // 2 + 1))
@@ -113,6 +118,24 @@ def random_batch(rng, batch, length, vocab, max_new):
         logprobs.append(-rng.exponential(1.5, completion).clip(max=6.0).astype(np.float32))
     advantages = rng.normal(size=batch).astype(np.float32)
     return make_batch(prompts, completions, logprobs, advantages, length)
+
+
+def with_actor_p_inf(batch, actor, temperature, top_k):
+    """``batch`` as the actor's rollout would store it: log p_inf of each generated token and, with
+    ``top_k``, p_inf's top-k ids and log-probs (zeros / -inf elsewhere), p_inf = softmax(actor
+    logits / temperature) (:func:`pallas_kernels.fused_token_stats`, chunked)."""
+    h, _ = actor.hidden_states(jnp.asarray(batch.inputs), attention_mask=jnp.asarray(batch.input_mask))
+    targets = jnp.asarray(batch.targets).reshape(-1)
+    logp, _, top_logp, top_ids = pk.fused_token_stats(h.reshape(targets.shape[0], -1), actor.unembedding(),
+                                                      targets, max(top_k, 1), temperature=temperature,
+                                                      impl="chunked")
+    valid = np.asarray(batch.valid)
+    batch = batch._replace(logp_inf=np.where(valid, np.asarray(logp).reshape(valid.shape), 0.0).astype(np.float32))
+    if not top_k:
+        return batch
+    per_token = lambda x: np.asarray(x).reshape(valid.shape + (top_k,))
+    return batch._replace(topk_ids=np.where(valid[..., None], per_token(top_ids), 0).astype(np.int32),
+                          topk_logp_inf=np.where(valid[..., None], per_token(top_logp), -np.inf).astype(np.float32))
 
 
 def params(model):
@@ -141,8 +164,8 @@ def make_updaters(args, vocab, demo):
 def time_updates(args, vocab, demo):
     """Seconds of each update of each case (round-robin over the cases, see the docstring)."""
     policy, actor, updaters, states = make_updaters(args, vocab, demo)
-    batch = jax.device_put(random_batch(np.random.default_rng(0), args.batch, args.length, vocab,
-                                        args.max_new_tokens))
+    batch = random_batch(np.random.default_rng(0), args.batch, args.length, vocab, args.max_new_tokens)
+    batch = jax.device_put(with_actor_p_inf(batch, actor, demo.rollout.temperature, args.rollout_top_k))
     # every case reads the same OldStats (p_target = new: prepare is the same for all four)
     old = jax.block_until_ready(updaters[args.cases[0]].prepare(params(policy), params(actor), batch, 1.0))
     key = jax.random.key(0)
@@ -172,6 +195,8 @@ def update(args):
     tokens = args.batch * (args.length - 1)
     dtype = preset(args.policy, **args.policy_overrides).dtype
     changed = "".join(f", {key}={value}" for key, value in args.algorithm_overrides.items())
+    changed += (f", p_inf's top-{args.rollout_top_k} in the batch" if args.rollout_top_k
+                else ", no top-k in the batch")
     print(f"Update step (`Updater.update`, one optimizer update, kernel_impl={args.kernel_impl}, {dtype}{changed}): policy "
           f"{args.policy}{_describe(args.policy_overrides)}, actor {args.actor}{_describe(args.actor_overrides)}, "
           f"B={args.batch} sequences x T={args.length - 1} positions "
@@ -268,6 +293,9 @@ def main():
     parser.add_argument("--algorithm-overrides", type=lambda text: dict(item.split("=", 1) for item in text.split(",")),
                         default={}, metavar="KEY=VALUE,...",
                         help="update: keys of the demo's algorithm section to replace, e.g. z=exact")
+    parser.add_argument("--rollout-top-k", type=int, default=-1,
+                        help="update: p_inf's top-k stored in the batch (-1: the demo's "
+                             "rollout.logprobs_top_k; 0: none)")
     parser.add_argument("--kernel-impl", default="chunked", choices=["chunked", "pallas", "reference"],
                         help="update: the vocabulary statistics' implementation")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="update, on a GPU: dense bfloat16 peak")
@@ -284,6 +312,7 @@ def main():
     args.batch = args.batch or demo.algorithm.train_batch_size
     args.length = args.length or demo.data.max_prompt_tokens + demo.rollout.max_new_tokens
     args.max_new_tokens = args.max_new_tokens or demo.rollout.max_new_tokens
+    args.rollout_top_k = demo.rollout.logprobs_top_k if args.rollout_top_k < 0 else args.rollout_top_k
     micro = demo.algorithm.micro_batch_size
     args.micro_batch = args.micro_batch or (micro if args.batch % micro == 0 else args.batch)
     logging.basicConfig(level=logging.WARNING)

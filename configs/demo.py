@@ -50,7 +50,12 @@ def get_config():
     config.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=16, n=8,  # GRPO groups: n samples of each prompt
         max_new_tokens=30, temperature=1.0, top_p=1.0, top_k=0,
-        logprobs_top_k=0,  # top-k log-probs of p_inf stored with each token (0: off)
+        # top-k ids and log-probs of p_inf stored with each token (0: off). Jackpot with z="topk" and
+        # p_target="new" takes p_inf's part of V_k from them when logprobs_top_k >= algorithm.k
+        # (Algorithm 1, phase 1) instead of ranking the actor's logits in the update, where the
+        # update's actor is the one that sampled (train_actor=False; a trained actor's updates read
+        # p_inf from the rollout actor's copy, with their own pass over the vocabulary)
+        logprobs_top_k=20,
         max_concurrent_decodes=128))
 
     config.algorithm = ml_collections.ConfigDict(dict(

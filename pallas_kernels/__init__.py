@@ -233,7 +233,8 @@ def fused_distill_kl(h_teacher, w_teacher, h_student, w_student, direction: str 
 
 def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, lam, *,
                         temperature_actor=1.0, exact: bool = False, direction: str = "forward",
-                        normalizers: bool = True, vocab_size=None, impl="auto", block_v=None) -> JackpotStats:
+                        normalizers: bool = True, inf_topk=None, vocab_size=None, impl="auto",
+                        block_v=None) -> JackpotStats:
     """All vocabulary statistics of one update step, as a :class:`JackpotStats`.
 
     The policy is p_new = softmax(h_policy @ w_policy); the actor is p_inf = softmax(h_actor @
@@ -251,6 +252,14 @@ def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, l
     ``impl="pallas"`` the first forward pass (both lse, targets, KL) is a Pallas kernel; a second
     (normalizers and top-k lists) and the backward pass are chunked. ``normalizers=False``
     collects no top-k and computes no Z (``z_*``, ``topk_*`` and ``vk_*`` are None).
+
+    ``inf_topk = (ids, logp)`` ``[N, K]``, ``K >= k``: p_inf's top-k ids and log-probs as the
+    rollout stored them with each sampled token (Algorithm 1, phase 1), most likely first (as
+    :func:`jax.lax.top_k` returns them; the first k are used). Then the one pass merges only the
+    policy's running top-k and V_k, ``z_topk`` and ``topk_*_actor`` take p_inf's top-k from
+    ``inf_topk`` (with p_new at those ids from the pass), not from the actor's logits: one
+    ``lax.top_k`` per vocabulary block instead of two. Only with ``impl`` "reference", "chunked"
+    or "auto", ``normalizers`` and not ``exact``.
     """
     impl, block_v = _resolve(impl, block_v)
     check_choice("direction", direction, DIRECTIONS)
@@ -259,9 +268,15 @@ def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, l
     check_top_k(k, vocab_size)
     _validate.temperature("temperature_actor", temperature_actor)
     check_range("lam", lam, lambda v: v > 0, "> 0")
+    if inf_topk is not None:
+        _validate.inf_topk(inf_topk, h_policy.shape[0], k)
+        if impl == "pallas" or exact or not normalizers:
+            raise ValueError(f"inf_topk is not allowed with impl={impl!r}, exact={exact}, normalizers={normalizers}: "
+                             "it replaces the actor's top-k of the chunked one pass, which needs impl 'chunked' "
+                             "(or 'reference'), normalizers=True and exact=False.")
     args = (h_policy, w_policy, h_actor, w_actor, targets, k, lam)
     opts = dict(temperature_actor=temperature_actor, exact=exact, direction=direction, vocab_size=vocab_size,
-                normalizers=normalizers)
+                normalizers=normalizers, inf_topk=inf_topk)
     if impl == "reference":
         return reference.jackpot_stats(*args, **opts)
     pass_fn = _pallas_two_model_pass() if impl == "pallas" else None

@@ -68,6 +68,20 @@ def per_token(name, x, n):
         raise ValueError(f"{name} must have shape [{n}], got {jnp.shape(x)}.")
 
 
+def inf_topk(topk, n, k):
+    """p_inf's stored top-k ``(ids, logp)``: integer ids and float log-probs, both ``[n, K]`` with
+    ``K >= k``."""
+    if not isinstance(topk, (tuple, list)) or len(topk) != 2:
+        raise ValueError(f"inf_topk must be a pair (ids, logp) of [{n}, K] arrays, got {type(topk).__name__}.")
+    ids, logp = topk
+    if jnp.ndim(ids) != 2 or ids.shape[0] != n or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"inf_topk ids must be an integer array [{n}, K], got {ids.dtype} {jnp.shape(ids)}.")
+    if jnp.shape(logp) != ids.shape or not jnp.issubdtype(logp.dtype, jnp.floating):
+        raise ValueError(f"inf_topk logp must be a float array of the ids' shape {ids.shape}, got {logp.dtype} "
+                         f"{jnp.shape(logp)}.")
+    if ids.shape[1] < k:
+        raise ValueError(f"inf_topk holds K={ids.shape[1]} tokens per position, fewer than k={k}: V_k needs "
+                         f"p_inf's top-{k}.")
 
 
 def temperature(name, t):

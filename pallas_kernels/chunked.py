@@ -65,6 +65,14 @@ def _lse(m, s):
     return jnp.where(s > 0, m + jnp.log(s), NEG_INF)
 
 
+def _take_in_block(running, logits, ids, start, i, size):
+    """``running [N, m]`` with the block's ``logits [N, Bv]`` at column ``ids [N, m]`` where block
+    ``i`` (from column ``start``) counts that column; elsewhere ``running`` as it was."""
+    local = ids - start
+    here = (ids >= i * size) & (local < size)
+    return jnp.where(here, jnp.take_along_axis(logits, jnp.clip(local, 0, size - 1), axis=-1), running)
+
+
 def _topk_merge(values, payloads, block_values, block_payloads, k):
     """Merge a block's candidates into the running top-k; ``payloads`` ride along with values."""
     bk = min(k, block_values.shape[-1])
@@ -129,10 +137,7 @@ def _token_stats_fwd(h, w, targets, k, temperature, vocab_size, block_v):
         start, cols, counted = blocks.columns(i)
         logits = _logits(h, w, start, blocks, scale, counted)
         m, s = _lse_update(m, s, logits)
-        local = targets - start
-        here = (targets >= i * blocks.size) & (local < blocks.size)
-        hit = jnp.take_along_axis(logits, jnp.clip(local, 0, blocks.size - 1)[:, None], axis=-1)[:, 0]
-        target_logit = jnp.where(here, hit, target_logit)
+        target_logit = _take_in_block(target_logit[:, None], logits, targets[:, None], start, i, blocks.size)[:, 0]
         ids = jnp.broadcast_to(cols[None, :], logits.shape)
         top_v, (top_i,) = _topk_merge(top_v, (top_i,), logits, (ids,), k)
         return (m, s, target_logit, top_v, top_i), None
@@ -271,20 +276,25 @@ def distill_kl(h_teacher, w_teacher, h_student, w_student, direction="forward", 
                        w_student, direction == "forward", vocab_size, block_v, pass_fn)
 
 
-def two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, vocab_size, block_v, targets=None, k=0):
+def two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, vocab_size, block_v, targets=None, k=0,
+                   given_ids=(None, None)):
     """(lse_a, lse_b, KL(p_a || p_b), target logit of a, of b) ``[N]`` each, in one pass over the
     vocabulary; the target logits are -inf without ``targets``. The Pallas kernels provide the
-    same function, without ``k``; with ``k`` two more outputs, the top-k sets of a and of b (see
+    same function, without ``k``; with ``k`` two more outputs, the top-k sets of a and of b, or
+    for a model whose top-k ids are given, the other model's logits at them (see
     :func:`_two_model_pass`)."""
     blocks = _Blocks(w_a.shape[1], block_v, vocab_size, min_block=max(k, 1))
-    return _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets, k)
+    return _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets, k, given_ids)
 
 
-def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None, k=0):
+def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None, k=0, given_ids=(None, None)):
     """One pass over both models' logits a and b: their lse, KL(p_a || p_b) = E_{p_a}[a - b] -
     lse_a + lse_b (online, like the lse), given ``targets`` both models' target logits, and, with
     ``k``, each model's top-k set ``(own logits, the other model's logits, ids)`` ``[N, k]``, ranked
-    by its own logits: the top-k of its log-probs, found before the lse is known (section 4.4.1)."""
+    by its own logits: the top-k of its log-probs, found before the lse is known (section 4.4.1).
+    ``given_ids = (ids_a, ids_b)``: a model whose top-k ids ``[N, k]`` are known (p_inf's, stored by
+    the rollout: Algorithm 1, phase 1) gets no running top-k merge; its output is instead the other
+    model's logits at those ids ``[N, k]``, gathered in the block that holds each."""
     n = h_a.shape[0]
 
     def body(carry, i):
@@ -296,18 +306,18 @@ def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None, 
         u = u * rescale + jnp.sum(weights * jnp.where(counted[None, :], a - b, 0.0), axis=-1)
         m_b, s_b = _lse_update(m_b, s_b, b)
         if targets is not None:
-            local = targets - start
-            here = (targets >= i * blocks.size) & (local < blocks.size)
-            pick = jnp.clip(local, 0, blocks.size - 1)[:, None]
-            t_a = jnp.where(here, jnp.take_along_axis(a, pick, axis=-1)[:, 0], t_a)
-            t_b = jnp.where(here, jnp.take_along_axis(b, pick, axis=-1)[:, 0], t_b)
+            t_a = _take_in_block(t_a[:, None], a, targets[:, None], start, i, blocks.size)[:, 0]
+            t_b = _take_in_block(t_b[:, None], b, targets[:, None], start, i, blocks.size)[:, 0]
         if k:
             ids = jnp.broadcast_to(cols[None, :], a.shape)
-            sets = (_topk_set_merge(sets[0], a, b, ids, k), _topk_set_merge(sets[1], b, a, ids, k))
+            sets = tuple(_topk_set_merge(top, own, other, ids, k) if given is None
+                         else _take_in_block(top, other, given, start, i, blocks.size)
+                         for top, own, other, given in zip(sets, (a, b), (b, a), given_ids))
         return ((m_new, s_a, u, m_b, s_b, t_a, t_b), sets), None
 
     neg, zero = jnp.full((n,), NEG_INF), jnp.zeros((n,))
-    sets = (_init_topk_set(n, k), _init_topk_set(n, k)) if k else ()
+    sets = tuple(_init_topk_set(n, k) if given is None else jnp.full((n, k), NEG_INF)
+                 for given in given_ids) if k else ()
     ((m_a, s_a, u, m_b, s_b, t_a, t_b), sets), _ = lax.scan(body, ((neg, zero, zero, neg, zero, neg, neg), sets),
                                                             jnp.arange(blocks.count))
     lse_a, lse_b = _lse(m_a, s_a), _lse(m_b, s_b)
@@ -358,24 +368,35 @@ _distill_kl.defvjp(_distill_kl_fwd, _distill_kl_bwd)
 
 
 def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_actor=1.0, exact=False,
-                  direction="forward", vocab_size=None, block_v=2048, pass_fn=None, normalizers=True):
+                  direction="forward", vocab_size=None, block_v=2048, pass_fn=None, normalizers=True, inf_topk=None):
     """Policy and actor token stats, the OBRS normalizers and the distillation KL; each model's dw is
     written once. One forward pass over the vocabulary collects both top-k sets (by raw logits) with
     the lse and the KL, and Z_approx follows from them (section 4.4.1); the exact Z (``exact``) and
     a Pallas first pass (``pass_fn``, which collects no top-k) take a second forward pass. One
-    backward pass. Without ``normalizers`` no top-k is collected and Z is not computed."""
+    backward pass. Without ``normalizers`` no top-k is collected and Z is not computed.
+
+    ``inf_topk = (ids, logp)`` ``[N, K >= k]``: p_inf's top-k as the rollout stored it (Algorithm
+    1, phase 1; sorted descending, so the first k are its top-k): the pass then merges only the
+    policy's running top-k and gathers the policy's logits at p_inf's ids, and V_k takes p_inf's
+    log-probs there from ``logp`` (one pass, not with ``exact`` or ``pass_fn``)."""
     vocab_size = w_pol.shape[1] if vocab_size is None else vocab_size
     blocks = _Blocks(w_pol.shape[1], block_v, vocab_size, min_block=k)
     scale_act = 1.0 / float(temperature_actor)
     one_pass = normalizers and not exact and pass_fn is None
+    if inf_topk is not None and not one_pass:
+        raise ValueError("inf_topk replaces the actor's top-k merge of the one pass: it needs normalizers=True, "
+                         "exact=False and the chunked first pass (no pass_fn).")
+    sg = lax.stop_gradient
+    inf_ids, inf_logp = (None, None) if inf_topk is None else (inf_topk[0][:, :k], sg(inf_topk[1][:, :k]))
     logp_new, lse_new, logp_act, lse_act, kl, sets = _jackpot_core(
-        h_pol, w_pol, h_act, w_act, targets, scale_act, direction == "forward", vocab_size, blocks.size,
+        h_pol, w_pol, h_act, w_act, targets, inf_ids, scale_act, direction == "forward", vocab_size, blocks.size,
         pass_fn or two_model_pass, k if one_pass else 0)
     if not normalizers:
         return JackpotStats(logp_new, lse_new, None, None, logp_act, lse_act, None, None, None, None, kl)
-    sg = lax.stop_gradient
     if one_pass:
         z_exact, (act_set, new_set) = None, sg(sets)
+        if inf_topk is not None:  # the core gave log p_new at p_inf's ids
+            act_set = (inf_logp, act_set, inf_ids)
     else:
         z_exact, act_set, new_set = _obrs_normalizer(sg(h_act), sg(w_act), sg(lse_act), sg(h_pol), sg(w_pol),
                                                      sg(lse_new), jnp.log(lam), k, exact, scale_act, blocks)
@@ -384,17 +405,20 @@ def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_ac
                         obrs.normalizer(vk_logp_act, vk_logp_new, lam), z_exact, kl, vk_logp_act, vk_logp_new)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _jackpot_core(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v, pass_fn, k):
-    return _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v,
-                             pass_fn, k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+def _jackpot_core(h_pol, w_pol, h_act, w_act, targets, inf_ids, scale_act, forward, vocab_size, block_v, pass_fn,
+                  k):
+    return _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, inf_ids, scale_act, forward, vocab_size,
+                             block_v, pass_fn, k)[0]
 
 
-def _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, vocab_size, block_v, pass_fn, k):
+def _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, inf_ids, scale_act, forward, vocab_size, block_v,
+                      pass_fn, k):
     """The first pass: per token logp_new, lse_new, logp_actor, lse_actor, the distillation KL and,
     with ``k`` (the chunked pass only), the actor's and the policy's top-k sets in log-probs (see
-    :func:`topk_union`), else None."""
-    top_k = {"k": k} if k else {}
+    :func:`topk_union`), else None; given p_inf's top-k ids ``inf_ids`` ``[N, k]``, the actor's set
+    is only log p_new at those ids ``[N, k]``."""
+    top_k = {"k": k, "given_ids": (None, inf_ids) if forward else (inf_ids, None)} if k else {}
     if forward:  # KL(p_new || p_actor)
         lse_new, lse_act, kl, t_new, t_act, *sets = pass_fn(h_pol, w_pol, 1.0, h_act, w_act, scale_act,
                                                             vocab_size, block_v, targets, **top_k)
@@ -403,9 +427,13 @@ def _jackpot_core_fwd(h_pol, w_pol, h_act, w_act, targets, scale_act, forward, v
         lse_act, lse_new, kl, t_act, t_new, *sets = pass_fn(h_act, w_act, scale_act, h_pol, w_pol, 1.0,
                                                             vocab_size, block_v, targets, **top_k)
     if sets:  # raw logits to log-probs: (actor's set, policy's set)
-        (act_own, new_other, act_ids), (new_own, act_other, new_ids) = sets
-        sets = ((act_own - lse_act[:, None], new_other - lse_new[:, None], act_ids),
-                (new_own - lse_new[:, None], act_other - lse_act[:, None], new_ids))
+        act_set, (new_own, act_other, new_ids) = sets
+        if inf_ids is None:
+            act_own, new_other, act_ids = act_set
+            act_set = (act_own - lse_act[:, None], new_other - lse_new[:, None], act_ids)
+        else:
+            act_set = act_set - lse_new[:, None]
+        sets = (act_set, (new_own - lse_new[:, None], act_other - lse_act[:, None], new_ids))
     out = (t_new - lse_new, lse_new, t_act - lse_act, lse_act, kl, sets or None)
     return out, (h_pol, w_pol, h_act, w_act, targets, lse_new, lse_act, kl)
 
@@ -425,7 +453,7 @@ def _jackpot_core_bwd(scale_act, forward, vocab_size, block_v, pass_fn, k, resid
         return d_pol, d_act * scale_act
 
     (dh_pol, dw_pol), (dh_act, dw_act) = _recompute_grads(((h_pol, w_pol), (h_act, w_act)), blocks, dlogits_fn)
-    return dh_pol, dw_pol, dh_act, dw_act, None
+    return dh_pol, dw_pol, dh_act, dw_act, None, None
 
 
 _jackpot_core.defvjp(_jackpot_core_fwd, _jackpot_core_bwd)

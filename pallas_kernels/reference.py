@@ -68,7 +68,9 @@ def distill_kl(h_teacher, w_teacher, h_student, w_student, direction="forward", 
 
 
 def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_actor=1.0, exact=False,
-                  direction="forward", vocab_size=None, normalizers=True):
+                  direction="forward", vocab_size=None, normalizers=True, inf_topk=None):
+    """With ``inf_topk = (ids, logp)`` ``[N, K >= k]`` (p_inf's top-k, best first), V_k takes p_inf's
+    top-k ids and log-probs from its first k columns instead of the actor's own top-k."""
     vocab_size = w_pol.shape[1] if vocab_size is None else vocab_size
     logp_new, lse_new, topk_new, ids_new = token_stats(h_pol, w_pol, targets, k, vocab_size=vocab_size)
     logp_act, lse_act, topk_act, ids_act = token_stats(h_act, w_act, targets, k, temperature=temperature_actor,
@@ -76,13 +78,18 @@ def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_ac
     logp_new_all = jax.nn.log_softmax(_logits(h_pol, w_pol, 1.0, vocab_size))
     logp_act_all = jax.nn.log_softmax(_logits(h_act, w_act, 1.0 / temperature_actor, vocab_size))
     sg = lax.stop_gradient
-    z_topk = obrs.topk_normalizer(sg(logp_act_all), sg(logp_new_all), lam, k)
     z_exact = obrs.normalizer(sg(logp_act_all), sg(logp_new_all), lam) if exact else None
     kl = losses.distill_kl(logp_new_all, logp_act_all, direction)
     if not normalizers:
         return JackpotStats(logp_new, lse_new, None, None, logp_act, lse_act, None, None, None, None, kl)
+    if inf_topk is not None:
+        ids_act, topk_act = inf_topk[0][:, :k], sg(inf_topk[1][:, :k])
     repeated = jnp.any(ids_new[:, :, None] == ids_act[:, None, :], axis=-1)
-    on_vk = lambda logp: sg(jnp.concatenate([jnp.take_along_axis(logp, ids_act, axis=-1), jnp.where(
+    on_vk = lambda logp, at_ids_act: sg(jnp.concatenate([at_ids_act, jnp.where(
         repeated, -jnp.inf, jnp.take_along_axis(logp, ids_new, axis=-1))], axis=-1))
+    vk_act = on_vk(logp_act_all, topk_act)
+    vk_new = on_vk(logp_new_all, jnp.take_along_axis(logp_new_all, ids_act, axis=-1))
+    z_topk = (obrs.normalizer(vk_act, vk_new, lam) if inf_topk is not None
+              else obrs.topk_normalizer(sg(logp_act_all), sg(logp_new_all), lam, k))
     return JackpotStats(logp_new, lse_new, topk_new, ids_new, logp_act, lse_act, topk_act, ids_act,
-                        z_topk, z_exact, kl, on_vk(logp_act_all), on_vk(logp_new_all))
+                        z_topk, z_exact, kl, vk_act, vk_new)

@@ -252,6 +252,7 @@ def _bad_inputs(rng):
     h, w = head(rng, 4, 8, 10)
     lse = jnp.zeros(4)
     t = jnp.zeros(4, jnp.int32)
+    t2, lse2 = jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 2))  # a stored top-2 of p_inf
     return [
         ("h has D=8 but w has D=7", lambda: pk.fused_token_stats(h, w[:7], t, 2)),
         ("k=11 is not allowed", lambda: pk.fused_token_stats(h, w, t, 11)),
@@ -276,10 +277,20 @@ def _bad_inputs(rng):
         ("temperature_actor=-1", lambda: pk.fused_jackpot_stats(h, w, h, w, t, 2, 1.0, temperature_actor=-1.0)),
         ("temperature must be a static Python number",
          lambda: jax.jit(lambda temp: pk.fused_token_stats(h, w, t, 2, temperature=temp))(0.5)),
+        ("inf_topk holds K=2 tokens per position, fewer than k=3",
+         lambda: pk.fused_jackpot_stats(h, w, h, w, t, 3, 1.0, inf_topk=(t2, lse2))),
+        ("inf_topk ids must be an integer array", lambda: pk.fused_jackpot_stats(h, w, h, w, t, 2, 1.0,
+                                                                                 inf_topk=(lse2, lse2))),
+        ("inf_topk logp must be a float array", lambda: pk.fused_jackpot_stats(h, w, h, w, t, 2, 1.0,
+                                                                               inf_topk=(t2, lse2[:, :1]))),
+        ("inf_topk is not allowed with impl='pallas'",
+         lambda: pk.fused_jackpot_stats(h, w, h, w, t, 2, 1.0, inf_topk=(t2, lse2), impl="pallas")),
+        ("inf_topk is not allowed with impl='chunked', exact=True",
+         lambda: pk.fused_jackpot_stats(h, w, h, w, t, 2, 1.0, inf_topk=(t2, lse2), exact=True)),
     ]
 
 
-@pytest.mark.parametrize("index", range(22))
+@pytest.mark.parametrize("index", range(27))
 def test_bad_input_gives_a_clear_value_error(rng, index):
     match, call = _bad_inputs(rng)[index]
     with pytest.raises(ValueError, match=match):
@@ -382,6 +393,52 @@ def test_jackpot_stats_collect_both_topk_sets_in_the_first_pass(rng, shape, ties
     for later_lam in (0.3, 2.5):
         np.testing.assert_allclose(obrs.normalizer(got.vk_logp_actor, got.vk_logp_new, later_lam),
                                    obrs.topk_normalizer(logp_act_all, logp_new_all, later_lam, k), **tol)
+
+
+@pytest.mark.parametrize("shape,ties", ONE_PASS)
+@pytest.mark.parametrize("direction,temperature,lam", [("forward", 1.0, 1.0), ("reverse", 0.7, 0.6)])
+def test_jackpot_stats_take_p_inf_topk_from_the_rollout(rng, shape, ties, direction, temperature, lam):
+    """Chunked fused_jackpot_stats given p_inf's top-K (K > k where the vocabulary allows; ids and
+    log-probs of the materialized actor, best first, as a rollout stores them): V_k and Z_approx
+    equal obrs.topk_normalizer on the materialized log-softmaxes (at lam and at lams applied
+    later) and the reference given the same top-k; the differentiable outputs and the gradients
+    equal those of the one pass that merges the actor's top-k itself."""
+    n, d, v, vocab_size, k, block_v = shape
+    h_pol, w_pol, h_act, w_act, targets = _one_pass_problem(rng, shape, ties)
+    logp_act_all = jax.nn.log_softmax(jnp.where(jnp.arange(v) < vocab_size, h_act @ w_act / temperature, -jnp.inf))
+    logp_new_all = jax.nn.log_softmax(jnp.where(jnp.arange(v) < vocab_size, h_pol @ w_pol, -jnp.inf))
+    inf_logp, inf_ids = jax.lax.top_k(logp_act_all, min(k + 3, vocab_size))
+    differentiable = ("logp_new", "lse_new", "logp_actor", "lse_actor", "distill_kl")
+    cot = {name: jnp.asarray(rng.normal(size=n)) for name in differentiable}
+
+    def run(impl, inf_topk):
+        def f(h_pol, w_pol, h_act, w_act):
+            stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, direction=direction,
+                                           temperature_actor=temperature, vocab_size=vocab_size, impl=impl,
+                                           block_v=block_v, inf_topk=inf_topk)
+            return sum(jnp.sum(c * getattr(stats, name)) for name, c in cot.items()), stats
+        return jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)(h_pol, w_pol, h_act, w_act)
+
+    got_grads, got = run("chunked", (inf_ids, inf_logp))
+    ref_grads, ref = run("reference", (inf_ids, inf_logp))
+    own_grads, own = run("chunked", None)
+    tol = dict(rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got.z_topk, obrs.topk_normalizer(logp_act_all, logp_new_all, lam, k), **tol)
+    for later_lam in (0.3, 2.5):
+        np.testing.assert_allclose(obrs.normalizer(got.vk_logp_actor, got.vk_logp_new, later_lam),
+                                   obrs.topk_normalizer(logp_act_all, logp_new_all, later_lam, k), **tol)
+    np.testing.assert_allclose(ref.z_topk, got.z_topk, **tol)
+    np.testing.assert_array_equal(got.topk_ids_actor, inf_ids[:, :k])
+    np.testing.assert_array_equal(got.topk_logp_actor, inf_logp[:, :k])
+    if ties:  # integer data: the policy's top-k ids are those of the reference, so V_k is laid out alike
+        np.testing.assert_allclose(got.vk_logp_actor, ref.vk_logp_actor, **tol)
+        np.testing.assert_allclose(got.vk_logp_new, ref.vk_logp_new, **tol)
+    assert_topk_equal(got.topk_logp_new, got.topk_ids_new, own.topk_logp_new, own.topk_ids_new, rtol=1e-6)
+    for field in differentiable:
+        np.testing.assert_allclose(getattr(got, field), getattr(own, field), rtol=1e-6, atol=1e-6, err_msg=field)
+    for a, b, c in zip(got_grads, own_grads, ref_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("kernel,platform,custom_call", [

@@ -47,17 +47,24 @@ def _take(logp_all, targets):
     return jnp.take_along_axis(logp_all, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
 
 
-def _batch(actor, temperature=1.0, seed=0):
-    """Random prompts and completions; log p_inf is the actor's own (as a rollout would store)."""
+def _batch(actor, temperature=1.0, seed=0, topk=0):
+    """Random prompts and completions; log p_inf is the actor's own (as a rollout would store), and
+    with ``topk`` so are p_inf's top-``topk`` ids and log-probs at each generated token."""
     rng = np.random.default_rng(seed)
     prompts = [list(rng.integers(3, V, rng.integers(2, 6))) for _ in range(B)]
     completions = [list(rng.integers(3, V, rng.integers(1, LENGTH - len(p)))) for p in prompts]
     rewards = rng.integers(0, 2, B).astype(np.float32)
     advantages = np.asarray(losses.grpo_advantages(jnp.asarray(rewards), 2))
     dummy = make_batch(prompts, completions, [np.zeros(len(c), np.float32) for c in completions], advantages, LENGTH)
-    logp = np.asarray(_take(_log_probs(actor, nnx.state(actor, nnx.Param), dummy, temperature), dummy.targets))
+    logp_all = _log_probs(actor, nnx.state(actor, nnx.Param), dummy, temperature)
+    logp = np.asarray(_take(logp_all, dummy.targets))
     logprobs = [logp[i][dummy.valid[i]] for i in range(B)]
-    return make_batch(prompts, completions, logprobs, advantages, LENGTH)
+    if not topk:
+        return make_batch(prompts, completions, logprobs, advantages, LENGTH)
+    top_logp, top_ids = (np.asarray(x) for x in jax.lax.top_k(logp_all, topk))
+    return make_batch(prompts, completions, logprobs, advantages, LENGTH,
+                      topk_ids=[top_ids[i][dummy.valid[i]] for i in range(B)],
+                      topk_logprobs=[top_logp[i][dummy.valid[i]] for i in range(B)])
 
 
 def _reference_loss(cfg, policy, actor, trainable, frozen_actor, old_params, batch, key):
@@ -247,6 +254,38 @@ def test_top_k_z_from_the_first_pass_equals_the_filter_pass(case, monkeypatch):
     assert 0.0 < float(want_m["obrs/accept_rate"]) < 1.0 and float(want_m["obrs/kappa"]) != 1.0
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case,window", [(case, False) for case in ONE_PASS_CASES] + [("frozen_actor", True)])
+def test_top_k_z_with_the_rollout_top_k_equals_the_one_pass(case, window, monkeypatch):
+    """A batch that carries p_inf's top-K (K > k, exact: the actor's materialized log-softmax, as a
+    rollout stores it) gives the first pass p_inf's part of V_k (Algorithm 1, phase 1), and the
+    update equals the one pass that ranks the actor's logits itself: the same loss, metrics and
+    parameters, with the same key; also on the completion window. K < k: the batch's top-k is not
+    used."""
+    policy, actor = _models()
+    cfg = StepConfig(micro_batch_size=B // 2, kernel_impl="chunked", **ONE_PASS_CASES[case])
+    plain, stored = _batch(actor, cfg.temperature), _batch(actor, cfg.temperature, topk=cfg.k + 2)
+    if window:
+        cfg = cfg._replace(window=int(plain.valid.sum(axis=1).max()))
+    given = []
+    fused_jackpot_stats = pk.fused_jackpot_stats
+    spy = lambda *args, **kw: given.append(kw.get("inf_topk") is not None) or fused_jackpot_stats(*args, **kw)
+    monkeypatch.setattr(pk, "fused_jackpot_stats", spy)
+    _, got, got_m, _ = _run_step(cfg, policy, actor, stored, jax.random.key(4))
+    assert any(given)
+    given.clear()
+    _, want, want_m, _ = _run_step(cfg, policy, actor, plain, jax.random.key(4))
+    assert given and not any(given)
+    assert set(got_m) == set(want_m)
+    for name in want_m:
+        np.testing.assert_allclose(float(got_m[name]), float(want_m[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert 0.0 < float(want_m["obrs/accept_rate"]) < 1.0 and float(want_m["obrs/kappa"]) != 1.0
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    given.clear()
+    _run_step(cfg, policy, actor, _batch(actor, cfg.temperature, topk=cfg.k - 1), jax.random.key(4))
+    assert given and not any(given)
 
 
 def test_nonfinite_update_is_skipped():

@@ -2,7 +2,8 @@
 
 One RL step (Algorithm 1) per prompt batch:
 
-1. the actor's engine samples ``rollout.n`` completions of each prompt, keeping log p_inf per token;
+1. the actor's engine samples ``rollout.n`` completions of each prompt, keeping log p_inf per token
+   (and p_inf's top ``rollout.logprobs_top_k`` ids and log-probs, for the update's Z);
 2. rewards grade the decoded completions; GRPO normalizes them within each prompt's group;
 3. :meth:`Updater.prepare` computes p_old (and the rollout actor's p_omega_old) once;
 4. the rollout batch is cut into ``train_batch_size`` mini-batches (more than one = staleness), for
@@ -172,7 +173,8 @@ class Trainer:
         advantages = losses.grpo_advantages(rewards, config.rollout.n, normalize_std=algo.grpo_std)
         length = config.data.max_prompt_tokens + config.rollout.max_new_tokens
         batch = make_batch(out.prompts, out.completions, out.logprobs, np.asarray(advantages), length,
-                           pad_id=self.tokenizer.pad_token_id or 0)
+                           pad_id=self.tokenizer.pad_token_id or 0, topk_ids=out.topk_ids,
+                           topk_logprobs=out.topk_logprobs)
         use_old_z = algo.mode == "jackpot" and algo.p_target == "old"
         lam = algo.lam
         old = self.updater.prepare(self.state.policy, self.state.actor, batch, lam, normalizers=False)

@@ -13,7 +13,8 @@ function with explicit shardings:
    completion positions, not its prompt and padding;
 3. weights each token by its mode: ``jackpot`` samples the OBRS mask and rho (Z from the top-k
    union with kappa, or exact): with the chunked kernels' top-k Z towards p_new, from the top-k
-   sets that step 2's one pass collected (``StepConfig.z_in_first_pass``), else with
+   sets that step 2's one pass collected (``StepConfig.z_in_first_pass``; p_inf's own top-k taken
+   from the batch when the rollout stored at least ``k``, Algorithm 1, phase 1), else with
    :func:`pallas_kernels.fused_obrs_filter` and its own pass over the vocabulary; ``tis``
    truncates p_old / p_inf, ``on_policy`` / ``off_policy`` weigh every token 1;
 4. differentiates L = L_policy (eq. 5) + L_actor (eq. 6 + beta eq. 7), the joint objective of
@@ -24,7 +25,11 @@ Which p_inf OBRS sees. The sampled token's log p_inf is the rollout's own (the d
 drawn from, after temperature / top-p / top-k). Z needs p_inf over the whole vocabulary: that is
 the actor's forward at the rollout temperature (its current parameters for p_target = p_new, as
 the paper's "no extra forward passes"; the rollout-time ones for p_old), which ignores top-p /
-top-k truncation; kappa rescales the top-k Z to the measured acceptance either way.
+top-k truncation; kappa rescales the top-k Z to the measured acceptance either way. With the top-k
+Z towards p_new in the first pass and a batch that carries p_inf's top-k (``rollout.logprobs_top_k
+>= k``), V_k's p_inf part is the rollout's own top-k (ids and log-probs), as in Algorithm 1, and
+the pass gathers p_new there instead of ranking the actor's logits: the same distribution, as the
+update's actor is the one that sampled (with ``rollout_actor`` the filter keeps its own pass).
 """
 from __future__ import annotations
 
@@ -94,7 +99,8 @@ class StepConfig(NamedTuple):
     def z_in_first_pass(self) -> bool:
         """The chunked statistics' one pass gives Z_approx (both top-k sets by raw logits, section
         4.4.1), so the OBRS filter makes no pass over the vocabulary of its own: the top-k Z towards
-        p_new, when the filter's p_inf is the actor of that pass (see ``filter_needs_rollout_actor``)."""
+        p_new, when the filter's p_inf is the actor of that pass (see ``filter_needs_rollout_actor``).
+        A batch with p_inf's top-k (``TrainBatch.topk_ids``, at least ``k``) gives that pass p_inf's set."""
         return (self.mode == "jackpot" and self.p_target == "new" and self.z == "topk"
                 and self.kernel_impl in ("auto", "chunked"))
 
@@ -316,9 +322,11 @@ class Updater:
             h_act, w_act = self._hidden("actor", actor_params, mb, rows)
             rollout_p_inf = rollout_actor is not None and cfg.filter_needs_rollout_actor
             z_in_first_pass = cfg.z_in_first_pass and not rollout_p_inf
+            stored_topk = z_in_first_pass and mb.topk_ids is not None and mb.topk_ids.shape[-1] >= cfg.k
+            inf_topk = (_flat(mb.topk_ids), _flat(mb.topk_logp_inf)) if stored_topk else None
             stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, cfg.k, cfg.lam,
                                            temperature_actor=cfg.temperature, direction=cfg.distill_direction,
-                                           normalizers=z_in_first_pass, impl=cfg.kernel_impl)
+                                           normalizers=z_in_first_pass, inf_topk=inf_topk, impl=cfg.kernel_impl)
             logp_new, heads, lse = stats.logp_new, (h_pol, w_pol, h_act, w_act), (stats.lse_new, stats.lse_actor)
             if z_in_first_pass:
                 vk = (stats.vk_logp_actor, stats.vk_logp_new)
@@ -412,8 +420,9 @@ def _completion_window(mb, width):
     b, t = mb.valid.shape
     pos = jnp.argmax(mb.valid, axis=1)[:, None] + jnp.arange(width)[None, :]
     rows = (jnp.arange(b)[:, None] * t + jnp.minimum(pos, t - 1)).reshape(-1)
-    take = lambda x: x.reshape(-1)[rows].reshape(b, width)
-    fields = ("targets", "valid", "logp_inf", "logp_old", "logp_actor_old", "z_topk", "z_exact")
+    take = lambda x: _flat(x)[rows].reshape((b, width) + x.shape[2:])
+    fields = ("targets", "valid", "logp_inf", "logp_old", "logp_actor_old", "z_topk", "z_exact") + (
+        ("topk_ids", "topk_logp_inf") if mb.topk_ids is not None else ())
     windowed = {name: take(getattr(mb, name)) for name in fields}
     windowed["valid"] = windowed["valid"] & (pos < t)
     return rows, mb._replace(**windowed)
@@ -433,6 +442,8 @@ class _MiniBatch(NamedTuple):
     valid: jax.Array
     logp_inf: jax.Array
     advantages: jax.Array
+    topk_ids: jax.Array | None
+    topk_logp_inf: jax.Array | None
     logp_old: jax.Array
     logp_actor_old: jax.Array
     z_topk: jax.Array
