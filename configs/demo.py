@@ -53,9 +53,10 @@ def get_config():
         # top-k ids and log-probs of p_inf stored with each token (0: off). Jackpot with z="topk" and
         # p_target="new" takes p_inf's part of V_k from them when logprobs_top_k >= algorithm.k
         # (Algorithm 1, phase 1) instead of ranking the actor's logits in the update, where the
-        # update's actor is the one that sampled (train_actor=False; a trained actor's updates read
-        # p_inf from the rollout actor's copy, with their own pass over the vocabulary)
-        logprobs_top_k=20,
+        # update's actor is the one that sampled: with train_actor=False. A trained actor's updates
+        # (the demo's) read p_inf from the rollout actor's copy with a pass of their own, so the
+        # demo stores none.
+        logprobs_top_k=0,
         max_concurrent_decodes=128))
 
     config.algorithm = ml_collections.ConfigDict(dict(
