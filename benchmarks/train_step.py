@@ -5,7 +5,7 @@ into rollout and update.
 mini-batch, forward and backward of both models, ``kernel_impl="chunked"``) for each case on the
 same random :class:`~jackpot_jax.train.batch.TrainBatch` (random prompt / completion splits and
 tokens; log p_inf and, as a rollout stores them, p_inf's top ``--rollout-top-k`` ids and log-probs
-(the demo's ``rollout.logprobs_top_k``; 0: none) from the actor at the rollout temperature, computed
+(default the demo's ``algorithm.k``; 0: none) from the actor at the rollout temperature, computed
 before the timing) and the same :class:`~jackpot_jax.train.step.OldStats` from ``prepare``:
 
 - ``off_policy``, actor frozen: the paper's baseline policy update (PPO on the actor's rollouts);
@@ -294,8 +294,8 @@ def main():
                         default={}, metavar="KEY=VALUE,...",
                         help="update: keys of the demo's algorithm section to replace, e.g. z=exact")
     parser.add_argument("--rollout-top-k", type=int, default=-1,
-                        help="update: p_inf's top-k stored in the batch (-1: the demo's "
-                             "rollout.logprobs_top_k; 0: none)")
+                        help="update: p_inf's top-k stored in the batch, as a rollout with "
+                             "logprobs_top_k stores it (-1: the demo's algorithm.k; 0: none)")
     parser.add_argument("--kernel-impl", default="chunked", choices=["chunked", "pallas", "reference"],
                         help="update: the vocabulary statistics' implementation")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="update, on a GPU: dense bfloat16 peak")
@@ -312,7 +312,7 @@ def main():
     args.batch = args.batch or demo.algorithm.train_batch_size
     args.length = args.length or demo.data.max_prompt_tokens + demo.rollout.max_new_tokens
     args.max_new_tokens = args.max_new_tokens or demo.rollout.max_new_tokens
-    args.rollout_top_k = demo.rollout.logprobs_top_k if args.rollout_top_k < 0 else args.rollout_top_k
+    args.rollout_top_k = demo.algorithm.k if args.rollout_top_k < 0 else args.rollout_top_k
     micro = demo.algorithm.micro_batch_size
     args.micro_batch = args.micro_batch or (micro if args.batch % micro == 0 else args.batch)
     logging.basicConfig(level=logging.WARNING)
