@@ -78,6 +78,11 @@ def get_config():
                      b2=0.999)
     config.optim = ml_collections.ConfigDict(dict(policy=dict(optimizer), actor=dict(optimizer)))
 
+    # The update step's device mesh (jackpot_jax.parallel): sizes of the axes ("data", "fsdp",
+    # "tensor"), one of them -1 for the devices left over; both models and their optimizer states
+    # are sharded by the logical-axis rules (FSDP, tensor parallelism), the batch over data x fsdp.
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+
     config.train = ml_collections.ConfigDict(dict(
         # evaluation: Mean@k / Pass@k of eval_k samples per problem at eval_temperature (0: greedy);
         # the demo's, 4 samples at the rollouts' temperature, measures what RL maximizes

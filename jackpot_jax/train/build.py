@@ -9,6 +9,7 @@ from flax import nnx
 from jackpot_jax.config import ConfigError
 from jackpot_jax.models import hf, registry
 from jackpot_jax.models.config import preset
+from jackpot_jax.parallel import mesh_from_config
 from jackpot_jax.rollout.decode import DecodeCore
 
 logger = logging.getLogger(__name__)
@@ -75,13 +76,15 @@ def make_optimizer(section, total_updates: int):
 
 
 def make_updater(config, policy, actor, total_updates: int):
-    """The run's :class:`~jackpot_jax.train.step.Updater`: both optimizers (the actor's only when it is
-    trained) over ``total_updates`` updates, the policy's schedule reported as ``lr``."""
+    """The run's :class:`~jackpot_jax.train.step.Updater` on ``config.mesh``: both optimizers (the
+    actor's only when it is trained) over ``total_updates`` updates, the policy's schedule reported
+    as ``lr``."""
     from jackpot_jax.train.step import StepConfig, Updater  # noqa: PLC0415 (step imports the kernels)
 
     policy_tx, policy_lr = make_optimizer(config.optim.policy, total_updates)
     actor_tx = make_optimizer(config.optim.actor, total_updates)[0] if config.algorithm.train_actor else None
-    return Updater(StepConfig.from_config(config), policy, actor, policy_tx, actor_tx, policy_lr)
+    return Updater(StepConfig.from_config(config), policy, actor, policy_tx, actor_tx, policy_lr,
+                   mesh=mesh_from_config(config.mesh))
 
 
 def rollout_engine(model, config):

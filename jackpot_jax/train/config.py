@@ -49,6 +49,7 @@ _MODEL = {"model": (lambda v: isinstance(v, str) and bool(v), "a registered mode
           "dtype": _choice("", "float32", "bfloat16"), "param_dtype": _choice("", "float32", "bfloat16"),
           "remat": _BOOL}
 
+_MESH_AXIS = (lambda v: _int(1)[0](v) or (_int()[0](v) and v == -1), "an integer >= 1, or -1 (the devices left over)")
 _BELOW_ONE = (lambda v: _float(0)[0](v) and v < 1, "a number in [0, 1)")
 _OPTIM = {"lr": _float(0, low_open=True), "schedule": _choice(*SCHEDULES), "warmup_steps": _int(0),
           "weight_decay": _float(0), "clip_norm": _float(0, low_open=True), "b1": _BELOW_ONE, "b2": _BELOW_ONE}
@@ -76,6 +77,7 @@ RULES = {
                   "actor_ppo": _float(0), "actor_tis_cap": _float(0, low_open=True), "beta": _float(0),
                   "distill_direction": _choice("forward", "reverse"), "grpo_std": _BOOL},
     "optim": {"policy": _OPTIM, "actor": _OPTIM},
+    "mesh": {axis: _MESH_AXIS for axis in ("data", "fsdp", "tensor")},
     "train": {"steps": _int(1), "eval_every": _int(0), "eval_k": _int(1), "eval_temperature": _float(0),
               "save_every": _int(1), "keep": _int(1), "max_nonfinite": _int(1), "log_every": _int(1),
               "kernel_impl": _choice(*IMPLS), "progress": _BOOL},

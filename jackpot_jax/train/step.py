@@ -166,10 +166,15 @@ class Updater:
         yet. Fixes the shardings the jitted functions take and return."""
         place = lambda params, name: None if params is None else jax.device_put(params, self._param_shardings[name])
         policy_params, actor_params = place(policy_params, "policy"), place(actor_params, "actor")
-        actor_opt = jax.jit(self.actor_tx.init)(actor_params) if self.cfg.train_actor else None
-        state = TrainState(policy_params, actor_params, jax.jit(self.policy_tx.init)(policy_params), actor_opt,
-                           jax.device_put(jnp.zeros((), jnp.int32), self.replicated))
-        shardings = jax.tree.map(lambda x: x.sharding, state)
+        # optax's init outside jit: its parameter-shaped leaves (AdamW's mu, nu) keep the parameters'
+        # shardings (under jit XLA would be free to replicate them); the others (a step count) land on
+        # one device and are replicated over the mesh below
+        actor_opt = self.actor_tx.init(actor_params) if self.cfg.train_actor else None
+        state = TrainState(policy_params, actor_params, self.policy_tx.init(policy_params), actor_opt,
+                           jnp.zeros((), jnp.int32))
+        mesh_devices = set(self.mesh.devices.flat)
+        shardings = jax.tree.map(lambda x: x.sharding if x.sharding.device_set == mesh_devices else self.replicated,
+                                 state)
         state = jax.device_put(state, shardings)  # committed, as update's outputs: one compilation, not two
         self._compile(shardings)
         return state
@@ -186,9 +191,14 @@ class Updater:
     def replicated(self):
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
+    @property
+    def rows(self):
+        """Per-sequence arrays (a batch, its :class:`OldStats`): split over ``("data", "fsdp")``."""
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
     def _compile(self, state_shardings):
         """jit ``prepare`` and ``update`` with explicit input and output shardings."""
-        rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        rows = self.rows
         repl = self.replicated
         self._prepare_jit = {
             normalizers: jax.jit(functools.partial(self._prepare, normalizers=normalizers),
@@ -205,7 +215,7 @@ class Updater:
     def prepare(self, policy_params, actor_params, batch: TrainBatch, lam, normalizers: bool = False) -> OldStats:
         """:class:`OldStats` of a rollout batch (see :meth:`_prepare`), jitted on the mesh."""
         with activation_sharding(self.mesh, self.rules):
-            return self._prepare_jit[normalizers](policy_params, actor_params, batch, lam)
+            return self._prepare_jit[normalizers](policy_params, actor_params, jax.device_put(batch, self.rows), lam)
 
     def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None):
         """One update of both models on a mini-batch (see :meth:`_update`); ``state`` is donated.
@@ -223,6 +233,8 @@ class Updater:
         if rollout_actor is not None:  # into the actor's shardings (a no-op when already there)
             rollout_actor = jax.device_put(rollout_actor, self._param_shardings["actor"])
         with activation_sharding(self.mesh, self.rules):
+            # a mini-batch cut from a rollout batch on the device may have another layout: into the rows'
+            batch, old = jax.device_put((batch, old), self.rows)
             return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor)
 
     # ------------------------------------------------------------------ forward passes

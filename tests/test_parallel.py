@@ -1,0 +1,132 @@
+"""The update step on a device mesh (8 fake CPU devices, tests/conftest.py) against the same step on
+one device: FSDP x tensor parallelism changes where the numbers live, not what they are; and each
+device holds less as FSDP grows (XLA's memory analysis of the compiled update)."""
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs.demo import get_config
+from jackpot_jax import losses
+from jackpot_jax.config import ConfigError
+from jackpot_jax.models import Transformer, preset
+from jackpot_jax.models.sharding import activation_sharding, make_mesh
+from jackpot_jax.parallel import mesh_from_config, mesh_shape
+from jackpot_jax.train.batch import make_batch
+from jackpot_jax.train.config import validate
+from jackpot_jax.train.step import StepConfig, Updater
+
+V, B, LENGTH = 64, 8, 16  # V, the heads and the MLP width divide tensor=2; B divides data x fsdp = 4
+
+
+def _models():
+    policy = Transformer(preset("tiny-qwen3", vocab_size=V, num_hidden_layers=2), rngs=nnx.Rngs(0))
+    actor = Transformer(preset("tiny-qwen3", vocab_size=V, num_hidden_layers=1, hidden_size=32,
+                               intermediate_size=64, head_dim=8), rngs=nnx.Rngs(1))
+    return policy, actor
+
+
+def _batch(actor, temperature):
+    """Random prompts and completions; log p_inf is the actor's own, as a rollout stores it."""
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, V, rng.integers(2, 6))) for _ in range(B)]
+    completions = [list(rng.integers(3, V, rng.integers(1, LENGTH - len(p)))) for p in prompts]
+    advantages = np.asarray(losses.grpo_advantages(rng.integers(0, 2, B).astype(np.float32), 2))
+    dummy = make_batch(prompts, completions, [np.zeros(len(c), np.float32) for c in completions], advantages, LENGTH)
+    logits = actor(dummy.inputs, attention_mask=dummy.input_mask) / temperature
+    logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, axis=-1)), dummy.targets[..., None], -1)[..., 0]
+    return make_batch(prompts, completions, [logp[i][dummy.valid[i]] for i in range(B)], advantages, LENGTH)
+
+
+CFG = StepConfig(mode="jackpot", k=5, lam=1.5, temperature=0.7, micro_batch_size=4, kernel_impl="chunked")
+
+
+def _updater(mesh, tx=None):
+    policy, actor = _models()
+    tx = tx or optax.sgd(1.0)  # SGD at lr 1: the parameter change is minus the gradient
+    updater = Updater(CFG, policy, actor, tx, tx, mesh=mesh)
+    state = updater.init_state(nnx.state(policy, nnx.Param), nnx.state(actor, nnx.Param))
+    return updater, state, _batch(actor, CFG.temperature)
+
+
+def _step(mesh):
+    updater, state, batch = _updater(mesh)
+    old = updater.prepare(state.policy, state.actor, batch, CFG.lam)
+    return updater.update(state, batch, old, jax.random.key(3), CFG.lam)
+
+
+def test_fsdp_and_tensor_parallel_update_equals_the_one_device_update():
+    mesh = make_mesh(fsdp=4, tensor=2)
+    (want, want_metrics), (got, got_metrics) = _step(make_mesh(devices=jax.devices()[:1])), _step(mesh)
+    specs = {leaf.sharding.spec for leaf in jax.tree.leaves(got.policy) + jax.tree.leaves(got.actor)}
+    assert any("fsdp" in str(spec) for spec in specs) and any("tensor" in str(spec) for spec in specs), specs
+    assert all(leaf.sharding.mesh == mesh for leaf in jax.tree.leaves(got))  # optimizer states included
+    assert set(got_metrics) == set(want_metrics)
+    for name in want_metrics:
+        np.testing.assert_allclose(float(got_metrics[name]), float(want_metrics[name]), rtol=2e-5, atol=1e-6,
+                                   err_msg=name)
+    assert 0.0 < float(want_metrics["obrs/accept_rate"]) < 1.0  # OBRS rejected some tokens: a real filter
+    for model in ("policy", "actor"):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(getattr(got, model)),
+                                jax.tree.leaves(getattr(want, model))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6, err_msg=f"{model}{path}")
+
+
+def test_per_device_memory_falls_as_fsdp_grows():
+    """Arguments (both models' parameters, optimizer states, the batch) and the compiled update's
+    temporaries, per device, from XLA's memory analysis."""
+    sizes = {}
+    for fsdp in (1, 2, 4, 8):
+        updater, state, batch = _updater(make_mesh(fsdp=fsdp, devices=jax.devices()[:fsdp]), optax.adamw(1e-3))
+        old = updater.prepare(state.policy, state.actor, batch, CFG.lam)
+        with activation_sharding(updater.mesh, updater.rules):
+            compiled = updater._update_jit[False].lower(state, batch, old, jax.random.key(3), CFG.lam, None).compile()
+        analysis = compiled.memory_analysis()
+        sizes[fsdp] = (analysis.argument_size_in_bytes, analysis.temp_size_in_bytes)
+    arguments = [sizes[f][0] for f in (1, 2, 4, 8)]
+    assert all(later < 0.6 * earlier for earlier, later in zip(arguments, arguments[1:])), sizes  # about halves
+    assert sizes[8][1] < sizes[1][1], sizes
+
+
+def test_mesh_from_config():
+    assert dict(mesh_from_config({"data": 1, "fsdp": 1, "tensor": 1}).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    mesh = mesh_from_config({"data": 1, "fsdp": -1, "tensor": 2})
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2} and mesh.devices.size == 8
+    assert list(mesh_from_config({"data": 2, "fsdp": 1, "tensor": 1}).devices.flat) == jax.devices()[:2]
+    for sizes, message in [
+        ({"data": 1, "fsdp": -1, "tensor": -1}, "at most one is -1"),
+        ({"data": 0, "fsdp": 1, "tensor": 1}, "each axis is a positive size"),
+        ({"data": 3, "fsdp": -1, "tensor": 1}, "the 8 devices do not divide by the other axes' product 3"),
+        ({"data": 4, "fsdp": 4, "tensor": 1}, "needs 16 devices and there are 8"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            mesh_shape(sizes, 8)
+    config = get_config()
+    config.mesh.fsdp = -1  # the devices left over: what a multi-device run sets
+    validate(config)
+    config.mesh.tensor = -2
+    with pytest.raises(ConfigError, match=r"config.mesh.tensor=-2 is not allowed: .* or -1"):
+        validate(config)
+
+
+def test_the_trainer_on_a_mesh_repeats_the_one_device_metrics(tmp_path):
+    """Two steps of the demo in small form (rollouts, updates with staleness 2, the weight push, an
+    evaluation) on FSDP=4 x tensor=2 give the one-device run's metrics."""
+    from tests.test_train_resume import TIMING, demo_config  # noqa: PLC0415 (the small demo of the resume tests)
+
+    from jackpot_jax.train.loop import Trainer  # noqa: PLC0415
+
+    extra = {"train.steps": 2, "data.eval_limit": 8, "train.eval_every": 2}
+    runs = {}
+    for name, mesh in (("one", (1, 1)), ("fsdp4_tensor2", (4, 2))):
+        config = demo_config(tmp_path / "data", **extra, **{"mesh.fsdp": mesh[0], "mesh.tensor": mesh[1]})
+        trainer = Trainer(config, str(tmp_path / name))
+        assert dict(trainer.updater.mesh.shape) == {"data": 1, "fsdp": mesh[0], "tensor": mesh[1]}
+        runs[name] = trainer.run()
+    assert [row["step"] for row in runs["one"]] == [1, 2] and "eval/policy/mean@4" in runs["one"][-1]
+    for want, got in zip(runs["one"], runs["fsdp4_tensor2"]):
+        assert set(want) == set(got)
+        for name, value in want.items():
+            if not name.startswith(TIMING):
+                np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=f"step {want['step']}: {name}")
