@@ -110,6 +110,7 @@ def test_mesh_from_config():
         validate(config)
 
 
+@pytest.mark.slow  # ~75 s: `make test-slow`, or python -m pytest -m slow tests/test_parallel.py
 def test_the_trainer_on_a_mesh_repeats_the_one_device_metrics(tmp_path):
     """Two steps of the demo in small form (rollouts, updates with staleness 2, the weight push, an
     evaluation) on FSDP=4 x tensor=2 give the one-device run's metrics."""

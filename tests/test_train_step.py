@@ -143,7 +143,7 @@ def test_update_step_equals_materialized_reference(case):
     trainable = {"policy": before.policy, **({"actor": before.actor} if cfg.train_actor else {})}
     reference = lambda t: _reference_loss(cfg, policy, actor if cfg.has_actor else policy, t,
                                           before.actor, old_params, batch, jax.random.fold_in(key, 0))
-    loss, grads = jax.value_and_grad(reference)(trainable)
+    loss, grads = jax.jit(jax.value_and_grad(reference))(trainable)  # one compile, not op-by-op dispatch
     np.testing.assert_allclose(float(metrics["loss/total"]), float(loss), rtol=1e-5, atol=1e-6)
     for name in trainable:
         step = jax.tree.map(lambda b, a: b - a, getattr(before, name), getattr(after, name))  # SGD(1): -grad
@@ -167,8 +167,9 @@ def test_gradient_accumulation_averages_micro_batches():
     old_params = {"policy": before.policy, "actor": before.actor}
     trainable = {"policy": before.policy, "actor": before.actor}
     halves = [jax.tree.map(lambda x: x[i * B // 2:(i + 1) * B // 2], batch) for i in range(2)]
-    grads = [jax.grad(lambda t: _reference_loss(cfg, policy, actor, t, None, old_params, half,
-                                                jax.random.fold_in(key, i)))(trainable) for i, half in enumerate(halves)]
+    grads = [jax.jit(jax.grad(lambda t: _reference_loss(cfg, policy, actor, t, None, old_params, half,  # noqa: B023
+                                                        jax.random.fold_in(key, i))))(trainable)
+             for i, half in enumerate(halves)]
     want = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
     got = jax.tree.map(lambda b, a: b - a, {"policy": before.policy, "actor": before.actor},
                        {"policy": after.policy, "actor": after.actor})
@@ -193,7 +194,7 @@ def test_same_actor_and_policy_with_lam_one_is_plain_grpo():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("z", ["exact", "topk"])
+@pytest.mark.parametrize("z", [pytest.param("exact", marks=pytest.mark.slow), "topk"])
 def test_the_filter_uses_the_rollout_actor_once_the_trained_actor_has_moved(z):
     """update(state with actor A, rollout_actor=R) gives the policy the update (and the OBRS
     statistics) of update(state with actor R): the filter's p_inf is the actor that sampled the
@@ -231,7 +232,8 @@ ONE_PASS_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", ONE_PASS_CASES)
+@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case == "trained_actor_t07" else pytest.mark.slow)
+                                  for case in ONE_PASS_CASES])
 def test_top_k_z_from_the_first_pass_equals_the_filter_pass(case, monkeypatch):
     """p_target = new, z = topk (chunked): Z from fused_jackpot_stats' one pass and no
     fused_obrs_filter gives the update of the two-pass path (the filter's own pass over the
@@ -256,7 +258,8 @@ def test_top_k_z_from_the_first_pass_equals_the_filter_pass(case, monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case,window", [(case, False) for case in ONE_PASS_CASES] + [("frozen_actor", True)])
+@pytest.mark.parametrize("case,window", [pytest.param(case, False, marks=pytest.mark.slow) for case in ONE_PASS_CASES]
+                         + [("frozen_actor", True)])
 def test_top_k_z_with_the_rollout_top_k_equals_the_one_pass(case, window, monkeypatch):
     """A batch that carries p_inf's top-K (K > k, exact: the actor's materialized log-softmax, as a
     rollout stores it) gives the first pass p_inf's part of V_k (Algorithm 1, phase 1), and the
@@ -322,7 +325,8 @@ WINDOW_CASES = {  # masks that do not depend on the uniforms (every token accept
 PAST_THE_END = ("tis_distill_seq_mean",)  # a window running past T as well
 
 
-@pytest.mark.parametrize("case", WINDOW_CASES)
+@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in ("jackpot_new_topk_accept_all", *PAST_THE_END)
+                                               else pytest.mark.slow) for case in WINDOW_CASES])
 def test_statistics_on_the_completion_window_equal_all_positions(case):
     """window = the longest completion (or, for some cases, a window running past the sequence end)
     gives the update of the statistics at every position: the same parameters and metrics."""
