@@ -77,16 +77,16 @@ def test_per_device_memory_falls_as_fsdp_grows():
     """Arguments (both models' parameters, optimizer states, the batch) and the compiled update's
     temporaries, per device, from XLA's memory analysis."""
     sizes = {}
-    for fsdp in (1, 2, 4, 8):
+    for fsdp in (1, 2, 4):
         updater, state, batch = _updater(make_mesh(fsdp=fsdp, devices=jax.devices()[:fsdp]), optax.adamw(1e-3))
         old = updater.prepare(state.policy, state.actor, batch, CFG.lam)
         with activation_sharding(updater.mesh, updater.rules):
             compiled = updater._update_jit[False].lower(state, batch, old, jax.random.key(3), CFG.lam, None).compile()
         analysis = compiled.memory_analysis()
         sizes[fsdp] = (analysis.argument_size_in_bytes, analysis.temp_size_in_bytes)
-    arguments = [sizes[f][0] for f in (1, 2, 4, 8)]
+    arguments = [sizes[f][0] for f in (1, 2, 4)]
     assert all(later < 0.6 * earlier for earlier, later in zip(arguments, arguments[1:])), sizes  # about halves
-    assert sizes[8][1] < sizes[1][1], sizes
+    assert sizes[4][1] < sizes[1][1], sizes
 
 
 def test_mesh_from_config():

@@ -304,6 +304,7 @@ def test_nonfinite_update_is_skipped():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # remat itself is checked in tests/test_models.py; this is the whole update with it
 def test_remat_models_give_the_same_update():
     """Rematerialized blocks (inside prepare's lax.map and the update's scan) change nothing but memory."""
     cfg = StepConfig(mode="jackpot", micro_batch_size=B // 2, kernel_impl="chunked", k=5)
@@ -325,8 +326,8 @@ WINDOW_CASES = {  # masks that do not depend on the uniforms (every token accept
 PAST_THE_END = ("tis_distill_seq_mean",)  # a window running past T as well
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in ("jackpot_new_topk_accept_all", *PAST_THE_END)
-                                               else pytest.mark.slow) for case in WINDOW_CASES])
+@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case == "jackpot_new_topk_accept_all" else pytest.mark.slow)
+                                  for case in WINDOW_CASES])
 def test_statistics_on_the_completion_window_equal_all_positions(case):
     """window = the longest completion (or, for some cases, a window running past the sequence end)
     gives the update of the statistics at every position: the same parameters and metrics."""
