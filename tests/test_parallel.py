@@ -73,6 +73,7 @@ def test_fsdp_and_tensor_parallel_update_equals_the_one_device_update():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6, err_msg=f"{model}{path}")
 
 
+@pytest.mark.slow  # ~25 s: three compilations of the update
 def test_per_device_memory_falls_as_fsdp_grows():
     """Arguments (both models' parameters, optimizer states, the batch) and the compiled update's
     temporaries, per device, from XLA's memory analysis."""

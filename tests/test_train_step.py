@@ -232,8 +232,7 @@ ONE_PASS_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case == "trained_actor_t07" else pytest.mark.slow)
-                                  for case in ONE_PASS_CASES])
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) for case in ONE_PASS_CASES])
 def test_top_k_z_from_the_first_pass_equals_the_filter_pass(case, monkeypatch):
     """p_target = new, z = topk (chunked): Z from fused_jackpot_stats' one pass and no
     fused_obrs_filter gives the update of the two-pass path (the filter's own pass over the
