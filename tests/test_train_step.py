@@ -225,6 +225,18 @@ def test_the_filter_uses_the_rollout_actor_once_the_trained_actor_has_moved(z):
                                                               jax.tree.leaves(want.policy))) > 1e-4
 
 
+def _assert_same_filtered_update(got, got_metrics, want, want_metrics):
+    """The same metrics and new state within float32 tolerance, from a batch where OBRS really
+    filtered (some tokens rejected, kappa away from 1)."""
+    assert set(got_metrics) == set(want_metrics)
+    for name in want_metrics:
+        np.testing.assert_allclose(float(got_metrics[name]), float(want_metrics[name]), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    assert 0.0 < float(want_metrics["obrs/accept_rate"]) < 1.0 and float(want_metrics["obrs/kappa"]) != 1.0
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 ONE_PASS_CASES = {
     "frozen_actor": dict(mode="jackpot", train_actor=False, k=5, lam=2.5, c1=3.0),
     "trained_actor_t07": dict(mode="jackpot", k=4, lam=1.3, temperature=0.7, distill_direction="reverse"),
@@ -249,12 +261,7 @@ def test_top_k_z_from_the_first_pass_equals_the_filter_pass(case, monkeypatch):
     monkeypatch.setattr(StepConfig, "z_in_first_pass", property(lambda self: False))
     _, want, want_m, _ = _run_step(cfg, policy, actor, batch, jax.random.key(4))
     assert filter_calls
-    assert set(got_m) == set(want_m)
-    for name in want_m:
-        np.testing.assert_allclose(float(got_m[name]), float(want_m[name]), rtol=1e-5, atol=1e-6, err_msg=name)
-    assert 0.0 < float(want_m["obrs/accept_rate"]) < 1.0 and float(want_m["obrs/kappa"]) != 1.0
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    _assert_same_filtered_update(got, got_m, want, want_m)
 
 
 @pytest.mark.parametrize("case,window", [pytest.param(case, False, marks=pytest.mark.slow) for case in ONE_PASS_CASES]
@@ -279,12 +286,7 @@ def test_top_k_z_with_the_rollout_top_k_equals_the_one_pass(case, window, monkey
     given.clear()
     _, want, want_m, _ = _run_step(cfg, policy, actor, plain, jax.random.key(4))
     assert given and not any(given)
-    assert set(got_m) == set(want_m)
-    for name in want_m:
-        np.testing.assert_allclose(float(got_m[name]), float(want_m[name]), rtol=1e-5, atol=1e-6, err_msg=name)
-    assert 0.0 < float(want_m["obrs/accept_rate"]) < 1.0 and float(want_m["obrs/kappa"]) != 1.0
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    _assert_same_filtered_update(got, got_m, want, want_m)
     given.clear()
     _run_step(cfg, policy, actor, _batch(actor, cfg.temperature, topk=cfg.k - 1), jax.random.key(4))
     assert given and not any(given)
