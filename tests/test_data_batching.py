@@ -1,4 +1,4 @@
-"""Prompt templates (plain, chat, errors) and the prompt batcher: GRPO grouping, per-process shards,
+"""Prompt templates (plain, chat, errors) and the prompt batcher: GRPO grouping, per-process slices,
 determinism, per-epoch reshuffles, resuming from a state dict, skipped long prompts, errors."""
 import json
 
@@ -116,7 +116,8 @@ def test_encode_record_gives_the_batchers_ids_for_any_record(tokenizers):
     plain, chat, vocab = tokenizers
     for tokenizer, template in ((plain, "plain"), (chat, "chat")):
         b = batcher(tokenizer, make_records(4), prompts_per_batch=2, n=2, template=template, shuffle=False)
-        assert [b.encode_record(r) for r in b.records] == b.prompt_ids
+        batch = b.next_batch()
+        assert [b.encode_record(r) for r in batch.records for _ in range(2)] == batch.prompt_ids
     outside = {"problem": "p9", "answer": "9"}  # not one of the batcher's records
     assert batcher(plain, make_records(4)).encode_record(outside) == [
         vocab[w] for w in ["<bos>", "Question", ":", "p9", "Answer", ":"]]
@@ -130,18 +131,24 @@ def test_chat_prompts_are_tokenized_without_adding_special_tokens_twice(tokenize
     assert encode_prompts(chat, ["p1"]) == [[vocab["<bos>"], vocab["p1"]]]
 
 
-def test_processes_read_disjoint_strided_shards_with_the_same_number_of_batches(tokenizers):
+def test_processes_serve_contiguous_slices_of_the_one_process_batches(tokenizers):
     plain, _, _ = tokenizers
-    records = make_records(11)
-    shards = [batcher(plain, records, prompts_per_batch=2, process_index=p, process_count=2) for p in (0, 1)]
-    assert [answers_of(b) for b in shards] == [[str(i) for i in range(0, 11, 2)], [str(i) for i in range(1, 11, 2)]]
-    assert [b.batches_per_epoch for b in shards] == [2, 2]  # shards of 6 and 5 records: 5 // 2 batches each
-    for epoch in range(3):
-        seen = [[a for _ in range(2) for a in answers_of(shard.next_batch())] for shard in shards]
-        assert not set(seen[0]) & set(seen[1])
-        for shard, answers in zip(shards, seen):
-            assert len(set(answers)) == 4 and set(answers) <= set(answers_of(shard))
-            assert (shard.epoch, shard.position) == (epoch + 1, 0)
+    records = make_records(23)
+    options = dict(prompts_per_batch=6, n=2, seed=5)
+    whole = batcher(plain, records, **options)
+    for count in (2, 3):
+        shards = [batcher(plain, records, **options, process_index=p, process_count=count) for p in range(count)]
+        assert [b.batches_per_epoch for b in shards] == [3] * count  # 23 // 6, whatever the process count
+        for _ in range(7):  # into the third epoch
+            expected = whole.next_batch()
+            slices = [shard.next_batch() for shard in shards]
+            assert [s.first_prompt for s in slices] == [p * 6 // count for p in range(count)]
+            assert [row for s in slices for row in s.prompt_ids] == expected.prompt_ids
+            assert [a for s in slices for a in s.answers] == expected.answers
+            assert [r for s in slices for r in s.records] == expected.records
+            assert all((s.epoch, s.index) == (expected.epoch, expected.index) for s in slices)
+            assert all(s.group == [g for g in range(6 // count) for _ in range(2)] for s in slices)
+        whole = batcher(plain, records, **options)
 
 
 def test_the_order_is_fixed_by_the_seed(tokenizers):
@@ -173,7 +180,7 @@ def test_each_epoch_is_reshuffled_and_covers_distinct_records(tokenizers):
 def test_a_restored_batcher_continues_where_the_saved_one_stopped(tokenizers):
     plain, _, _ = tokenizers
     records = make_records(23)
-    options = dict(prompts_per_batch=3, n=2, seed=7, process_index=1, process_count=2)  # 11 records: 3 per epoch
+    options = dict(prompts_per_batch=6, n=2, seed=7, process_index=1, process_count=2)  # 3 batches per epoch
     uninterrupted = batcher(plain, records, **options)
     expected = [uninterrupted.next_batch() for _ in range(12)]
     saved = batcher(plain, records, **options)
@@ -187,6 +194,9 @@ def test_a_restored_batcher_continues_where_the_saved_one_stopped(tokenizers):
     other_process = batcher(plain, records, **{**options, "process_index": 0})
     other_process.load_state_dict(state)  # one saved position serves every process
     assert (other_process.epoch, other_process.position) == (1, 2)
+    one_process = batcher(plain, records, **{**options, "process_index": 0, "process_count": 1})
+    one_process.load_state_dict(state)  # and another number of processes: the batches are the same
+    assert one_process.next_batch().records[3:] == expected[5].records
 
 
 def test_long_prompts_are_skipped_the_same_way_on_every_process(tokenizers):
@@ -194,9 +204,10 @@ def test_long_prompts_are_skipped_the_same_way_on_every_process(tokenizers):
     records = make_records(10)
     for i in (0, 3, 4):
         records[i] = {**records[i], "problem": f"p{i} long long"}  # 8 tokens instead of 6
-    shards = [batcher(plain, records, max_prompt_tokens=7, process_index=p, process_count=2) for p in (0, 1)]
+    shards = [batcher(plain, records, max_prompt_tokens=7, prompts_per_batch=4, shuffle=False, process_index=p,
+                      process_count=2) for p in (0, 1)]
     assert [b.num_skipped for b in shards] == [3, 3] and [b.num_records for b in shards] == [7, 7]
-    assert [answers_of(b) for b in shards] == [["1", "5", "7", "9"], ["2", "6", "8"]]
+    assert [answers_of(b.next_batch()) for b in shards] == [["1", "2"], ["5", "6"]]
     assert [b.batches_per_epoch for b in shards] == [1, 1]
     with pytest.raises(ValueError, match="all 10 prompts are longer than max_prompt_tokens=5"):
         batcher(plain, records, max_prompt_tokens=5)
@@ -219,7 +230,9 @@ def test_batcher_errors(tokenizers):
         batcher(plain, records, n=0)
     with pytest.raises(ValueError, match="prompts_per_batch=0 is not allowed"):
         batcher(plain, records, prompts_per_batch=0)
-    with pytest.raises(ValueError, match=r"prompts_per_batch=5 is larger than a process's shard: 9 records over 2 "):
+    with pytest.raises(ValueError, match=r"prompts_per_batch=10 is larger than the 9 records"):
+        batcher(plain, records, prompts_per_batch=10)
+    with pytest.raises(ValueError, match=r"prompts_per_batch=5 does not divide by the 2 processes: .* multiple of 2"):
         batcher(plain, records, prompts_per_batch=5, process_count=2)
     with pytest.raises(ValueError, match="process_index=2, process_count=2 is not allowed"):
         batcher(plain, records, process_index=2, process_count=2)

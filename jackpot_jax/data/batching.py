@@ -1,18 +1,21 @@
 """Prompt batches for RL: prompts rendered (:mod:`jackpot_jax.data.prompts`) and tokenized, each
-repeated ``n`` times for GRPO-style groups, one shard per process, with a resumable position.
+repeated ``n`` times for GRPO-style groups, each process serving its slice, with a resumable position.
 
-Sharding. Prompts longer than ``max_prompt_tokens`` are skipped first, identically on every process
-(so with ``max_prompt_tokens`` each process renders and tokenizes all records once; without it, only
-its shard). Of the ``N`` records left, process ``p`` of ``P`` reads the strided shard
-``p, p + P, p + 2P, ...``: the shards are disjoint, cover the records and differ in size by at most
-one. Every process serves ``(N // P) // prompts_per_batch`` batches per epoch, the same number
-everywhere; the rest of its shard is dropped for that epoch (when shuffling, different records each
-epoch; without shuffling, always the shard's tail).
+Layout. Prompts longer than ``max_prompt_tokens`` are skipped first, identically on every process.
+Batch ``b`` of epoch ``e`` is the ``prompts_per_batch`` records at positions ``b * prompts_per_batch``
+onwards of the epoch's order (``numpy.random.default_rng([seed, e])``'s permutation of the ``N``
+records left; their own order when ``shuffle=False``); ``N // prompts_per_batch`` batches per epoch,
+the rest dropped for that epoch. Process ``p`` of ``P`` serves the ``p``-th of ``P`` equal,
+contiguous slices of each batch (``prompts_per_batch`` must divide by ``P``). The global batches
+therefore do not depend on the number of processes: the concatenation of the processes' slices, in
+process order, is the batch one process would serve, so a run on ``P`` hosts sees the data a
+one-host run sees, and a position saved by one resumes on the other. Each process renders and
+tokenizes only the records of its slices (all of them once when ``max_prompt_tokens`` is set, to
+skip the same ones everywhere).
 
-Order. Epoch ``e`` visits the shard in the order of ``numpy.random.default_rng([seed, e])``'s
-permutation (the shard's order when ``shuffle=False``): deterministic, so the position
-``(epoch, position)`` of :meth:`PromptBatcher.state_dict` is all a checkpoint needs, and every process
-of a job holds the same position (one saved copy restores them all).
+Resuming. The order is deterministic, so the position ``(epoch, position)`` of
+:meth:`PromptBatcher.state_dict` is all a checkpoint needs, and every process of a job holds the
+same position (one saved copy restores them all).
 
 Tokenization is :func:`~jackpot_jax.data.prompts.encode_prompts`'s (special tokens for plain prompts
 only).
@@ -29,17 +32,18 @@ from jackpot_jax.data.prompts import INSTRUCTION, TEMPLATES, build_prompt, encod
 
 logger = logging.getLogger(__name__)
 
-_ORDER_KEYS = ("seed", "shuffle", "prompts_per_batch", "process_count", "num_records")
+_ORDER_KEYS = ("seed", "shuffle", "prompts_per_batch", "num_records")
 
 
 @dataclasses.dataclass
 class PromptBatch:
-    """One batch: ``prompts_per_batch`` prompts, each repeated ``n`` times consecutively.
+    """This process's slice of one batch: its prompts, each repeated ``n`` times consecutively.
 
-    Per row (``prompts_per_batch * n`` rows): ``prompt_ids`` (token ids), ``group`` (the row's prompt
-    index in the batch, ``0 0 0 1 1 1 ...`` for ``n=3``) and ``answers`` (the reference answer).
-    Per prompt: ``records`` and ``prompts`` (the rendered text). ``epoch`` and ``index`` (the batch's
-    index in the epoch) say where the batch comes from.
+    Per row (``n`` per prompt): ``prompt_ids`` (token ids), ``group`` (the row's prompt index in the
+    slice, ``0 0 0 1 1 1 ...`` for ``n=3``) and ``answers`` (the reference answer). Per prompt:
+    ``records`` and ``prompts`` (the rendered text). ``epoch`` and ``index`` (the batch's index in the
+    epoch) say where the batch comes from, ``first_prompt`` where the slice starts in it (0 with one
+    process): the slice's prompt ``i`` is the batch's prompt ``first_prompt + i``.
     """
 
     prompt_ids: list[list[int]]
@@ -49,6 +53,7 @@ class PromptBatch:
     prompts: list[str]
     epoch: int
     index: int
+    first_prompt: int = 0
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -65,8 +70,8 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 
 
 class PromptBatcher:
-    """Batches of this process's shard of ``records`` (dicts with ``problem`` and ``answer``), see the
-    module docstring. ``template`` / ``instruction`` / ``system`` are
+    """This process's slices of the batches of ``records`` (dicts with ``problem`` and ``answer``),
+    see the module docstring; ``prompts_per_batch`` counts the whole batch's prompts. ``template`` / ``instruction`` / ``system`` are
     :func:`~jackpot_jax.data.prompts.build_prompt`'s; prompts of more than ``max_prompt_tokens``
     tokens are skipped (counted in ``num_skipped``, with a warning); ``process_index`` /
     ``process_count`` default to JAX's."""
@@ -103,15 +108,17 @@ class PromptBatcher:
             logger.warning("skipped %d of %d prompts longer than max_prompt_tokens=%d.", self.num_skipped,
                            len(records), max_prompt_tokens)
         self.num_records = len(kept)
-        smallest_shard = self.num_records // self.process_count
-        if smallest_shard < prompts_per_batch:
-            raise ValueError(f"prompts_per_batch={prompts_per_batch} is larger than a process's shard: "
-                             f"{self.num_records} records over {self.process_count} processes give shards of "
-                             f"{smallest_shard} or more. Use a smaller prompts_per_batch or more records.")
-        self.batches_per_epoch = smallest_shard // prompts_per_batch
-        self.records = [records[i] for i in kept[self.process_index::self.process_count]]
-        self.prompts = [self._render(record) for record in self.records]
-        self.prompt_ids = self._encode(self.prompts)
+        if prompts_per_batch > self.num_records:
+            raise ValueError(f"prompts_per_batch={prompts_per_batch} is larger than the {self.num_records} records: "
+                             f"use a smaller prompts_per_batch or more records.")
+        if prompts_per_batch % self.process_count:
+            raise ValueError(f"prompts_per_batch={prompts_per_batch} does not divide by the {self.process_count} "
+                             f"processes: each serves an equal slice of every batch; use a multiple of "
+                             f"{self.process_count}.")
+        self.batches_per_epoch = self.num_records // prompts_per_batch
+        self.prompts_per_process = prompts_per_batch // self.process_count
+        self.records = [records[i] for i in kept]
+        self._prompts: dict[int, tuple[str, list[int]]] = {}  # record index -> (text, ids), rendered on first use
         self.epoch, self.position = 0, 0
 
     def encode_record(self, record: Mapping[str, str]) -> list[int]:
@@ -132,22 +139,32 @@ class PromptBatcher:
         ids = self._encode([self._render(record) for record in records])
         return [i for i, prompt in enumerate(ids) if len(prompt) <= max_prompt_tokens]
 
+    def _prompt(self, i: int) -> tuple[str, list[int]]:
+        """``(rendered text, token ids)`` of record ``i``."""
+        if i not in self._prompts:
+            text = self._render(self.records[i])
+            self._prompts[i] = (text, self._encode([text])[0])
+        return self._prompts[i]
+
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self.records))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
 
     def next_batch(self) -> PromptBatch:
-        """The next batch; after the last batch of an epoch the next epoch starts (reshuffled)."""
-        start = self.position * self.prompts_per_batch
-        chosen = self._order(self.epoch)[start:start + self.prompts_per_batch].tolist()
+        """This process's slice of the next batch; after the last batch of an epoch the next epoch
+        starts (reshuffled)."""
+        first = self.process_index * self.prompts_per_process
+        start = self.position * self.prompts_per_batch + first
+        chosen = self._order(self.epoch)[start:start + self.prompts_per_process].tolist()
+        prompts = [self._prompt(i) for i in chosen]
         batch = PromptBatch(
-            prompt_ids=[list(self.prompt_ids[i]) for i in chosen for _ in range(self.n)],
+            prompt_ids=[list(ids) for _, ids in prompts for _ in range(self.n)],
             group=[g for g in range(len(chosen)) for _ in range(self.n)],
             answers=[self.records[i]["answer"] for i in chosen for _ in range(self.n)],
             records=[self.records[i] for i in chosen],
-            prompts=[self.prompts[i] for i in chosen],
-            epoch=self.epoch, index=self.position)
+            prompts=[text for text, _ in prompts],
+            epoch=self.epoch, index=self.position, first_prompt=first)
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
@@ -157,13 +174,12 @@ class PromptBatcher:
         """The position (``epoch``, ``position`` = batches served in that epoch) and what fixes the
         order (checked by :meth:`load_state_dict`): plain ints and bools, for any checkpoint format."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-                "prompts_per_batch": self.prompts_per_batch, "process_count": self.process_count,
-                "num_records": self.num_records}
+                "prompts_per_batch": self.prompts_per_batch, "num_records": self.num_records}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Continue from a saved position: the next batch is the one the saved batcher would have
         served next. Raises ``ValueError`` if the saved batcher's order differs from this one's (another
-        seed, shuffle, prompts_per_batch, process count or number of records)."""
+        seed, shuffle, prompts_per_batch or number of records); the process count may differ."""
         differ = [f"{key} saved {state.get(key)!r} vs {getattr(self, key)!r} now" for key in _ORDER_KEYS
                   if state.get(key) != getattr(self, key)]
         if differ:
