@@ -136,6 +136,20 @@ def test_continuous_batching_equals_one_by_one_generation(rng):
             np.testing.assert_array_equal(together.topk_ids[2 * i + j], alone.topk_ids[j])
 
 
+def test_slices_of_a_batch_with_first_prompt_draw_the_whole_batchs_samples(rng):
+    """How several processes generate one batch: each its slice with ``first_prompt`` = the slice's
+    place; the samples are the whole batch's (an int seed keys each prompt by its index)."""
+    core = DecodeCore(Transformer(preset("tiny-qwen3"), rngs=nnx.Rngs(2)), max_concurrent_decodes=4,
+                      max_prefill_length=16, max_target_length=32)
+    batch = prompts(rng, (3, 8, 5, 11, 2, 6))
+    opts = dict(temperature=1.0, n=2, seed=11, eos_token_ids=list(range(0, 512, 9)))
+    whole = generate(core, batch, 10, **opts)
+    slices = [generate(core, batch[i:i + 2], 10, first_prompt=i, **opts) for i in (0, 2, 4)]
+    assert [c for s in slices for c in s.completions] == whole.completions
+    shifted = generate(core, batch[2:4], 10, **opts)  # the same prompts keyed as the batch's first two
+    assert shifted.completions != whole.completions[4:8]
+
+
 def test_generate_steps_equals_repeated_generate(rng):
     model = Transformer(preset("tiny-qwen3"), rngs=nnx.Rngs(4))
     core = DecodeCore(model, max_concurrent_decodes=2, max_prefill_length=16, max_target_length=32,

@@ -1,7 +1,7 @@
 """``generate``: batch rollouts with continuous batching, returning tokens and p_inf log-probs.
 
-Every request (prompt i, sample j) gets its own key, ``fold_in(fold_in(key(seed), i), j)`` (or
-``fold_in(key(seed[i]), j)`` with one seed per prompt), and the decode core draws its t-th token
+Every request (prompt i, sample j) gets its own key, ``fold_in(fold_in(key(seed), first_prompt + i), j)``
+(or ``fold_in(key(seed[i]), j)`` with one seed per prompt), and the decode core draws its t-th token
 with ``fold_in(key, t)``: results do not depend on slot assignment, batch size or order. A slot
 whose request finishes is refilled from the queue before the next decode call; each call
 advances every slot by up to ``steps_per_call`` tokens (:meth:`DecodeCore.generate_steps`), so a
@@ -61,10 +61,11 @@ def _check_prompts(prompts, vocab_size):
             raise ValueError(f"prompt {i} must hold integer token ids in [0, {vocab_size}).")
 
 
-def _keys(seed, num_prompts, n):
+def _keys(seed, num_prompts, n, first_prompt=0):
     if isinstance(seed, (int, np.integer)):
         base = jax.random.key(seed)
-        return [[jax.random.fold_in(jax.random.fold_in(base, i), j) for j in range(n)] for i in range(num_prompts)]
+        return [[jax.random.fold_in(jax.random.fold_in(base, first_prompt + i), j) for j in range(n)]
+                for i in range(num_prompts)]
     if len(seed) != num_prompts:
         raise ValueError(f"seed has {len(seed)} entries for {num_prompts} prompts: give one int, or one per prompt.")
     return [[jax.random.fold_in(jax.random.key(s), j) for j in range(n)] for s in seed]
@@ -72,7 +73,8 @@ def _keys(seed, num_prompts, n):
 
 def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, logprobs_top_k: int = 0, n: int = 1, seed=0, *,
-             eos_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (), params=None,
+             first_prompt: int = 0, eos_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (),
+             params=None,
              max_concurrent_decodes: int = 32, steps_per_call: int = 8, progress: bool = False) -> Rollout:
     """Sample ``n`` completions of each prompt (token-id lists) with a model of the registry or an
     engine (a :class:`DecodeCore`, e.g. a :class:`~jackpot_jax.rollout.engine.JackpotEngine`;
@@ -81,6 +83,9 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
     Up to ``steps_per_call`` decode steps run per jitted call and host transfer: the largest power
     of two no larger than it or than what the longest remaining request needs (few compiled
     shapes). The samples do not depend on it.
+
+    ``first_prompt``: the place of ``prompts[0]`` in a larger batch that several processes generate in
+    slices (with an int ``seed``): each prompt then draws the samples it would draw in the whole batch.
     """
     check_sampling(temperature, top_p, top_k)
     if max_new_tokens < 1:
@@ -108,7 +113,7 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
                              f"max_target_length={core.max_target_length}.")
     params = core.params if params is None else params
     sampling = SamplingParams.fill(1, temperature, top_p, top_k)
-    keys = _keys(seed, len(prompts), n)
+    keys = _keys(seed, len(prompts), n, first_prompt)
     requests = [_Request(i * n + j, i, prompt, keys[i][j]) for i, prompt in enumerate(prompts) for j in range(n)]
     stops = [list(s) for s in stop_sequences if len(s)]
     eos = set(int(t) for t in eos_token_ids)
