@@ -1,5 +1,13 @@
 """Device meshes for the update step, and multi-process start-up.
 
+Multi-process (multi-host) runs use JAX's own multi-controller runtime: every process runs the same
+program (:func:`initialize` first), each drives its local devices, and the update step's arrays are
+global ``jax.Array`` s over every process's devices. Each process generates the rollouts of its slice
+of the prompt batch on its own engine (:class:`~jackpot_jax.data.batching.PromptBatcher`), turns them
+into its rows of the global batch (:func:`global_rows`), and gets a process-local copy of the new
+actor weights back for its engine (:func:`local_copy`). Only small per-row values (rewards, lengths)
+are gathered on the hosts (:func:`allgather`).
+
 The update step (:class:`jackpot_jax.train.step.Updater`) runs on one mesh with the axes
 ``("data", "fsdp", "tensor")`` of :mod:`jackpot_jax.models.sharding`: the parameters and optimizer
 states of both models are sharded by the logical-axis rules (FSDP over ``"fsdp"``, heads, MLP
@@ -11,12 +19,87 @@ device to device.)
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jackpot_jax.config import ConfigError
 from jackpot_jax.models.sharding import MESH_AXES, make_mesh
+
+logger = logging.getLogger(__name__)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, auto: bool = False) -> bool:
+    """Start JAX's multi-process runtime (:func:`jax.distributed.initialize`) before anything
+    touches a device; returns whether it did.
+
+    With ``coordinator_address`` (``host:port`` of process 0), ``num_processes`` and ``process_id``
+    given: an explicit start, e.g. N processes on 127.0.0.1 (``launch/local.sh``). With ``auto``
+    and none given: JAX detects the cluster (TPU pod slices, SLURM, Open MPI, Kubernetes). With
+    neither: a single-process run, nothing to do. Collectives between CPU devices of different
+    processes use gloo (JAX's CPU default has none); accelerators keep their own (ICI, NCCL).
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(value is not None for value in explicit):
+        missing = [name for name, value in zip(("coordinator_address", "num_processes", "process_id"), explicit)
+                   if value is None]
+        if missing:
+            raise ConfigError(f"a multi-process start needs coordinator_address, num_processes and process_id; "
+                              f"missing: {', '.join(missing)} (or give none of them, with auto for a cluster).")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ConfigError(f"num_processes={num_processes}, process_id={process_id} is not allowed: it needs "
+                              f"num_processes >= 1 and 0 <= process_id < num_processes.")
+    elif not auto:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    logger.info("process %d of %d, %d local devices of %d", jax.process_index(), jax.process_count(),
+                jax.local_device_count(), jax.device_count())
+    return True
+
+
+def global_rows(tree, sharding):
+    """This process's rows (host arrays) as its part of global arrays split along the leading axis
+    by ``sharding``; the global arrays hold the processes' rows in process order. With one process,
+    the arrays as they are (the jitted step places them)."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def local_copy(tree, mesh):
+    """A copy of ``tree`` (arrays on ``mesh``) on this process's devices: a device copy with one
+    process; with several, gathered on every device of the mesh (replicated), then this process's
+    first device's replica, e.g. the new actor weights for the process's rollout engine."""
+    if jax.process_count() == 1:
+        return jax.tree.map(jnp.copy, tree)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    gathered = jax.jit(lambda t: t, out_shardings=replicated)(tree)
+    return jax.tree.map(lambda x: x.addressable_data(0), gathered)
+
+
+def from_local(tree, shardings):
+    """``tree`` (arrays on this process's devices, the same values on every process, e.g. a
+    :func:`local_copy`) placed into ``shardings`` over every process's devices: each process fills
+    its own devices' shards, device to device."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    leaves, treedef = jax.tree.flatten(tree)  # the shardings' tree may hold them where tree has Param boxes
+    return treedef.unflatten([jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index])
+                              for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)])
+
+
+def allgather(x) -> np.ndarray:
+    """Every process's ``x`` (host arrays of one shape), concatenated along the first axis in
+    process order; ``x`` itself with one process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 
 
 def mesh_shape(sizes, num_devices: int) -> dict:

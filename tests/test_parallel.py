@@ -12,7 +12,7 @@ from jackpot_jax import losses
 from jackpot_jax.config import ConfigError
 from jackpot_jax.models import Transformer, preset
 from jackpot_jax.models.sharding import activation_sharding, make_mesh
-from jackpot_jax.parallel import mesh_from_config, mesh_shape
+from jackpot_jax.parallel import allgather, global_rows, initialize, mesh_from_config, mesh_shape
 from jackpot_jax.train.batch import make_batch
 from jackpot_jax.train.config import validate
 from jackpot_jax.train.step import StepConfig, Updater
@@ -109,6 +109,19 @@ def test_mesh_from_config():
     config.mesh.tensor = -2
     with pytest.raises(ConfigError, match=r"config.mesh.tensor=-2 is not allowed: .* or -1"):
         validate(config)
+
+
+def test_initialize_refuses_a_partial_start_and_does_nothing_alone():
+    """Checked before JAX's runtime starts (the real two-process start: tests/test_multiprocess.py)."""
+    assert initialize() is False  # one process: nothing to start
+    with pytest.raises(ConfigError, match="missing: num_processes, process_id"):
+        initialize("127.0.0.1:1234")
+    with pytest.raises(ConfigError, match="num_processes=2, process_id=2 is not allowed"):
+        initialize("127.0.0.1:1234", 2, 2)
+    # one process: the host-local and global views coincide
+    rows = {"x": np.arange(6.0).reshape(3, 2)}
+    assert global_rows(rows, None) is rows
+    np.testing.assert_array_equal(allgather(np.arange(3)), np.arange(3))
 
 
 @pytest.mark.slow  # ~75 s: `make test-slow`, or python -m pytest -m slow tests/test_parallel.py

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import logging
 
+import jax
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jackpot_jax.config import ConfigError
 from jackpot_jax.models import hf, registry
@@ -51,14 +53,23 @@ def build_models(config, tokenizer):
 
 
 def load_records(config):
-    """``(train, eval)`` records of ``config.data`` (TFDS, prepared on first use)."""
+    """``(train, eval)`` records of ``config.data`` (TFDS, prepared on first use). With several
+    processes, process 0 loads (and prepares) first and the others after it: on a shared data
+    directory they find it prepared, on their own disks each prepares its copy."""
     from jackpot_jax.data.datasets import load_split  # noqa: PLC0415 (imports TensorFlow Datasets)
 
     data = config.data
     kwargs = dict(data_dir=data.data_dir or None, manual_dir=data.manual_dir or None, config=data.config or None)
-    train = load_split(data.dataset, data.split, limit=data.train_limit or None, **kwargs)
-    evaluation = load_split(data.dataset, data.eval_split, limit=data.eval_limit, **kwargs) if data.eval_limit else []
-    return train, evaluation
+
+    def load():
+        train = load_split(data.dataset, data.split, limit=data.train_limit or None, **kwargs)
+        return train, load_split(data.dataset, data.eval_split, limit=data.eval_limit, **kwargs) if data.eval_limit else []
+
+    if jax.process_count() == 1:
+        return load()
+    records = load() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jackpot_jax: data prepared by process 0")
+    return records if records is not None else load()
 
 
 def make_optimizer(section, total_updates: int):

@@ -1,11 +1,14 @@
 """Command lines: ``jackpot-train`` and ``jackpot-export``.
 
     jackpot-train [--config configs/demo.py] [--workdir DIR] [--resume] [--config.algorithm.lam=0.5 ...]
+                  [--distributed | --coordinator_address HOST:PORT --num_processes N --process_id I]
     jackpot-export WORKDIR --out DIR [--model policy|actor] [--step N]
 
 ``jackpot-train`` without ``--config`` runs ``configs/demo.py``; without ``--workdir``, a fresh
 directory ``runs/<config name>-<date>-<time>``. A work dir that already holds checkpoints is only
-continued with ``--resume`` (never overwritten by accident). ``jackpot-export`` writes a trained
+continued with ``--resume`` (never overwritten by accident). Multi-process runs start every process
+with the same flags plus ``--distributed`` (the cluster detected: TPU pod slices, SLURM) or the
+explicit three (``launch/local.sh``); see :func:`jackpot_jax.parallel.initialize`. ``jackpot-export`` writes a trained
 model of a run as a Hugging Face checkpoint (``config.json`` + safetensors, and the tokenizer).
 """
 from __future__ import annotations
@@ -30,6 +33,11 @@ def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", DEMO_CONFIG, "the run's config file (ml_collections)", lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and plots go (default: a new runs/ dir)")
     flags.DEFINE_bool("resume", False, "continue the run in --workdir from its latest checkpoint")
+    flags.DEFINE_bool("distributed", False, "multi-process: jax.distributed.initialize() detects the cluster "
+                      "(TPU pod slices, SLURM)")
+    flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0's coordinator")
+    flags.DEFINE_integer("num_processes", None, "multi-process: how many processes the run has")
+    flags.DEFINE_integer("process_id", None, "multi-process: this process's index, 0 .. num_processes - 1")
 
 
 def _default_workdir(config_path: str) -> str:
@@ -37,9 +45,15 @@ def _default_workdir(config_path: str) -> str:
     return os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
 
 
+_started = False  # whether jackpot-train got past flag parsing (see train_main)
+
+
 def _train(argv) -> None:
+    global _started
+    _started = True
     del argv
-    from jackpot_jax.config import ConfigError  # noqa: PLC0415 (after flag parsing: fast --help)
+    from jackpot_jax import parallel  # noqa: PLC0415 (after flag parsing: fast --help)
+    from jackpot_jax.config import ConfigError  # noqa: PLC0415
     from jackpot_jax.train.checkpoint import Checkpointer, ResumeError  # noqa: PLC0415
     from jackpot_jax.train.loop import Trainer, TrainingStopped  # noqa: PLC0415
 
@@ -52,6 +66,7 @@ def _train(argv) -> None:
         sys.exit(f"jackpot-train: {workdir} already holds checkpoints: pass --resume to continue that run, or "
                  f"choose another --workdir.")
     try:
+        parallel.initialize(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed)
         trainer = Trainer(args.config, workdir, resume=args.resume)
         history = trainer.run()
     except (ConfigError, TrainingStopped, FileNotFoundError, ResumeError) as error:
@@ -66,6 +81,8 @@ def train_main() -> None:
         _define_flags()  # with the default config, ml_collections applies the overrides here
         app.run(_train)
     except (AttributeError, KeyError) as error:  # ml_collections: an override of a key the config lacks
+        if _started:  # not from the flags: a bug to see whole
+            raise
         sys.exit(f"jackpot-train: unknown config key: {error}")
 
 

@@ -10,6 +10,12 @@ One RL step (Algorithm 1) per prompt batch:
    ``ppo_epochs`` passes, each one jitted :meth:`Updater.update` of both models;
 5. the new actor weights go to the engine, device to device.
 
+With several processes (:func:`jackpot_jax.parallel.initialize`) each one runs steps 1-2 for its
+slice of the prompt batch on its own engine, the update of step 4 runs on the global mesh over every
+process's rows, and each engine gets a process-local copy of the new weights. A run gives the same
+batches and rollouts whatever the number of processes (the batcher's slices and the rollout keys
+follow the prompts' places in the whole batch), and its checkpoints restore with another.
+
 Every step is determined by ``(config.seed, step)``: the rollout seeds, the mini-batch order and the
 OBRS mask keys are derived from them, and the data position is saved with the models, so a run
 resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
@@ -25,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jackpot_jax import losses
+from jackpot_jax import losses, parallel
 from jackpot_jax.config import ConfigError
 from jackpot_jax.data.batching import PromptBatcher
 from jackpot_jax.data.evaluate import evaluate
@@ -44,11 +50,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite updates in a row); checkpoints are kept."""
-
-
-def _copy(tree):
-    """A device copy (the update step donates its state; the engine keeps its own parameters)."""
-    return jax.tree.map(jnp.copy, tree)
 
 
 def _mean_metrics(rows: list[dict]) -> dict:
@@ -79,6 +80,11 @@ class Trainer:
 
     def __init__(self, config, workdir: str, *, resume: bool = True):
         validate(config)
+        processes = jax.process_count()
+        if config.rollout.prompts_per_step % processes:
+            raise ConfigError(f"config.rollout.prompts_per_step={config.rollout.prompts_per_step} is not allowed with "
+                              f"{processes} processes: each generates an equal slice of the prompts; use a multiple "
+                              f"of {processes}.")
         self.config, self.workdir = config, os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         algo, rollout = config.algorithm, config.rollout
@@ -95,7 +101,7 @@ class Trainer:
         self.updates_per_step = algo.ppo_epochs * rows // algo.train_batch_size
         self.updater = build.make_updater(config, policy, actor, config.train.steps * self.updates_per_step)
         self.step_config = self.updater.cfg
-        params = lambda model: None if model is None else _copy(nnx.state(model, nnx.Param))
+        params = lambda model: None if model is None else jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
         self.state = self.updater.init_state(params(policy), params(actor))
         self.engine = build.rollout_engine(actor if actor is not None else policy, config)
         self.eval_core = None
@@ -143,10 +149,15 @@ class Trainer:
         self.base_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         logger.info("resumed from step %d of %s", self.step, self.checkpointer.directory)
 
+    def _local(self, params):
+        """A copy of the state's ``params`` on this process's devices (the update step donates its
+        state; the engines keep their own)."""
+        return parallel.local_copy(params, self.updater.mesh)
+
     def _push_actor(self):
         """The rollout engine gets the current generating weights (the actor's, or the policy's
         in on_policy mode), device to device."""
-        self.engine.update_params(_copy(self.state.actor if self.step_config.has_actor else self.state.policy))
+        self.engine.update_params(self._local(self.state.actor if self.step_config.has_actor else self.state.policy))
 
     # ------------------------------------------------------------------ one step
 
@@ -154,6 +165,7 @@ class Trainer:
         rollout_cfg = self.config.rollout
         out = generate(self.engine, batch.prompt_ids, rollout_cfg.max_new_tokens, temperature=rollout_cfg.temperature,
                        top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, seed=seed,
+                       first_prompt=batch.first_prompt * rollout_cfg.n,  # the rows repeat each prompt n times
                        eos_token_ids=[self.tokenizer.eos_token_id])
         texts = self.tokenizer.batch_decode(out.completions, skip_special_tokens=True)
         rewards = np.asarray([self.reward(text, answer) for text, answer in zip(texts, batch.answers)], np.float32)
@@ -175,6 +187,7 @@ class Trainer:
         batch = make_batch(out.prompts, out.completions, out.logprobs, np.asarray(advantages), length,
                            pad_id=self.tokenizer.pad_token_id or 0, topk_ids=out.topk_ids,
                            topk_logprobs=out.topk_logprobs)
+        batch = parallel.global_rows(batch, self.updater.rows)  # this process's rows of the global batch
         use_old_z = algo.mode == "jackpot" and algo.p_target == "old"
         lam = algo.lam
         old = self.updater.prepare(self.state.policy, self.state.actor, batch, lam, normalizers=False)
@@ -199,11 +212,13 @@ class Trainer:
         metrics = _mean_metrics(update_metrics)
         update_s = time.perf_counter() - start
 
-        generated = sum(map(len, out.completions))
+        rewards = parallel.allgather(rewards)  # every process's rows, in the global batch's order
+        lengths = parallel.allgather(np.asarray([len(c) for c in out.completions]))
+        generated = int(lengths.sum())
         metrics.update({
             "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
             "mismatch/kl_full": float(losses.masked_mean(old.kl_full, jnp.asarray(batch.valid))),
-            "rollout/mean_length": generated / len(out.completions),
+            "rollout/mean_length": generated / len(lengths),
             "time/rollout_s": rollout_s, "time/update_s": update_s,
             "throughput/tokens_per_s": generated / (rollout_s + update_s),
         })
@@ -215,16 +230,17 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict:
-        """Mean@k / Pass@k of the policy (and the actor) on the eval records."""
+        """Mean@k / Pass@k of the policy (and the actor) on the eval records (every process
+        evaluates them all on its own devices, with the same keys: the same figures everywhere)."""
         cfg = self.config
         cores = {"policy": self.engine}
         if self.step_config.has_actor:
             if self.eval_core is None:  # the policy's own decoding core; the actor's is the rollout engine
-                policy = nnx.merge(self.updater.policy_def, self.state.policy, self.updater.policy_rest)
+                policy = nnx.merge(self.updater.policy_def, self._local(self.state.policy), self.updater.policy_rest)
                 self.eval_core = DecodeCore(policy, max_concurrent_decodes=self.engine.slots,
                                             max_prefill_length=self.engine.prefill_buckets[-1],
                                             max_target_length=self.engine.max_target_length)
-            self.eval_core.update_params(_copy(self.state.policy))
+            self.eval_core.update_params(self._local(self.state.policy))
             cores = {"policy": self.eval_core, "actor": self.engine}
         out = {}
         for name, core in cores.items():

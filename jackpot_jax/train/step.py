@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 
 import pallas_kernels as pk
-from jackpot_jax import losses, obrs
+from jackpot_jax import losses, obrs, parallel
 from jackpot_jax.models.sharding import DEFAULT_RULES, activation_sharding, make_mesh, param_shardings
 from jackpot_jax.train.batch import TrainBatch, split_micro
 
@@ -226,12 +226,14 @@ class Updater:
         epoch on the same rollouts) that is this one, not ``state.actor``. ``None``: ``state.actor``
         is the rollout actor (the first update after a rollout, or a frozen actor)."""
         if self.cfg.window:
-            longest = int(np.max(np.sum(np.asarray(batch.valid), axis=1), initial=0))
+            valid = batch.valid  # this process's rows (all of them with one process)
+            rows = [s.data for s in valid.addressable_shards] if isinstance(valid, jax.Array) else [valid]
+            longest = max(int(np.max(np.sum(np.asarray(r), axis=1), initial=0)) for r in rows)
             if longest > self.cfg.window:
                 raise ValueError(f"a sequence of the batch has {longest} generated tokens, more than the step's "
                                  f"window={self.cfg.window} (rollout.max_new_tokens).")
         if rollout_actor is not None:  # into the actor's shardings (a no-op when already there)
-            rollout_actor = jax.device_put(rollout_actor, self._param_shardings["actor"])
+            rollout_actor = parallel.from_local(rollout_actor, self._param_shardings["actor"])
         with activation_sharding(self.mesh, self.rules):
             # a mini-batch cut from a rollout batch on the device may have another layout: into the rows'
             batch, old = jax.device_put((batch, old), self.rows)

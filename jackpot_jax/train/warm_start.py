@@ -16,6 +16,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -48,6 +49,15 @@ def unbox(records: list[dict], boxed: float, seed: int) -> list[dict]:
     return out
 
 
+def _checkpointer():
+    """Orbax for this process alone: in a multi-process run each process trains (or loads) the warm
+    start on its own devices, without waiting for the others; it saves and restores host arrays
+    (Orbax refuses device arrays local to one process of several)."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def warm_start(model, tokenizer, records, *, name: str, workdir: str, steps: int, batch_size: int, lr: float,
                seed: int, max_len: int, prompt_fn, spec: dict) -> dict:
     """Fine-tune ``model`` in place for ``steps`` on the ``records`` whose prompt, solution and eos
@@ -62,9 +72,9 @@ def warm_start(model, tokenizer, records, *, name: str, workdir: str, steps: int
         with open(spec_path, encoding="utf-8") as f:
             saved = json.load(f)
         if {k: v for k, v in saved.items() if k != "final_loss"} == json.loads(json.dumps(spec)):
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model, nnx.Param))
-            with ocp.StandardCheckpointer() as checkpointer:
-                nnx.update(model, checkpointer.restore(params_path, abstract))
+            abstract = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), nnx.state(model, nnx.Param))
+            with _checkpointer() as checkpointer:
+                nnx.update(model, jax.tree.map(jnp.asarray, checkpointer.restore(params_path, abstract)))
             logger.info("warm start of %s loaded from %s", name, directory)
             return {"cached": True, "final_loss": saved.get("final_loss")}
         logger.info("warm start of %s in %s was made with other settings; training it again", name, directory)
@@ -76,8 +86,9 @@ def warm_start(model, tokenizer, records, *, name: str, workdir: str, steps: int
     losses = sft(model, tokenizer, records, steps=steps, batch_size=batch_size, lr=lr, seed=seed, max_len=max_len,
                  warmup=min(100, steps // 5), prompt_fn=prompt_fn)
     final_loss = float(sum(losses[-20:]) / len(losses[-20:]))
-    os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(params_path, nnx.state(model, nnx.Param), force=True)
-    atomic_write_text(spec_path, json.dumps({**spec, "final_loss": final_loss}, indent=2))
+    if jax.process_index() == 0:  # every process trained the same copy; one writes it
+        os.makedirs(directory, exist_ok=True)
+        with _checkpointer() as checkpointer:
+            checkpointer.save(params_path, jax.device_get(nnx.state(model, nnx.Param)), force=True)
+        atomic_write_text(spec_path, json.dumps({**spec, "final_loss": final_loss}, indent=2))
     return {"cached": False, "final_loss": final_loss}
