@@ -420,3 +420,10 @@ def test_cli_reports_a_placeholder_as_required(tmp_path):
     assert result.returncode != 0, output
     assert "config.policy.path is required" in output and "--config.policy.path=" in output, output
     assert not workdir.exists()
+
+
+def test_a_url_work_dir_is_refused_before_anything_loads():
+    from jackpot_jax.train.loop import Trainer  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match=r"workdir 'gs://bucket/run' is not allowed: URLs are not supported yet"):
+        Trainer(get_config(), "gs://bucket/run")

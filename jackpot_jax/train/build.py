@@ -26,23 +26,27 @@ def load_tokenizer(config):
     return hf.load_tokenizer(config.tokenizer.path)
 
 
-def build_model(section, tokenizer, seed: int):
+def build_model(section, tokenizer, seed: int, mesh=None):
     """A model from ``config.policy`` / ``config.actor``: a Hugging Face checkpoint when ``path``
-    is set, else a fresh model of the registry with the preset's shape and the tokenizer's vocabulary.
-    ``dtype`` / ``param_dtype`` ("" keeps the checkpoint's or preset's) and ``remat`` apply to both."""
+    is set (with a ``mesh``, each tensor read straight into its shards: never the whole model on one
+    device), else a fresh model of the registry with the preset's shape and the tokenizer's
+    vocabulary. ``dtype`` / ``param_dtype`` ("" keeps the checkpoint's or preset's) and ``remat``
+    apply to both."""
     overrides = {"remat": section.remat}
     overrides.update({key: section[key] for key in ("dtype", "param_dtype") if section[key]})
     if section.path:
-        return hf.from_pretrained(section.path, **overrides)
+        return hf.from_pretrained(section.path, mesh=mesh, **overrides)
     config = preset(section.preset, vocab_size=len(tokenizer), **overrides)
     return registry.build(section.model, config, rngs=nnx.Rngs(seed))
 
 
-def build_models(config, tokenizer):
+def build_models(config, tokenizer, mesh=None):
     """``(policy, actor)``; the actor is None in ``on_policy`` mode. Both must cover the tokenizer's
-    vocabulary and share it (the OBRS ratios compare their distributions token by token)."""
-    policy = build_model(config.policy, tokenizer, config.seed)
-    actor = None if config.algorithm.mode == "on_policy" else build_model(config.actor, tokenizer, config.seed + 1)
+    vocabulary and share it (the OBRS ratios compare their distributions token by token).
+    Checkpoints load into their shardings on ``mesh`` (the update's) when given."""
+    policy = build_model(config.policy, tokenizer, config.seed, mesh)
+    actor = (None if config.algorithm.mode == "on_policy"
+             else build_model(config.actor, tokenizer, config.seed + 1, mesh))
     for name, model in (("policy", policy), ("actor", actor)):
         if model is not None and model.config.vocab_size < len(tokenizer):
             raise ConfigError(f"config.{name}: the model's vocab_size={model.config.vocab_size} is smaller than the "
@@ -86,16 +90,16 @@ def make_optimizer(section, total_updates: int):
     return tx, schedule
 
 
-def make_updater(config, policy, actor, total_updates: int):
-    """The run's :class:`~jackpot_jax.train.step.Updater` on ``config.mesh``: both optimizers (the
-    actor's only when it is trained) over ``total_updates`` updates, the policy's schedule reported
-    as ``lr``."""
+def make_updater(config, policy, actor, total_updates: int, mesh=None):
+    """The run's :class:`~jackpot_jax.train.step.Updater` on ``mesh`` (default: ``config.mesh``'s):
+    both optimizers (the actor's only when it is trained) over ``total_updates`` updates, the
+    policy's schedule reported as ``lr``."""
     from jackpot_jax.train.step import StepConfig, Updater  # noqa: PLC0415 (step imports the kernels)
 
     policy_tx, policy_lr = make_optimizer(config.optim.policy, total_updates)
     actor_tx = make_optimizer(config.optim.actor, total_updates)[0] if config.algorithm.train_actor else None
     return Updater(StepConfig.from_config(config), policy, actor, policy_tx, actor_tx, policy_lr,
-                   mesh=mesh_from_config(config.mesh))
+                   mesh=mesh if mesh is not None else mesh_from_config(config.mesh))
 
 
 def rollout_engine(model, config):

@@ -80,6 +80,10 @@ class Trainer:
 
     def __init__(self, config, workdir: str, *, resume: bool = True):
         validate(config)
+        if "://" in os.fspath(workdir):
+            raise ConfigError(f"workdir {workdir!r} is not allowed: URLs are not supported yet (the work dir is written "
+                              f"with local file calls); give a path, on a filesystem every process mounts when there "
+                              f"are several (e.g. a bucket mounted with gcsfuse).")
         processes = jax.process_count()
         if config.rollout.prompts_per_step % processes:
             raise ConfigError(f"config.rollout.prompts_per_step={config.rollout.prompts_per_step} is not allowed with "
@@ -95,15 +99,19 @@ class Trainer:
         self.batcher = PromptBatcher(rl_records, self.tokenizer, prompts_per_batch=rollout.prompts_per_step,
                                      n=rollout.n, seed=config.seed, template=config.data.template,
                                      instruction=config.data.instruction, max_prompt_tokens=config.data.max_prompt_tokens)
-        policy, actor = build.build_models(config, self.tokenizer)
+        mesh = parallel.mesh_from_config(config.mesh)
+        policy, actor = build.build_models(config, self.tokenizer, mesh)
         self._warm_start(policy, actor, warm_records)
         rows = rollout.prompts_per_step * rollout.n
         self.updates_per_step = algo.ppo_epochs * rows // algo.train_batch_size
-        self.updater = build.make_updater(config, policy, actor, config.train.steps * self.updates_per_step)
+        self.updater = build.make_updater(config, policy, actor, config.train.steps * self.updates_per_step, mesh)
         self.step_config = self.updater.cfg
         params = lambda model: None if model is None else jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
         self.state = self.updater.init_state(params(policy), params(actor))
-        self.engine = build.rollout_engine(actor if actor is not None else policy, config)
+        generator = actor if actor is not None else policy
+        if jax.process_count() > 1:  # each engine drives its own process's devices
+            nnx.update(generator, self._local(self.state.actor if actor is not None else self.state.policy))
+        self.engine = build.rollout_engine(generator, config)
         self.eval_core = None
 
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=config.train.save_every,
