@@ -25,9 +25,11 @@ Required:
   --zone ZONE               its zone, e.g. us-east5-a
   --config PATH             the config file, relative to the repository root
                             (e.g. configs/qwen3_1p7b_to_8b_deepscaler.py)
-  --workdir DIR             where checkpoints and metrics go: it must be shared by all workers,
-                            so a gs:// bucket path (or a mounted shared filesystem); a local path
-                            gives each worker its own, inconsistent copy
+  --workdir DIR             where checkpoints and metrics go: a path that every worker mounts
+                            (a shared filesystem, or a bucket mounted with gcsfuse at the same
+                            path everywhere); gs:// URLs are refused (the trainer writes its work
+                            dir with local file calls), and a worker-local disk gives each worker
+                            its own, inconsistent copy
   --accelerator-type TYPE   e.g. v5p-64, v5litepod-16, v6e-16, v4-32 (only needed to create)
 
 Options:
@@ -49,7 +51,7 @@ Everything after '--' goes to jackpot-train on every worker (e.g. --resume, --co
 
 Example:
   launch/tpu_pod.sh --name jackpot-v5p --zone us-east5-a --accelerator-type v5p-64 \\
-      --config configs/qwen3_1p7b_to_8b_deepscaler.py --workdir gs://my-bucket/runs/qwen3-8b \\
+      --config configs/qwen3_1p7b_to_8b_deepscaler.py --workdir /mnt/shared/runs/qwen3-8b \\
       -- --config.mesh.fsdp=32
 EOF
 }
@@ -133,7 +135,7 @@ validate_args() {
   [[ -n "${NAME}" ]] || die "--name is required: the TPU VM to create or reuse"
   [[ -n "${ZONE}" ]] || die "--zone is required: the TPU VM's zone, e.g. us-east5-a"
   [[ -n "${CONFIG}" ]] || die "--config is required: a config file relative to the repository root"
-  [[ -n "${WORKDIR}" ]] || die "--workdir is required: a gs:// path (or a filesystem every worker shares)"
+  [[ -n "${WORKDIR}" ]] || die "--workdir is required: a path on a filesystem every worker mounts"
   [[ -z "${REF}" || -n "${REPO_URL}" ]] || die "--ref needs --repo"
   [[ "${REMOTE_DIR}" =~ ^[A-Za-z0-9_.][A-Za-z0-9_./-]*$ && "${REMOTE_DIR}" != *..* ]] ||
     die "--remote-dir must be a plain path relative to the home directory, got '${REMOTE_DIR}'"
@@ -147,9 +149,8 @@ validate_args() {
   if [[ -z "${REPO_URL}" && "${SKIP_SETUP}" -eq 0 && ! -f "${REPO_ROOT}/${CONFIG}" ]]; then
     die "--config: no file ${CONFIG} in ${REPO_ROOT} (the path is relative to the repository root)"
   fi
-  if [[ "${WORKDIR}" != gs://* ]]; then
-    echo "${SCRIPT_NAME}: warning: --workdir ${WORKDIR} is not a gs:// path: it must be a filesystem" \
-      "that every worker shares, or each worker writes its own copy." >&2
+  if [[ "${WORKDIR}" == *://* ]]; then
+    die "--workdir ${WORKDIR}: URLs are not supported yet: the trainer writes it with local file calls: mount the bucket on every worker (e.g. gcsfuse) or use a shared filesystem, and pass that path"
   fi
 }
 

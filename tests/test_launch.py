@@ -30,6 +30,10 @@ echo "XLA_FLAGS=${XLA_FLAGS-}"
 echo "JAX_PLATFORMS=${JAX_PLATFORMS-}"
 echo "$$" >"${STUB_PID_DIR}/${process_id}.pid"
 if [[ "${process_id}" == "${STUB_FAIL_ID:-}" ]]; then
+  for _ in $(seq 100); do  # up to 10 s for every process to start, so that stopping them is what is tested
+    [[ $(find "${STUB_PID_DIR}" -name '*.pid' | wc -l) -ge "${STUB_PROCESSES:-1}" ]] && break
+    sleep 0.1
+  done
   echo "stub process ${process_id} fails"
   exit 3
 fi
@@ -207,7 +211,7 @@ def _alive(pid: int) -> bool:
 
 def test_local_propagates_a_failure_and_stops_the_others(stub, tmp_path):
     logs = tmp_path / "logs"
-    env = _clean_env(STUB_PID_DIR=str(tmp_path / "pids"), STUB_FAIL_ID="1", STUB_SLEEP="60")
+    env = _clean_env(STUB_PID_DIR=str(tmp_path / "pids"), STUB_FAIL_ID="1", STUB_SLEEP="60", STUB_PROCESSES="3")
     start = time.monotonic()
     result = _run("local.sh", "-n", "3", "--cmd", str(stub), "--log-dir", str(logs), "--", "--workdir", "runs/x",
                   env=env)
@@ -226,7 +230,7 @@ def test_local_propagates_a_failure_and_stops_the_others(stub, tmp_path):
 # tpu_pod.sh
 
 TPU_ARGS = ("--name", "jackpot-pod", "--zone", "us-east5-a", "--accelerator-type", "v5p-64",
-            "--config", "configs/demo.py", "--workdir", "gs://bucket/runs/r1")
+            "--config", "configs/demo.py", "--workdir", "/mnt/shared/runs/r1")
 
 
 def test_tpu_pod_dry_run_prints_every_gcloud_command():
@@ -253,8 +257,8 @@ def test_tpu_pod_dry_run_prints_every_gcloud_command():
                           "tar -xzf jackpot-jax.tar.gz -C jackpot-jax")
     assert 'pip install -e ".[tpu]"' in ssh[1][12]
     assert ssh[2][12] == ('cd jackpot-jax && PATH="$HOME/.local/bin:$PATH" jackpot-train --distributed '
-                          "--config configs/demo.py --workdir gs://bucket/runs/r1 --config.mesh.fsdp=32 --resume")
-    assert result.stderr == ""  # a gs:// work dir: no warning
+                          "--config configs/demo.py --workdir /mnt/shared/runs/r1 --config.mesh.fsdp=32 --resume")
+    assert result.stderr == ""
 
 
 def test_tpu_pod_dry_run_reuse_and_clone():
@@ -271,7 +275,13 @@ def test_tpu_pod_dry_run_reuse_and_clone():
     assert shlex.split(commands[-1].split(" && ", 1)[1]) == [
         "PATH=$HOME/.local/bin:$PATH", "jackpot-train", "--distributed", "--config", "configs/x.py",
         "--workdir", "/shared/runs/r", "--config.name=a b"]
-    assert "not a gs:// path" in result.stderr
+    assert result.stderr == ""
+
+
+def test_tpu_pod_refuses_a_bucket_url_as_work_dir():
+    result = _run("tpu_pod.sh", *_without(TPU_ARGS, "--workdir"), "--workdir", "gs://bucket/runs/r1", "--dry-run")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "--workdir gs://bucket/runs/r1: URLs are not supported yet: the trainer writes" in result.stderr
 
 
 def test_tpu_pod_skip_setup_only_trains():
@@ -280,7 +290,7 @@ def test_tpu_pod_skip_setup_only_trains():
     lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
     assert len(lines) == 3
     assert lines[1].endswith("--accelerator-type v5p-64 --version v2-custom")
-    assert "jackpot-train --distributed --config configs/demo.py --workdir gs://bucket/runs/r1" in lines[2]
+    assert "jackpot-train --distributed --config configs/demo.py --workdir /mnt/shared/runs/r1" in lines[2]
 
 
 def _without(args: tuple[str, ...], flag: str) -> list[str]:
