@@ -16,6 +16,14 @@ STREAMING = ["chunked"]
 TOKEN_STATS = ["chunked", "pallas_tpu", "pallas_gpu"]
 
 
+def with_impls(names, cases):
+    """``(impl, *case)`` for every implementation and case: the interpreted Pallas kernels on the
+    first case in CI, on the others with `make test-slow` (interpreting them is most of this file's time)."""
+    return pytest.mark.parametrize(("impl",) + names, [
+        pytest.param(impl, *case, marks=pytest.mark.slow) if impl != "chunked" and i else (impl, *case)
+        for i, case in enumerate(cases) for impl in TOKEN_STATS])
+
+
 def token_stats(impl, h, w, targets, k, **opts):
     """fused_token_stats through the public API, or one Pallas kernel interpreted."""
     if impl.startswith("pallas_"):
@@ -79,9 +87,8 @@ def assert_topk_equal(got_logp, got_ids, want_logp, want_ids, rtol):
     assert np.all(same | ties)
 
 
-@pytest.mark.parametrize("impl", TOKEN_STATS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@with_impls(("temperature",), [(1.0,), (0.7,)])
 def test_token_stats_forward_matches_reference(rng, impl, shape, temperature):
     n, d, v, vocab_size, k, block_v = shape
     h, w = head(rng, n, d, v)
@@ -130,9 +137,8 @@ def test_token_stats_bfloat16(rng, impl):
     assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("impl", TOKEN_STATS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("lam,temperature_inf", [(1.0, 1.0), (0.4, 0.7), (3.0, 1.3)])
+@with_impls(("lam", "temperature_inf"), [(1.0, 1.0), (0.4, 0.7), (3.0, 1.3)])
 def test_obrs_normalizer_matches_reference(rng, impl, shape, lam, temperature_inf):
     n, d, v, vocab_size, k, block_v = shape
     h_inf, w_inf = head(rng, n, d, v)
@@ -163,9 +169,8 @@ def test_reference_normalizer_is_obrs_on_the_materialized_logits(rng):
     np.testing.assert_allclose(z_exact, obrs.normalizer(logp_inf, logp_tgt, 0.8), rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", TOKEN_STATS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@with_impls(("direction",), [("forward",), ("reverse",)])
 def test_distill_kl_value_and_gradient_match_reference(rng, impl, shape, direction):
     n, d, v, vocab_size, _, block_v = shape
     h_t, w_t = head(rng, n, d + 2, v)
@@ -297,9 +302,8 @@ def test_bad_input_gives_a_clear_value_error(rng, index):
         call()
 
 
-@pytest.mark.parametrize("impl", TOKEN_STATS)
 @pytest.mark.parametrize("shape", SHAPES[1:])
-@pytest.mark.parametrize("direction,temperature", [("forward", 1.0), ("reverse", 0.8)])
+@with_impls(("direction", "temperature"), [("forward", 1.0), ("reverse", 0.8)])
 def test_jackpot_stats_match_reference_and_the_separate_ops(rng, impl, shape, direction, temperature):
     n, d, v, vocab_size, k, block_v = shape
     h_pol, w_pol = head(rng, n, d + 4, v)
@@ -531,9 +535,8 @@ def _filter_problem(rng, n, d, v, vocab_size, temperature_inf):
     return (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, tokens)
 
 
-@pytest.mark.parametrize("impl", TOKEN_STATS)
 @pytest.mark.parametrize("shape", SHAPES[1:])
-@pytest.mark.parametrize("target,exact", [("new", False), ("old", False), ("new", True)])
+@with_impls(("target", "exact"), [("new", False), ("old", False), ("new", True)])
 def test_obrs_filter_matches_reference(rng, monkeypatch, impl, shape, target, exact):
     n, d, v, vocab_size, k, block_v = shape
     problem = _filter_problem(rng, n, d, v, vocab_size, 0.8)

@@ -164,6 +164,7 @@ def test_kv_cache_decode_equals_the_full_forward(rng, name):
     np.testing.assert_array_equal(cache.lengths, lengths + total - lengths.max())
 
 
+@pytest.mark.slow  # ~17 s: `make test-slow`
 def test_packed_segments_attend_only_within_themselves(rng):
     config = preset("tiny-qwen3")
     model = Transformer(config, rngs=nnx.Rngs(2))

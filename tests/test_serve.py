@@ -187,6 +187,7 @@ def test_engine_properties_and_tokenizer(checkpoint):
         JackpotEngine(model, max_concurrent_decodes=1, max_prefill_length=16, max_target_length=16).get_tokenizer()
 
 
+@pytest.mark.slow  # ~20 s: the jackpot-serve command line; the other tests serve in-process
 def test_jackpot_serve_command_serves_and_exits_on_sigterm(checkpoint):
     path, model, vocab = checkpoint
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

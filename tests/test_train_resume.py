@@ -124,6 +124,7 @@ def nan_after_first_step(completion, answer):
     return 0.0 if next(_REWARD_CALLS) < 8 else float("nan")
 
 
+@pytest.mark.slow  # ~30 s: `make test-slow` (tests/test_train_step.py checks the skip of one update in CI)
 def test_non_finite_updates_stop_the_run_and_keep_checkpoints(data_dir, tmp_path):
     config = demo_config(data_dir, **{"train.max_nonfinite": 3, "data.reward": f"{__name__}:nan_after_first_step"})
     trainer = Trainer(config, str(tmp_path))

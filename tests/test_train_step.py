@@ -129,9 +129,11 @@ CASES = {
     "off_policy_frozen_actor": dict(mode="off_policy", train_actor=False),
     "on_policy": dict(mode="on_policy", train_actor=False),
 }
+SLOW_CASES = {"jackpot_new_target_accept", "off_policy_frozen_actor", "on_policy"}  # `make test-slow`
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_CASES else name
+                                  for name in CASES])
 def test_update_step_equals_materialized_reference(case):
     cfg = StepConfig(**{"micro_batch_size": B, "kernel_impl": "chunked", "eps_high": 0.28, **CASES[case]})
     policy, actor = _models()
