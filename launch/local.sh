@@ -40,33 +40,8 @@ Example (2 processes x 4 CPU devices, a mesh of fsdp 4 x data 2):
 EOF
 }
 
-die() {
-  echo "${SCRIPT_NAME}: $*" >&2
-  echo "Run 'launch/local.sh --help' for the usage." >&2
-  exit 2
-}
-
-# Quote one word for a POSIX shell: as is when it holds only safe characters, else in single quotes.
-shell_quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# Print a command line, each word quoted so that the line can be pasted back into a shell.
-print_command() {
-  local words=() word
-  for word in "$@"; do
-    words+=("$(shell_quote "${word}")")
-  done
-  echo "${words[*]}"
-}
-
-require_value() {  # require_value FLAG ARGC: the flag must be followed by a value
-  [[ "$2" -ge 2 ]] || die "$1 needs a value"
-}
+# shellcheck source=SCRIPTDIR/lib.sh
+source "${REPO_ROOT}/launch/lib.sh"
 
 require_positive_int() {  # require_positive_int FLAG VALUE
   [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
@@ -284,7 +259,7 @@ main() {
     local index
     for ((index = 0; index < NUM_PROCESSES; index++)); do
       build_process_command "${index}"
-      print_command "${PROCESS_COMMAND[@]:1}"  # without the leading `env`
+      quote_words "${PROCESS_COMMAND[@]:1}"  # without the leading `env`
     done
     return 0
   fi

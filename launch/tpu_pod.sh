@@ -56,28 +56,8 @@ Example:
 EOF
 }
 
-die() {
-  echo "${SCRIPT_NAME}: $*" >&2
-  echo "Run 'launch/tpu_pod.sh --help' for the usage." >&2
-  exit 2
-}
-
-# Quote one word for a POSIX shell: as is when it holds only safe characters, else in single quotes.
-shell_quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_words() {  # the words, quoted, on one line
-  local words=() word
-  for word in "$@"; do
-    words+=("$(shell_quote "${word}")")
-  done
-  echo "${words[*]}"
-}
+# shellcheck source=SCRIPTDIR/lib.sh
+source "${REPO_ROOT}/launch/lib.sh"
 
 # Print a command as a pasteable line (--dry-run), or print it on stderr and run it.
 run() {
@@ -89,9 +69,6 @@ run() {
   fi
 }
 
-require_value() {  # require_value FLAG ARGC: the flag must be followed by a value
-  [[ "$2" -ge 2 ]] || die "$1 needs a value"
-}
 
 default_runtime_version() {  # default_runtime_version ACCELERATOR_TYPE
   case "$1" in
