@@ -258,23 +258,28 @@ class Updater:
         cfg = self.cfg
 
         def one(mb):
-            h_pol, w_pol = self._hidden("policy", policy_params, mb)
-            targets, shape = _flat(mb.targets), mb.targets.shape
-            ones = jnp.ones(shape, jnp.float32)
-            if not cfg.has_actor:
-                logp_old = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl=cfg.kernel_impl)[0]
-                return OldStats(logp_old.reshape(shape), logp_old.reshape(shape), 0 * ones, ones, ones)
-            h_act, w_act = self._hidden("actor", actor_params, mb)
-            stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, cfg.k, lam,
-                                           temperature_actor=cfg.temperature, exact=cfg.z == "exact",
-                                           direction="reverse", normalizers=normalizers, impl=cfg.kernel_impl)
-            z_topk = stats.z_topk.reshape(shape) if normalizers else ones
-            z_exact = stats.z_exact.reshape(shape) if normalizers and cfg.z == "exact" else ones
-            return OldStats(stats.logp_new.reshape(shape), stats.logp_actor.reshape(shape),
-                            stats.distill_kl.reshape(shape), z_topk, z_exact)
+            return self._old_stats(*self._hidden("policy", policy_params, mb), actor_params, mb, lam, normalizers)
 
         stats = jax.lax.map(one, split_micro(batch, self._num_micro(batch.inputs)))
         return jax.lax.stop_gradient(jax.tree.map(_flat, stats))
+
+    def _old_stats(self, h_pol, w_pol, actor_params, mb, lam, normalizers: bool) -> OldStats:
+        """:class:`OldStats` of one micro-batch from the policy's final hidden states ``h_pol``
+        ``[B * T, D]`` and unembedding ``w_pol`` (the actor forwards here)."""
+        cfg = self.cfg
+        targets, shape = _flat(mb.targets), mb.targets.shape
+        ones = jnp.ones(shape, jnp.float32)
+        if not cfg.has_actor:
+            logp_old = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl=cfg.kernel_impl)[0]
+            return OldStats(logp_old.reshape(shape), logp_old.reshape(shape), 0 * ones, ones, ones)
+        h_act, w_act = self._hidden("actor", actor_params, mb)
+        stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, cfg.k, lam,
+                                       temperature_actor=cfg.temperature, exact=cfg.z == "exact",
+                                       direction="reverse", normalizers=normalizers, impl=cfg.kernel_impl)
+        z_topk = stats.z_topk.reshape(shape) if normalizers else ones
+        z_exact = stats.z_exact.reshape(shape) if normalizers and cfg.z == "exact" else ones
+        return OldStats(stats.logp_new.reshape(shape), stats.logp_actor.reshape(shape),
+                        stats.distill_kl.reshape(shape), z_topk, z_exact)
 
     def solve_old_lam(self, batch: TrainBatch, old: OldStats):
         """lam whose mean acceptance towards p_old is ``target_accept`` over a rollout batch."""
@@ -326,10 +331,20 @@ class Updater:
 
     def _micro_loss(self, trainable, frozen_actor, mb, key, rollout_actor=None):
         """Eq. 8 on one micro-batch: ``(L_policy + L_actor, metrics)``."""
-        cfg, sg = self.cfg, jax.lax.stop_gradient
-        actor_params = trainable.get("actor", frozen_actor)
-        rows, mb = _completion_window(mb, cfg.window) if cfg.window else (None, mb)
+        rows, mb = _completion_window(mb, self.cfg.window) if self.cfg.window else (None, mb)
         h_pol, w_pol = self._hidden("policy", trainable["policy"], mb, rows)
+        cross = self._actor_side(trainable.get("actor", frozen_actor), h_pol, w_pol, mb, rows, key, rollout_actor)
+        policy_loss, metrics = self._policy_loss(cross.logp_new, cross.mask, cross.rho, mb)
+        metrics.update(cross.metrics)
+        metrics["loss/total"] = total = policy_loss + cross.actor_loss
+        return total, metrics
+
+    def _actor_side(self, actor_params, h_pol, w_pol, mb, rows, key, rollout_actor=None) -> "_ActorSide":
+        """What eq. 8 needs of both models on one (windowed) micro-batch, given the policy's final
+        hidden states ``h_pol`` and unembedding ``w_pol``: the sampled tokens' log p_new (its gradient
+        reaches ``h_pol``, ``w_pol``), the policy loss's token weights (stop-gradient) and L_actor
+        (eq. 6 + beta eq. 7, its gradient reaching only ``actor_params``: p_new is its fixed target)."""
+        cfg, sg = self.cfg, jax.lax.stop_gradient
         targets, valid = _flat(mb.targets), _flat(mb.valid)
         vk = None
         if cfg.actor_in_update:
@@ -352,35 +367,37 @@ class Updater:
                 heads, lse = (h_pol, w_pol, h_inf, w_inf), (stats.lse_new, lse_inf)
         else:
             logp_new, stats, heads, lse = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl=cfg.kernel_impl)[0], None, None, None
-        zero = lambda x: jnp.where(valid, x, 0.0)  # padding never reaches a ratio (nor its gradient)
-        tok = pk.SampledTokens(zero(_flat(mb.logp_inf)), zero(_flat(mb.logp_old)), zero(logp_new), valid)
-        advantages = jnp.repeat(mb.advantages, mb.targets.shape[1])
+        tok = pk.SampledTokens(_zero(_flat(mb.logp_inf), valid), _zero(_flat(mb.logp_old), valid),
+                               _zero(logp_new, valid), valid)
         mask, rho, metrics = self._weights(key, mb, tok, heads, lse, vk)
-        ppo, clipped = losses.ppo_token_loss(tok.logp_new, tok.logp_old, advantages, eps_low=cfg.eps_low,
-                                             eps_high=cfg.eps_high, clip=cfg.clip)
-        policy_loss = losses.masked_mean((rho * ppo).reshape(mb.valid.shape), mask.reshape(mb.valid.shape),
-                                         cfg.aggregation)
-        log_ratio = sg(tok.logp_new) - tok.logp_inf  # k3 estimator of KL(p_inf || p_new) on sampled tokens
-        metrics.update({
-            "loss/policy": policy_loss,
-            "obrs/accept_rate": losses.masked_mean(mask, valid),
-            "obrs/rho_mean": losses.masked_mean(rho, mask),
-            "policy/clip_frac": losses.masked_mean(clipped, mask),
-            "mismatch/kl_inf_new": losses.masked_mean(jnp.expm1(log_ratio) - log_ratio, valid),
-        })
+        mask, rho = sg(mask), sg(rho)
+        metrics.update({"obrs/accept_rate": losses.masked_mean(mask, valid), "obrs/rho_mean": losses.masked_mean(rho, mask)})
         metrics.setdefault("obrs/rho_max", jnp.max(jnp.where(mask, rho, 0.0)))
-        total = policy_loss
+        actor_loss = jnp.zeros((), jnp.float32)
         if cfg.train_actor:
             actor_loss, actor_metrics = losses.actor_loss(
-                zero(stats.logp_actor).reshape(mb.valid.shape), mb.logp_actor_old, mb.logp_inf, mb.advantages,
-                mb.valid, stats.distill_kl.reshape(mb.valid.shape), beta=cfg.beta, tis_cap=cfg.actor_tis_cap,
-                eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip, aggregation=cfg.aggregation,
-                ppo_weight=cfg.actor_ppo)
-            total = total + actor_loss
+                _zero(stats.logp_actor, valid).reshape(mb.valid.shape), mb.logp_actor_old, mb.logp_inf,
+                mb.advantages, mb.valid, stats.distill_kl.reshape(mb.valid.shape), beta=cfg.beta,
+                tis_cap=cfg.actor_tis_cap, eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip,
+                aggregation=cfg.aggregation, ppo_weight=cfg.actor_ppo)
             metrics.update({"loss/actor_ppo": actor_metrics["actor/ppo_loss"],
                             "loss/distill": actor_metrics["actor/distill_kl"]})
-        metrics["loss/total"] = total
-        return total, metrics
+        return _ActorSide(logp_new, mask, rho, actor_loss, metrics)
+
+    def _policy_loss(self, logp_new, mask, rho, mb):
+        """L_policy (eq. 5) of one (windowed) micro-batch from the sampled tokens' log p_new ``[B * T]``
+        and their weights (``mask``, ``rho`` of :meth:`_actor_side`): ``(loss, metrics)``."""
+        cfg = self.cfg
+        valid = _flat(mb.valid)
+        logp_new, logp_inf = _zero(logp_new, valid), _zero(_flat(mb.logp_inf), valid)
+        advantages = jnp.repeat(mb.advantages, mb.targets.shape[1])
+        ppo, clipped = losses.ppo_token_loss(logp_new, _zero(_flat(mb.logp_old), valid), advantages,
+                                             eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip)
+        policy_loss = losses.masked_mean((rho * ppo).reshape(mb.valid.shape), mask.reshape(mb.valid.shape),
+                                         cfg.aggregation)
+        log_ratio = jax.lax.stop_gradient(logp_new) - logp_inf  # k3 estimator of KL(p_inf || p_new), sampled tokens
+        return policy_loss, {"loss/policy": policy_loss, "policy/clip_frac": losses.masked_mean(clipped, mask),
+                             "mismatch/kl_inf_new": losses.masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)}
 
     def _update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None):
         """One optimizer update of both models on a mini-batch: ``(new state, metrics)``."""
@@ -440,6 +457,21 @@ def _completion_window(mb, width):
     windowed = {name: take(getattr(mb, name)) for name in fields}
     windowed["valid"] = windowed["valid"] & (pos < t)
     return rows, mb._replace(**windowed)
+
+
+def _zero(x, valid):
+    """``x`` with 0 off ``valid``: padding never reaches a ratio (nor its gradient)."""
+    return jnp.where(valid, x, 0.0)
+
+
+class _ActorSide(NamedTuple):
+    """:meth:`Updater._actor_side`'s result for one micro-batch ``[B * T]``."""
+
+    logp_new: jax.Array
+    mask: jax.Array
+    rho: jax.Array
+    actor_loss: jax.Array
+    metrics: dict
 
 
 def _apply(tx, grads, opt_state, params):
