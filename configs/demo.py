@@ -82,6 +82,11 @@ def get_config():
     # "tensor"), one of them -1 for the devices left over; both models and their optimizer states
     # are sharded by the logical-axis rules (FSDP, tensor parallelism), the batch over data x fsdp.
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    # Where the models run: "colocated" (policy, actor and rollout engine on config.mesh) or
+    # "disaggregated" (the actor, its optimizer state and the rollout engine on config.actor_mesh,
+    # the last data x fsdp x tensor devices; the policy on config.mesh, from the devices before them).
+    config.placement = "colocated"
+    config.actor_mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
 
     config.train = ml_collections.ConfigDict(dict(
         # evaluation: Mean@k / Pass@k of eval_k samples per problem at eval_temperature (0: greedy);

@@ -12,10 +12,12 @@ The update step (:class:`jackpot_jax.train.step.Updater`) runs on one mesh with 
 ``("data", "fsdp", "tensor")`` of :mod:`jackpot_jax.models.sharding`: the parameters and optimizer
 states of both models are sharded by the logical-axis rules (FSDP over ``"fsdp"``, heads, MLP
 width and vocabulary over ``"tensor"``), the batch's sequences over ``("data", "fsdp")``.
-``config.mesh`` gives the axis sizes; one of them may be -1, the devices left over. This is the
-colocated placement: policy, actor and their optimizer states share every device of the mesh.
-(The rollout engine keeps its own placement; the trainer pushes the actor's weights into it
-device to device.)
+``config.mesh`` gives the axis sizes; one of them may be -1, the devices left over. Two placements
+(``config.placement``, :func:`meshes_from_config`): colocated, policy, actor and their optimizer
+states share every device of the mesh (the rollout engine keeps its own placement; the trainer
+pushes the actor's weights into it device to device); disaggregated, the actor, its optimizer state
+and the rollout engine on ``config.actor_mesh``'s devices and the policy on ``config.mesh``'s, none
+shared (:class:`jackpot_jax.train.disaggregated.DisaggregatedUpdater`).
 """
 from __future__ import annotations
 
@@ -120,6 +122,25 @@ def mesh_shape(sizes, num_devices: int) -> dict:
         raise ConfigError(f"config.mesh={shape} needs {math.prod(shape.values())} devices and there are "
                           f"{num_devices}; make data x fsdp x tensor at most {num_devices}, or set one axis to -1.")
     return shape
+
+
+def meshes_from_config(config, devices=None):
+    """``(policy mesh, actor mesh)`` of the run's ``config.placement``: colocated, ``config.mesh``
+    twice; disaggregated, ``config.actor_mesh`` on the last of ``devices`` (default: every device)
+    and ``config.mesh`` on those before them (its -1 axis takes all of those)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if config.placement == "colocated":
+        mesh = mesh_from_config(config.mesh, devices)
+        return mesh, mesh
+    if jax.process_count() > 1:
+        raise ConfigError(f"config.placement='disaggregated' is not allowed with {jax.process_count()} processes: "
+                          "it runs in one process for now; use placement='colocated' for multi-process runs.")
+    sizes = {axis: config.actor_mesh[axis] for axis in MESH_AXES}
+    count = math.prod(sizes.values())
+    if count >= len(devices):
+        raise ConfigError(f"config.actor_mesh={sizes} is not allowed: it takes {count} of the {len(devices)} devices "
+                          f"and the disaggregated placement needs some left for the policy's config.mesh.")
+    return mesh_from_config(config.mesh, devices[:-count]), make_mesh(**sizes, devices=devices[-count:])
 
 
 def mesh_from_config(sizes, devices=None):

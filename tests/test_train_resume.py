@@ -37,8 +37,11 @@ def demo_config(data_dir, **extra):
     spec.loader.exec_module(module)
     config = module.get_config()
     for key, value in {**OVERRIDES, "data.data_dir": str(data_dir), **extra}.items():
-        section, name = key.split(".")
-        config[section][name] = value
+        *sections, name = key.split(".")
+        target = config
+        for section in sections:
+            target = target[section]
+        target[name] = value
     return config
 
 

@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 from jackpot_jax.config import ConfigError
 from jackpot_jax.models import hf, registry
 from jackpot_jax.models.config import preset
-from jackpot_jax.parallel import mesh_from_config
+from jackpot_jax.parallel import meshes_from_config
 from jackpot_jax.rollout.decode import DecodeCore
 
 logger = logging.getLogger(__name__)
@@ -40,13 +40,14 @@ def build_model(section, tokenizer, seed: int, mesh=None):
     return registry.build(section.model, config, rngs=nnx.Rngs(seed))
 
 
-def build_models(config, tokenizer, mesh=None):
+def build_models(config, tokenizer, mesh=None, actor_mesh=None):
     """``(policy, actor)``; the actor is None in ``on_policy`` mode. Both must cover the tokenizer's
     vocabulary and share it (the OBRS ratios compare their distributions token by token).
-    Checkpoints load into their shardings on ``mesh`` (the update's) when given."""
+    Checkpoints load into their shardings on ``mesh`` (the update's; the actor's on ``actor_mesh``
+    when given: the disaggregated placement) when given."""
     policy = build_model(config.policy, tokenizer, config.seed, mesh)
     actor = (None if config.algorithm.mode == "on_policy"
-             else build_model(config.actor, tokenizer, config.seed + 1, mesh))
+             else build_model(config.actor, tokenizer, config.seed + 1, actor_mesh if actor_mesh is not None else mesh))
     for name, model in (("policy", policy), ("actor", actor)):
         if model is not None and model.config.vocab_size < len(tokenizer):
             raise ConfigError(f"config.{name}: the model's vocab_size={model.config.vocab_size} is smaller than the "
@@ -90,16 +91,23 @@ def make_optimizer(section, total_updates: int):
     return tx, schedule
 
 
-def make_updater(config, policy, actor, total_updates: int, mesh=None):
-    """The run's :class:`~jackpot_jax.train.step.Updater` on ``mesh`` (default: ``config.mesh``'s):
-    both optimizers (the actor's only when it is trained) over ``total_updates`` updates, the
-    policy's schedule reported as ``lr``."""
-    from jackpot_jax.train.step import StepConfig, Updater  # noqa: PLC0415 (step imports the kernels)
+def make_updater(config, policy, actor, total_updates: int, mesh=None, actor_mesh=None):
+    """The run's :class:`~jackpot_jax.train.step.Updater` on ``mesh`` (default: ``config.mesh``'s),
+    or with ``config.placement='disaggregated'`` its
+    :class:`~jackpot_jax.train.disaggregated.DisaggregatedUpdater` with the actor on ``actor_mesh``
+    (default: :func:`~jackpot_jax.parallel.meshes_from_config`'s): both optimizers (the actor's only
+    when it is trained) over ``total_updates`` updates, the policy's schedule reported as ``lr``."""
+    from jackpot_jax.train.disaggregated import DisaggregatedUpdater  # noqa: PLC0415 (step imports the kernels)
+    from jackpot_jax.train.step import StepConfig, Updater  # noqa: PLC0415
 
+    if mesh is None:
+        mesh, actor_mesh = meshes_from_config(config)
     policy_tx, policy_lr = make_optimizer(config.optim.policy, total_updates)
     actor_tx = make_optimizer(config.optim.actor, total_updates)[0] if config.algorithm.train_actor else None
-    return Updater(StepConfig.from_config(config), policy, actor, policy_tx, actor_tx, policy_lr,
-                   mesh=mesh if mesh is not None else mesh_from_config(config.mesh))
+    args = (StepConfig.from_config(config), policy, actor, policy_tx, actor_tx, policy_lr)
+    if config.placement == "disaggregated":
+        return DisaggregatedUpdater(*args, mesh=mesh, actor_mesh=actor_mesh)
+    return Updater(*args, mesh=mesh)
 
 
 def rollout_engine(model, config):

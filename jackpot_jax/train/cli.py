@@ -89,9 +89,11 @@ def train_main() -> None:
 def export(workdir: str, out: str, *, model: str = "policy", step: int | None = None) -> str:
     """Write the ``model`` ("policy" or "actor") of the run in ``workdir`` at checkpoint ``step``
     (default: the latest) to ``out`` as a Hugging Face checkpoint with the run's tokenizer."""
+    import jax  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
     from jackpot_jax.models.hf import save_pretrained  # noqa: PLC0415
+    from jackpot_jax.models.sharding import make_mesh  # noqa: PLC0415
     from jackpot_jax.train import build  # noqa: PLC0415
     from jackpot_jax.train.checkpoint import Checkpointer  # noqa: PLC0415
 
@@ -106,7 +108,9 @@ def export(workdir: str, out: str, *, model: str = "policy", step: int | None = 
             raise ValueError(f"the run in {workdir} is on_policy: it has no actor.")
         tokenizer = build.load_tokenizer(config)
         policy, actor = build.build_models(config, tokenizer)
-        updater = build.make_updater(config, policy, actor, total_updates=1)  # only the state's shapes are used
+        # only the state's shapes are used: they depend on neither the mesh nor the placement
+        config.placement = "colocated"
+        updater = build.make_updater(config, policy, actor, total_updates=1, mesh=make_mesh(devices=jax.devices()[:1]))
         abstract = updater.abstract_state(nnx.state(policy, nnx.Param),
                                           None if actor is None else nnx.state(actor, nnx.Param))
         state, _ = checkpointer.restore(abstract, step=step)

@@ -78,6 +78,8 @@ RULES = {
                   "distill_direction": _choice("forward", "reverse"), "grpo_std": _BOOL},
     "optim": {"policy": _OPTIM, "actor": _OPTIM},
     "mesh": {axis: _MESH_AXIS for axis in ("data", "fsdp", "tensor")},
+    "placement": _choice("colocated", "disaggregated"),
+    "actor_mesh": {axis: _int(1) for axis in ("data", "fsdp", "tensor")},
     "train": {"steps": _int(1), "eval_every": _int(0), "eval_k": _int(1), "eval_temperature": _float(0),
               "save_every": _int(1), "keep": _int(1), "max_nonfinite": _int(1), "log_every": _int(1),
               "kernel_impl": _choice(*IMPLS), "progress": _BOOL},
@@ -116,6 +118,9 @@ def validate(config) -> None:
     if algo.train_batch_size % algo.micro_batch_size:
         raise ConfigError(f"config.algorithm.micro_batch_size={algo.micro_batch_size} is not allowed: it must divide "
                           f"algorithm.train_batch_size={algo.train_batch_size}.")
+    if algo.mode == "on_policy" and config.placement == "disaggregated":
+        raise ConfigError("config.placement='disaggregated' is not allowed with algorithm.mode='on_policy': it puts "
+                          "the actor on its own devices and there is no actor; use placement='colocated'.")
     if algo.mode == "on_policy" and algo.train_actor:
         raise ConfigError("config.algorithm.train_actor=True is not allowed with mode='on_policy': the policy "
                           "generates its own rollouts and there is no actor; set it to False.")

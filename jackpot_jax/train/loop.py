@@ -99,18 +99,20 @@ class Trainer:
         self.batcher = PromptBatcher(rl_records, self.tokenizer, prompts_per_batch=rollout.prompts_per_step,
                                      n=rollout.n, seed=config.seed, template=config.data.template,
                                      instruction=config.data.instruction, max_prompt_tokens=config.data.max_prompt_tokens)
-        mesh = parallel.mesh_from_config(config.mesh)
-        policy, actor = build.build_models(config, self.tokenizer, mesh)
+        mesh, actor_mesh = parallel.meshes_from_config(config)
+        policy, actor = build.build_models(config, self.tokenizer, mesh, actor_mesh)
         self._warm_start(policy, actor, warm_records)
         rows = rollout.prompts_per_step * rollout.n
         self.updates_per_step = algo.ppo_epochs * rows // algo.train_batch_size
-        self.updater = build.make_updater(config, policy, actor, config.train.steps * self.updates_per_step, mesh)
+        self.updater = build.make_updater(config, policy, actor, config.train.steps * self.updates_per_step, mesh,
+                                          actor_mesh)
         self.step_config = self.updater.cfg
         params = lambda model: None if model is None else jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
         self.state = self.updater.init_state(params(policy), params(actor))
         generator = actor if actor is not None else policy
-        if jax.process_count() > 1:  # each engine drives its own process's devices
-            nnx.update(generator, self._local(self.state.actor if actor is not None else self.state.policy))
+        if jax.process_count() > 1 or config.placement == "disaggregated":
+            # each engine drives its own process's devices; disaggregated, the actor's mesh
+            nnx.update(generator, self._generating_weights())
         self.engine = build.rollout_engine(generator, config)
         self.eval_core = None
 
@@ -157,15 +159,21 @@ class Trainer:
         self.base_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         logger.info("resumed from step %d of %s", self.step, self.checkpointer.directory)
 
-    def _local(self, params):
-        """A copy of the state's ``params`` on this process's devices (the update step donates its
-        state; the engines keep their own)."""
-        return parallel.local_copy(params, self.updater.mesh)
+    def _local(self, params, mesh=None):
+        """A copy of the state's ``params`` (on ``mesh``, default the policy's) on this process's
+        devices (the update step donates its state; the engines keep their own)."""
+        return parallel.local_copy(params, self.updater.mesh if mesh is None else mesh)
+
+    def _generating_weights(self):
+        """A local copy of the weights that generate rollouts: the actor's (on its mesh), or the
+        policy's in on_policy mode."""
+        if self.step_config.has_actor:
+            return self._local(self.state.actor, self.updater.actor_mesh)
+        return self._local(self.state.policy)
 
     def _push_actor(self):
-        """The rollout engine gets the current generating weights (the actor's, or the policy's
-        in on_policy mode), device to device."""
-        self.engine.update_params(self._local(self.state.actor if self.step_config.has_actor else self.state.policy))
+        """The rollout engine gets the current generating weights, device to device."""
+        self.engine.update_params(self._generating_weights())
 
     # ------------------------------------------------------------------ one step
 

@@ -155,6 +155,7 @@ class Updater:
                                               else (None, None, None))
         self.policy_tx, self.actor_tx, self.policy_lr = policy_tx, actor_tx, policy_lr
         self.mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
+        self.actor_mesh = self.mesh  # colocated: both models on one mesh (see train/disaggregated.py)
         self.rules = rules
         self._param_shardings = {
             name: None if model is None else param_shardings(nnx.state(model, nnx.Param), self.mesh, rules)
@@ -172,9 +173,13 @@ class Updater:
         actor_opt = self.actor_tx.init(actor_params) if self.cfg.train_actor else None
         state = TrainState(policy_params, actor_params, self.policy_tx.init(policy_params), actor_opt,
                            jnp.zeros((), jnp.int32))
-        mesh_devices = set(self.mesh.devices.flat)
-        shardings = jax.tree.map(lambda x: x.sharding if x.sharding.device_set == mesh_devices else self.replicated,
-                                 state)
+        def on(mesh, tree):  # each leaf's own sharding when it spans the mesh, else replicated over it
+            devices, replicated = set(mesh.devices.flat), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            return jax.tree.map(lambda x: x.sharding if x.sharding.device_set == devices else replicated, tree)
+
+        shardings = TrainState(on(self.mesh, state.policy), on(self.actor_mesh, state.actor),
+                               on(self.mesh, state.policy_opt), on(self.actor_mesh, state.actor_opt),
+                               on(self.mesh, state.updates))
         state = jax.device_put(state, shardings)  # committed, as update's outputs: one compilation, not two
         self._compile(shardings)
         return state
@@ -225,6 +230,17 @@ class Updater:
         the tokens were drawn from; once the trained actor has moved (a second mini-batch or PPO
         epoch on the same rollouts) that is this one, not ``state.actor``. ``None``: ``state.actor``
         is the rollout actor (the first update after a rollout, or a frozen actor)."""
+        self._check_window(batch)
+        if rollout_actor is not None:  # into the actor's shardings (a no-op when already there)
+            rollout_actor = parallel.from_local(rollout_actor, self._param_shardings["actor"])
+        with activation_sharding(self.mesh, self.rules):
+            # a mini-batch cut from a rollout batch on the device may have another layout: into the rows'
+            batch, old = jax.device_put((batch, old), self.rows)
+            return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor)
+
+    def _check_window(self, batch: TrainBatch):
+        """Refuse a batch with a completion longer than the step's ``window`` (its statistics would
+        miss tokens)."""
         if self.cfg.window:
             valid = batch.valid  # this process's rows (all of them with one process)
             rows = [s.data for s in valid.addressable_shards] if isinstance(valid, jax.Array) else [valid]
@@ -232,12 +248,6 @@ class Updater:
             if longest > self.cfg.window:
                 raise ValueError(f"a sequence of the batch has {longest} generated tokens, more than the step's "
                                  f"window={self.cfg.window} (rollout.max_new_tokens).")
-        if rollout_actor is not None:  # into the actor's shardings (a no-op when already there)
-            rollout_actor = parallel.from_local(rollout_actor, self._param_shardings["actor"])
-        with activation_sharding(self.mesh, self.rules):
-            # a mini-batch cut from a rollout batch on the device may have another layout: into the rows'
-            batch, old = jax.device_put((batch, old), self.rows)
-            return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor)
 
     # ------------------------------------------------------------------ forward passes
 
