@@ -3,6 +3,7 @@ different toy Flax model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -10,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels as pk
 from jackpot_jax.models import Transformer, build, check_protocol, hf, preset, register, sharding
 from jackpot_jax.models.transformer import param
+from jackpot_jax.train.step import StepConfig, Updater
 
 
 def mesh(data, fsdp, tensor):
@@ -155,6 +157,28 @@ def test_a_different_flax_model_plugs_in_through_the_registry(rng):
     assert model.out[...].sharding.spec == P("fsdp", "tensor")
     # by import path too
     assert type(build("tests.test_models_sharding:BigramLM", config, rngs=nnx.Rngs(0))) is BigramLM
+
+
+class OwnAxesLM(BigramLM):
+    """BigramLM whose mixing matrix names its axes in its own words, mapped by its own rules."""
+
+    sharding_rules = (("hidden_in", "fsdp"), ("hidden_out", "tensor"))
+
+    def __init__(self, config, *, rngs):
+        super().__init__(config, rngs=rngs)
+        self.mix = param(self.mix[...], ("hidden_in", "hidden_out"))
+
+
+def test_a_model_with_axis_names_of_its_own_shards_by_its_own_rules():
+    model = OwnAxesLM(preset("tiny-qwen3", vocab_size=40, hidden_size=8), rngs=nnx.Rngs(0))
+    m = mesh(1, 4, 2)
+    with pytest.raises(ValueError, match="logical axis 'hidden_in' has no sharding rule"):
+        sharding.param_shardings(nnx.state(model, nnx.Param), m)
+    assert sharding.model_rules(model)[-2:] == OwnAxesLM.sharding_rules
+    updater = Updater(StepConfig(mode="on_policy", train_actor=False), model, None, optax.sgd(0.1), mesh=m)
+    state = updater.init_state(nnx.state(model, nnx.Param))
+    assert state.policy["mix"].sharding.spec == P("fsdp", "tensor")
+    assert state.policy["out"].sharding.spec == P("fsdp", "tensor")
 
 
 def test_registry_errors_name_the_problem():

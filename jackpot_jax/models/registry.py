@@ -10,7 +10,8 @@ The protocol, what the trainer, the kernels and the rollout engine rely on:
 * ``model.unembedding() -> w [D, V]``: logits are ``h @ w``;
 * ``model.init_cache(batch, max_len)``: an empty cache (a pytree with ``lengths [B]``);
 * every ``nnx.Param`` carries ``logical_axes`` metadata (one name per dimension, covered by the
-  sharding rules; see :mod:`jackpot_jax.models.sharding`).
+  sharding rules; see :mod:`jackpot_jax.models.sharding`); a model whose names the default rules
+  lack maps them itself in a ``sharding_rules`` attribute, e.g. ``(("hidden", "fsdp"),)``.
 
 ``model(tokens)`` returning logits is a convenience, not part of the protocol.
 """

@@ -64,6 +64,12 @@ def logical_to_spec(axes, shape, mesh, rules=DEFAULT_RULES) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
+def model_rules(model, rules=DEFAULT_RULES):
+    """The rule table for ``model``: ``rules``, then the model's own ``sharding_rules`` (a model
+    of the registry with logical axis names of its own adds their rules there; later entries win)."""
+    return tuple(rules) + tuple(getattr(model, "sharding_rules", ()))
+
+
 def _axes(variable):
     axes = variable.get_metadata().get("logical_axes")
     if axes is None:

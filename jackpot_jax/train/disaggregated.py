@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import pallas_kernels as pk
-from jackpot_jax.models.sharding import DEFAULT_RULES, activation_sharding, logical_to_spec, param_shardings
+from jackpot_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
 from jackpot_jax.train.batch import TrainBatch, split_micro
 from jackpot_jax.train.step import OldStats, TrainState, Updater, _apply, _completion_window, _flat, _MiniBatch
 
@@ -65,9 +65,10 @@ class DisaggregatedUpdater(Updater):
                              "the disaggregated placement gives each model its own devices.")
         super().__init__(cfg, policy_model, actor_model, policy_tx, actor_tx, policy_lr, mesh=mesh, rules=rules)
         self.actor_mesh = actor_mesh
-        self._param_shardings["actor"] = param_shardings(nnx.state(actor_model, nnx.Param), actor_mesh, rules)
+        self._param_shardings["actor"] = param_shardings(nnx.state(actor_model, nnx.Param), actor_mesh,
+                                                         self.rules["actor"])
         d, v = policy_model.config.hidden_size, policy_model.unembedding().shape[1]
-        self._w_pol = NamedSharding(actor_mesh, logical_to_spec(("embed", "vocab"), (d, v), actor_mesh, rules))
+        self._w_pol = NamedSharding(actor_mesh, logical_to_spec(("embed", "vocab"), (d, v), actor_mesh))
         self._zeros = {name: jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t), out_shardings=shardings)
                        for name, shardings in (("policy", self._param_shardings["policy"]),
                                                ("actor", self._param_shardings["actor"]))}
@@ -167,15 +168,12 @@ class DisaggregatedUpdater(Updater):
         num_micro = self._num_micro(batch.inputs)
         on_policy, on_actor = jax.device_put(batch, self.rows), jax.device_put(batch, self.actor_rows)
         lam = jax.device_put(jnp.asarray(lam, jnp.float32), NamedSharding(self.actor_mesh, PartitionSpec()))
-        with activation_sharding(self.mesh, self.rules):
-            w_pol = jax.device_put(self._unembed(policy_params), self._w_pol)
+        w_pol = jax.device_put(self._unembed(policy_params), self._w_pol)
         parts = []
         for index in range(num_micro):
-            with activation_sharding(self.mesh, self.rules):
-                h_pol = self._policy_hidden[False](policy_params, on_policy, num_micro, index)
+            h_pol = self._policy_hidden[False](policy_params, on_policy, num_micro, index)
             h_pol = jax.device_put(h_pol, self._tokens(self.actor_mesh, h_pol.shape))
-            with activation_sharding(self.actor_mesh, self.rules):
-                parts.append(self._old[normalizers](actor_params, on_actor, num_micro, index, h_pol, w_pol, lam))
+            parts.append(self._old[normalizers](actor_params, on_actor, num_micro, index, h_pol, w_pol, lam))
         old = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
         return jax.device_put(old, self.rows)
 
@@ -191,22 +189,18 @@ class DisaggregatedUpdater(Updater):
         key = jax.device_put(key, NamedSharding(self.actor_mesh, PartitionSpec()))
         if rollout_actor is not None:
             rollout_actor = jax.device_put(rollout_actor, self._param_shardings["actor"])
-        with activation_sharding(self.mesh, self.rules):
-            w_pol = jax.device_put(self._unembed(state.policy), self._w_pol)
-            policy_grads = self._zeros["policy"](state.policy)
+        w_pol = jax.device_put(self._unembed(state.policy), self._w_pol)
+        policy_grads = self._zeros["policy"](state.policy)
         actor_grads = self._zeros["actor"](state.actor) if cfg.train_actor else None
         rows = []
         for index in range(num_micro):  # dispatched asynchronously: the two meshes work side by side
-            with activation_sharding(self.mesh, self.rules):
-                h_pol = self._policy_hidden[True](state.policy, on_policy, num_micro, index)
+            h_pol = self._policy_hidden[True](state.policy, on_policy, num_micro, index)
             h_pol = jax.device_put(h_pol, self._tokens(self.actor_mesh, h_pol.shape))
-            with activation_sharding(self.actor_mesh, self.rules):
-                actor_grads, (mask, rho, actor_loss, actor_metrics) = self._actor_micro(
-                    state.actor, on_actor, num_micro, index, h_pol, w_pol, key, rollout_actor, actor_grads)
+            actor_grads, (mask, rho, actor_loss, actor_metrics) = self._actor_micro(
+                state.actor, on_actor, num_micro, index, h_pol, w_pol, key, rollout_actor, actor_grads)
             mask, rho = jax.device_put((mask, rho), self._tokens(self.mesh, mask.shape))
-            with activation_sharding(self.mesh, self.rules):
-                policy_grads, policy_metrics = self._policy_micro(state.policy, on_policy, num_micro, index, mask, rho,
-                                                                  policy_grads)
+            policy_grads, policy_metrics = self._policy_micro(state.policy, on_policy, num_micro, index, mask, rho,
+                                                              policy_grads)
             rows.append((actor_loss, actor_metrics, policy_metrics))
         norms = {"policy": self._norm(policy_grads, num_micro),
                  **({"actor": self._norm(actor_grads, num_micro)} if cfg.train_actor else {})}

@@ -44,7 +44,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 from jackpot_jax import losses, obrs, parallel
-from jackpot_jax.models.sharding import DEFAULT_RULES, activation_sharding, make_mesh, param_shardings
+from jackpot_jax.models.sharding import DEFAULT_RULES, activation_sharding, make_mesh, model_rules, param_shardings
 from jackpot_jax.train.batch import TrainBatch, split_micro
 
 
@@ -138,7 +138,8 @@ class Updater:
 
     ``policy_tx`` / ``actor_tx`` are optax transformations (``actor_tx`` None when the actor is not
     trained); ``policy_lr`` an optional schedule, reported as the ``lr`` metric. Parameters live on
-    ``mesh`` (default: one device) as the logical-axis ``rules`` place them, optimizer states beside
+    ``mesh`` (default: one device) as the logical-axis ``rules`` (with each model's own
+    ``sharding_rules``, :func:`~jackpot_jax.models.sharding.model_rules`) place them, optimizer states beside
     them; batches are split over the mesh's ``("data", "fsdp")`` axes along the sequences. Both
     functions are jitted with these input and output shardings, fixed by :meth:`init_state`.
     """
@@ -156,9 +157,10 @@ class Updater:
         self.policy_tx, self.actor_tx, self.policy_lr = policy_tx, actor_tx, policy_lr
         self.mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
         self.actor_mesh = self.mesh  # colocated: both models on one mesh (see train/disaggregated.py)
-        self.rules = rules
+        self.rules = {name: None if model is None else model_rules(model, rules)  # each model's own table
+                      for name, model in (("policy", policy_model), ("actor", actor_model))}
         self._param_shardings = {
-            name: None if model is None else param_shardings(nnx.state(model, nnx.Param), self.mesh, rules)
+            name: None if model is None else param_shardings(nnx.state(model, nnx.Param), self.mesh, self.rules[name])
             for name, model in (("policy", policy_model), ("actor", actor_model))}
         self._prepare_jit = self._update_jit = None
 
@@ -219,8 +221,7 @@ class Updater:
 
     def prepare(self, policy_params, actor_params, batch: TrainBatch, lam, normalizers: bool = False) -> OldStats:
         """:class:`OldStats` of a rollout batch (see :meth:`_prepare`), jitted on the mesh."""
-        with activation_sharding(self.mesh, self.rules):
-            return self._prepare_jit[normalizers](policy_params, actor_params, jax.device_put(batch, self.rows), lam)
+        return self._prepare_jit[normalizers](policy_params, actor_params, jax.device_put(batch, self.rows), lam)
 
     def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None):
         """One update of both models on a mini-batch (see :meth:`_update`); ``state`` is donated.
@@ -233,10 +234,9 @@ class Updater:
         self._check_window(batch)
         if rollout_actor is not None:  # into the actor's shardings (a no-op when already there)
             rollout_actor = parallel.from_local(rollout_actor, self._param_shardings["actor"])
-        with activation_sharding(self.mesh, self.rules):
-            # a mini-batch cut from a rollout batch on the device may have another layout: into the rows'
-            batch, old = jax.device_put((batch, old), self.rows)
-            return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor)
+        # a mini-batch cut from a rollout batch on the device may have another layout: into the rows'
+        batch, old = jax.device_put((batch, old), self.rows)
+        return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor)
 
     def _check_window(self, batch: TrainBatch):
         """Refuse a batch with a completion longer than the step's ``window`` (its statistics would
@@ -256,7 +256,8 @@ class Updater:
         (of :func:`_completion_window`), ``h`` at those positions only."""
         graphdef, rest = (self.policy_def, self.policy_rest) if which == "policy" else (self.actor_def, self.actor_rest)
         model = nnx.merge(graphdef, params, rest)
-        h, _ = model.hidden_states(batch.inputs, attention_mask=batch.input_mask)
+        with activation_sharding(self.mesh if which == "policy" else self.actor_mesh, self.rules[which]):
+            h, _ = model.hidden_states(batch.inputs, attention_mask=batch.input_mask)
         h = _flat(h)
         return (h if rows is None else h[rows]), model.unembedding()
 
