@@ -72,7 +72,11 @@ def get_config():
         aggregation="token_mean",
         train_actor=True, actor_ppo=1.0, actor_tis_cap=2.0,  # eq. 6 weight and its truncation C
         beta=0.1, distill_direction="forward",  # eq. 7 weight and direction
-        grpo_std=True))
+        grpo_std=True,
+        # beyond the paper: kind="kl" sets beta each step from the measured actor-policy KL,
+        # log beta += rate * clip(log(KL / target_kl), -1, 1), within [beta_min, beta_max], from beta
+        # (jackpot_jax/controller.py); "none" keeps beta fixed
+        controller=dict(kind="none", target_kl=0.1, rate=0.2, beta_min=0.01, beta_max=10.0)))
 
     optimizer = dict(lr=2e-5, schedule="constant", warmup_steps=5, weight_decay=0.0, clip_norm=1.0, b1=0.9,
                      b2=0.999)

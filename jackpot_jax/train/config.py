@@ -75,7 +75,10 @@ RULES = {
                   "train_batch_size": _int(1), "micro_batch_size": _int(1), "ppo_epochs": _int(1),
                   "aggregation": _choice("token_mean", "seq_mean_token_mean"), "train_actor": _BOOL,
                   "actor_ppo": _float(0), "actor_tis_cap": _float(0, low_open=True), "beta": _float(0),
-                  "distill_direction": _choice("forward", "reverse"), "grpo_std": _BOOL},
+                  "distill_direction": _choice("forward", "reverse"), "grpo_std": _BOOL,
+                  "controller": {"kind": _choice("none", "kl"), "target_kl": _float(0, low_open=True),
+                                 "rate": _float(0, low_open=True), "beta_min": _float(0, low_open=True),
+                                 "beta_max": _float(0, low_open=True)}},
     "optim": {"policy": _OPTIM, "actor": _OPTIM},
     "mesh": {axis: _MESH_AXIS for axis in ("data", "fsdp", "tensor")},
     "placement": _choice("colocated", "disaggregated"),
@@ -121,6 +124,14 @@ def validate(config) -> None:
     if algo.mode == "on_policy" and config.placement == "disaggregated":
         raise ConfigError("config.placement='disaggregated' is not allowed with algorithm.mode='on_policy': it puts "
                           "the actor on its own devices and there is no actor; use placement='colocated'.")
+    control = algo.controller
+    if control.kind != "none" and not algo.train_actor:
+        raise ConfigError(f"config.algorithm.controller.kind={control.kind!r} is not allowed with "
+                          "algorithm.train_actor=False: it sets the actor's distillation weight; train the actor "
+                          "or set controller.kind='none'.")
+    if control.beta_min > control.beta_max:
+        raise ConfigError(f"config.algorithm.controller.beta_min={control.beta_min} is not allowed: it must be <= "
+                          f"controller.beta_max={control.beta_max}.")
     if algo.mode == "on_policy" and algo.train_actor:
         raise ConfigError("config.algorithm.train_actor=True is not allowed with mode='on_policy': the policy "
                           "generates its own rollouts and there is no actor; set it to False.")

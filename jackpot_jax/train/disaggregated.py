@@ -94,7 +94,7 @@ class DisaggregatedUpdater(Updater):
         self._old = {normalizers: jax.jit(functools.partial(self._old_impl, normalizers=normalizers),
                                           static_argnums=(2,))
                      for normalizers in (False, True)}
-        self._actor_micro = jax.jit(self._actor_micro_impl, static_argnums=(2,), donate_argnums=(8,))
+        self._actor_micro = jax.jit(self._actor_micro_impl, static_argnums=(2,), donate_argnums=(9,))
         self._policy_micro = jax.jit(self._policy_micro_impl, static_argnums=(2,), donate_argnums=(6,))
         self._norm = jax.jit(lambda grad_sum, num_micro: optax.tree.norm(jax.tree.map(lambda g: g / num_micro, grad_sum)))
         self._apply_policy = jax.jit(self._apply_impl("policy"), donate_argnums=(0, 1, 2),
@@ -116,13 +116,14 @@ class DisaggregatedUpdater(Updater):
     def _old_impl(self, actor_params, batch, num_micro, index, h_pol, w_pol, lam, normalizers: bool):
         return self._old_stats(h_pol, w_pol, actor_params, _micro(batch, num_micro, index), lam, normalizers)
 
-    def _actor_micro_impl(self, actor_params, batch, num_micro, index, h_pol, w_pol, key, rollout_actor, grad_sum):
+    def _actor_micro_impl(self, actor_params, batch, num_micro, index, h_pol, w_pol, key, rollout_actor, beta,
+                          grad_sum):
         """:meth:`Updater._actor_side` on micro-batch ``index``: ``(grad_sum + its L_actor gradient,
         (mask, rho, L_actor, metrics))``."""
         mb = _micro(batch, num_micro, index)
         rows, mb = _completion_window(mb, self.cfg.window) if self.cfg.window else (None, mb)
         side = functools.partial(self._actor_side, h_pol=h_pol, w_pol=w_pol, mb=mb, rows=rows,
-                                 key=jax.random.fold_in(key, index), rollout_actor=rollout_actor)
+                                 key=jax.random.fold_in(key, index), rollout_actor=rollout_actor, beta=beta)
         if not self.cfg.train_actor:
             out = side(actor_params)
             return grad_sum, (out.mask, out.rho, out.actor_loss, out.metrics)
@@ -179,7 +180,8 @@ class DisaggregatedUpdater(Updater):
 
     # ------------------------------------------------------------------ per mini-batch
 
-    def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None):
+    def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None,
+               beta=None):
         """One update of both models on a mini-batch, as :meth:`Updater.update` (``state`` is donated)."""
         cfg = self.cfg
         self._check_window(batch)
@@ -197,7 +199,7 @@ class DisaggregatedUpdater(Updater):
             h_pol = self._policy_hidden[True](state.policy, on_policy, num_micro, index)
             h_pol = jax.device_put(h_pol, self._tokens(self.actor_mesh, h_pol.shape))
             actor_grads, (mask, rho, actor_loss, actor_metrics) = self._actor_micro(
-                state.actor, on_actor, num_micro, index, h_pol, w_pol, key, rollout_actor, actor_grads)
+                state.actor, on_actor, num_micro, index, h_pol, w_pol, key, rollout_actor, self._beta(beta), actor_grads)
             mask, rho = jax.device_put((mask, rho), self._tokens(self.mesh, mask.shape))
             policy_grads, policy_metrics = self._policy_micro(state.policy, on_policy, num_micro, index, mask, rho,
                                                               policy_grads)

@@ -33,6 +33,7 @@ from flax import nnx
 
 from jackpot_jax import losses, parallel
 from jackpot_jax.config import ConfigError
+from jackpot_jax.controller import KLController
 from jackpot_jax.data.batching import PromptBatcher
 from jackpot_jax.data.evaluate import evaluate
 from jackpot_jax.data.rewards import get_reward
@@ -119,6 +120,7 @@ class Trainer:
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=config.train.save_every,
                                          keep=config.train.keep)
         self.step, self.nonfinite_in_row = 0, 0
+        self.controller = KLController.from_config(config.algorithm)  # None: beta stays algorithm.beta
         self.base_key = jax.random.key(config.seed)  # every step's keys are folded from it and the step
         if resume and self.checkpointer.latest_step() is not None:
             self._restore()
@@ -148,8 +150,11 @@ class Trainer:
             logger.info("warm start of the %s: %s", name, summary)
 
     def _meta(self) -> dict:
-        return {"step": self.step, "data": self.batcher.state_dict(), "config": self.config.to_dict(),
+        meta = {"step": self.step, "data": self.batcher.state_dict(), "config": self.config.to_dict(),
                 "rng": np.asarray(jax.random.key_data(self.base_key)).tolist()}
+        if self.controller is not None:
+            meta["controller"] = self.controller.state_dict()
+        return meta
 
     def _restore(self):
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
@@ -157,6 +162,8 @@ class Trainer:
         self.batcher.load_state_dict(meta["data"])
         self.step = int(meta["step"])
         self.base_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
+        if self.controller is not None and "controller" in meta:
+            self.controller.load_state_dict(meta["controller"])
         logger.info("resumed from step %d of %s", self.step, self.checkpointer.directory)
 
     def _local(self, params, mesh=None):
@@ -210,6 +217,8 @@ class Trainer:
         if use_old_z:
             lam = self.updater.solve_old_lam(batch, old) if algo.target_accept > 0 else lam
             old = self.updater.prepare(self.state.policy, self.state.actor, batch, lam, normalizers=True)
+        kl_full = float(losses.masked_mean(old.kl_full, jnp.asarray(batch.valid)))  # KL(p_omega_old || p_old)
+        beta = None if self.controller is None else self.controller.update(kl_full)
         update_metrics = []
         order = np.random.default_rng([config.seed, self.step])
         # the actor that sampled the batch, for the filter's p_inf once updates have moved the trained
@@ -221,7 +230,7 @@ class Trainer:
                 rows = np.sort(perm[u * algo.train_batch_size:(u + 1) * algo.train_batch_size])
                 update_key = jax.random.fold_in(jax.random.fold_in(key, epoch), u)
                 self.state, metrics = self.updater.update(self.state, select(batch, rows), select(old, rows),
-                                                          update_key, lam, rollout_actor=rollout_actor)
+                                                          update_key, lam, rollout_actor=rollout_actor, beta=beta)
                 update_metrics.append(jax.device_get(metrics))
                 self.nonfinite_in_row = self.nonfinite_in_row + 1 if update_metrics[-1]["nonfinite/skipped"] else 0
         self._push_actor()
@@ -233,13 +242,15 @@ class Trainer:
         generated = int(lengths.sum())
         metrics.update({
             "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-            "mismatch/kl_full": float(losses.masked_mean(old.kl_full, jnp.asarray(batch.valid))),
+            "mismatch/kl_full": kl_full,
             "rollout/mean_length": generated / len(lengths),
             "time/rollout_s": rollout_s, "time/update_s": update_s,
             "throughput/tokens_per_s": generated / (rollout_s + update_s),
         })
         if not self.step_config.has_actor:
             metrics.pop("mismatch/kl_full")
+        if beta is not None:
+            metrics["controller/beta"] = beta
         self.step += 1
         return metrics
 

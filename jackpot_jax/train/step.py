@@ -215,7 +215,7 @@ class Updater:
         self._update_jit = {  # without / with the rollout actor's parameters (see update)
             with_rollout: jax.jit(self._update, donate_argnums=(0,),
                                   in_shardings=(state_shardings, rows, rows, repl, repl,
-                                                state_shardings.actor if with_rollout else None),
+                                                state_shardings.actor if with_rollout else None, repl),
                                   out_shardings=(state_shardings, repl))
             for with_rollout in (False, True)}
 
@@ -223,20 +223,28 @@ class Updater:
         """:class:`OldStats` of a rollout batch (see :meth:`_prepare`), jitted on the mesh."""
         return self._prepare_jit[normalizers](policy_params, actor_params, jax.device_put(batch, self.rows), lam)
 
-    def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None):
+    def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None,
+               beta=None):
         """One update of both models on a mini-batch (see :meth:`_update`); ``state`` is donated.
 
         ``rollout_actor``: the actor parameters that sampled ``batch`` (not ``state.actor`` itself,
         which is donated: the rollout engine's copy). The OBRS filter's p_inf is the distribution
         the tokens were drawn from; once the trained actor has moved (a second mini-batch or PPO
         epoch on the same rollouts) that is this one, not ``state.actor``. ``None``: ``state.actor``
-        is the rollout actor (the first update after a rollout, or a frozen actor)."""
+        is the rollout actor (the first update after a rollout, or a frozen actor).
+
+        ``beta``: the distillation weight of eq. 8 for this update (default ``StepConfig.beta``; the
+        KL controller's, :mod:`jackpot_jax.controller`), an argument, not a compiled constant."""
         self._check_window(batch)
         if rollout_actor is not None:  # into the actor's shardings (a no-op when already there)
             rollout_actor = parallel.from_local(rollout_actor, self._param_shardings["actor"])
         # a mini-batch cut from a rollout batch on the device may have another layout: into the rows'
         batch, old = jax.device_put((batch, old), self.rows)
-        return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor)
+        return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor,
+                                                           self._beta(beta))
+
+    def _beta(self, beta):
+        return np.float32(self.cfg.beta if beta is None else beta)
 
     def _check_window(self, batch: TrainBatch):
         """Refuse a batch with a completion longer than the step's ``window`` (its statistics would
@@ -340,21 +348,23 @@ class Updater:
             metrics["obrs/z_exact_mean"] = losses.masked_mean(z_exact, valid)
         return f.accepted, f.rho, metrics
 
-    def _micro_loss(self, trainable, frozen_actor, mb, key, rollout_actor=None):
+    def _micro_loss(self, trainable, frozen_actor, mb, key, rollout_actor=None, beta=None):
         """Eq. 8 on one micro-batch: ``(L_policy + L_actor, metrics)``."""
         rows, mb = _completion_window(mb, self.cfg.window) if self.cfg.window else (None, mb)
         h_pol, w_pol = self._hidden("policy", trainable["policy"], mb, rows)
-        cross = self._actor_side(trainable.get("actor", frozen_actor), h_pol, w_pol, mb, rows, key, rollout_actor)
+        cross = self._actor_side(trainable.get("actor", frozen_actor), h_pol, w_pol, mb, rows, key, rollout_actor,
+                                 beta)
         policy_loss, metrics = self._policy_loss(cross.logp_new, cross.mask, cross.rho, mb)
         metrics.update(cross.metrics)
         metrics["loss/total"] = total = policy_loss + cross.actor_loss
         return total, metrics
 
-    def _actor_side(self, actor_params, h_pol, w_pol, mb, rows, key, rollout_actor=None) -> "_ActorSide":
+    def _actor_side(self, actor_params, h_pol, w_pol, mb, rows, key, rollout_actor=None, beta=None) -> "_ActorSide":
         """What eq. 8 needs of both models on one (windowed) micro-batch, given the policy's final
         hidden states ``h_pol`` and unembedding ``w_pol``: the sampled tokens' log p_new (its gradient
         reaches ``h_pol``, ``w_pol``), the policy loss's token weights (stop-gradient) and L_actor
-        (eq. 6 + beta eq. 7, its gradient reaching only ``actor_params``: p_new is its fixed target)."""
+        (eq. 6 + beta eq. 7, its gradient reaching only ``actor_params``: p_new is its fixed target;
+        ``beta`` default ``StepConfig.beta``)."""
         cfg, sg = self.cfg, jax.lax.stop_gradient
         targets, valid = _flat(mb.targets), _flat(mb.valid)
         vk = None
@@ -388,7 +398,8 @@ class Updater:
         if cfg.train_actor:
             actor_loss, actor_metrics = losses.actor_loss(
                 _zero(stats.logp_actor, valid).reshape(mb.valid.shape), mb.logp_actor_old, mb.logp_inf,
-                mb.advantages, mb.valid, stats.distill_kl.reshape(mb.valid.shape), beta=cfg.beta,
+                mb.advantages, mb.valid, stats.distill_kl.reshape(mb.valid.shape),
+                beta=cfg.beta if beta is None else beta,
                 tis_cap=cfg.actor_tis_cap, eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip,
                 aggregation=cfg.aggregation, ppo_weight=cfg.actor_ppo)
             metrics.update({"loss/actor_ppo": actor_metrics["actor/ppo_loss"],
@@ -410,7 +421,8 @@ class Updater:
         return policy_loss, {"loss/policy": policy_loss, "policy/clip_frac": losses.masked_mean(clipped, mask),
                              "mismatch/kl_inf_new": losses.masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)}
 
-    def _update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None):
+    def _update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None,
+                beta=None):
         """One optimizer update of both models on a mini-batch: ``(new state, metrics)``."""
         cfg = self.cfg
         trainable = {"policy": state.policy, **({"actor": state.actor} if cfg.train_actor else {})}
@@ -421,7 +433,8 @@ class Updater:
 
         def accumulate(carry, inputs):
             index, mb = inputs
-            (_, metrics), grads = grad_fn(trainable, frozen_actor, mb, jax.random.fold_in(key, index), rollout_actor)
+            (_, metrics), grads = grad_fn(trainable, frozen_actor, mb, jax.random.fold_in(key, index), rollout_actor,
+                                          beta)
             grad_sum, metric_sum = carry
             maxed = _max_keys(metrics)
             metric_sum = {k: jnp.maximum(metric_sum[k], v) if k in maxed else metric_sum[k] + v
@@ -429,7 +442,7 @@ class Updater:
             return (jax.tree.map(jnp.add, grad_sum, grads), metric_sum), None
 
         shapes = jax.eval_shape(grad_fn, trainable, frozen_actor, jax.tree.map(lambda x: x[0], micro), key,
-                                rollout_actor)
+                                rollout_actor, beta)
         (_, metric_shapes), _ = shapes
         init = (jax.tree.map(jnp.zeros_like, trainable),
                 {k: jnp.full(v.shape, -jnp.inf if k in _max_keys(metric_shapes) else 0.0, v.dtype)
