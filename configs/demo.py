@@ -33,8 +33,9 @@ def get_config():
         template="plain", instruction="",  # no instruction line: shorter sequences on a CPU
         max_prompt_tokens=36, train_limit=12000, eval_limit=200))
 
-    # Supervised warm start of both models on the train split's worked solutions, cached in
-    # WORKDIR/warm_start (steps=0: none; models loaded from `path` are not warm-started).
+    # Supervised warm start of both models on the train split's worked solutions, cached in `dir`
+    # ("": WORKDIR/warm_start; runs that share one reuse a warm start with the same settings)
+    # (steps=0: none; models loaded from `path` are not warm-started).
     # `problems` > 0: the warm start sees only the first `problems` train problems and RL only the
     # others, so that RL works on problems the models have not been fitted on (0: both see all).
     # d1 has 12,000: 11,000 are enough for the models to learn the digit procedures, not memorize.
@@ -45,7 +46,7 @@ def get_config():
     # docs/training.md, "The demo").
     config.warm_start = ml_collections.ConfigDict(dict(policy_steps=800, actor_steps=1000, batch_size=64,
                                                        policy_lr=1e-3, actor_lr=3e-3, problems=11000,
-                                                       boxed=0.5))
+                                                       boxed=0.5, dir=""))
 
     config.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=16, n=8,  # GRPO groups: n samples of each prompt

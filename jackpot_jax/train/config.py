@@ -64,7 +64,7 @@ RULES = {
              "max_prompt_tokens": _int(1), "train_limit": _int(0), "eval_limit": _int(0)},
     "warm_start": {"policy_steps": _int(0), "actor_steps": _int(0), "batch_size": _int(1),
                    "policy_lr": _float(0, low_open=True), "actor_lr": _float(0, low_open=True), "problems": _int(0),
-                   "boxed": _float(0, 1)},
+                   "boxed": _float(0, 1), "dir": _PATH},
     "rollout": {"prompts_per_step": _int(1), "n": _int(2), "max_new_tokens": _int(1),
                 "temperature": _float(0, low_open=True), "top_p": _float(0, 1, low_open=True), "top_k": _int(0),
                 "logprobs_top_k": _int(0), "max_concurrent_decodes": _int(1)},

@@ -144,7 +144,8 @@ class Trainer:
             spec["boxed"] = ws.boxed
         max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
         for name, model, steps, lr, section in todo:
-            summary = warm_start(model, self.tokenizer, records, name=name, workdir=self.workdir,
+            summary = warm_start(model, self.tokenizer, records, name=name,
+                                 directory=os.path.join(ws.dir or os.path.join(self.workdir, "warm_start"), name),
                                  steps=steps, batch_size=ws.batch_size, lr=lr, seed=config.seed, max_len=max_len,
                                  prompt_fn=self.batcher.encode_record, spec={**spec, "model": section.to_dict()})
             logger.info("warm start of the %s: %s", name, summary)

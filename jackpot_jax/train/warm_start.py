@@ -3,7 +3,8 @@
 Tiny models trained from scratch (the CPU demo) sample no correct answer at first, so every GRPO
 advantage would be 0. Each model is first fine-tuned on the train split's worked solutions
 (:func:`jackpot_jax.experiments.arithmetic_sft.sft`: next-token loss on the completion only). The
-result is saved under ``WORKDIR/warm_start/<name>`` (an Orbax checkpoint of the parameters) with a
+result is saved under ``directory`` (the trainer's ``WORKDIR/warm_start/<name>``, or
+``warm_start.dir/<name>``: an Orbax checkpoint of the parameters) with a
 ``spec.json`` of everything that determined it; a later run, or a resumed one, with the same spec
 loads it instead of training again. :func:`unbox` drops the final boxed answer from some of the
 solutions first (``warm_start.boxed < 1``), which gives RL a habit of the data to correct.
@@ -58,13 +59,13 @@ def _checkpointer():
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
-def warm_start(model, tokenizer, records, *, name: str, workdir: str, steps: int, batch_size: int, lr: float,
+def warm_start(model, tokenizer, records, *, name: str, directory: str, steps: int, batch_size: int, lr: float,
                seed: int, max_len: int, prompt_fn, spec: dict) -> dict:
     """Fine-tune ``model`` in place for ``steps`` on the ``records`` whose prompt, solution and eos
     fit in ``max_len`` tokens (or load the cached result); returns a summary
     (``{"cached": bool, "final_loss": float | None}``). ``spec`` holds the settings that must match
     for the cache to be used (data, template, model); the training settings are added here."""
-    directory = os.path.abspath(os.path.join(workdir, "warm_start", name))
+    directory = os.path.abspath(directory)
     spec = {**spec, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "max_len": max_len}
     spec_path = os.path.join(directory, "spec.json")
     params_path = os.path.join(directory, "params")

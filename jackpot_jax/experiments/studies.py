@@ -1,0 +1,302 @@
+"""The paper's findings as studies: arms x seeds of the trainer, resumable, and their report.
+
+    python -m jackpot_jax.experiments.studies run decoupled --out results      # every arm, seeds 0 1 2
+    python -m jackpot_jax.experiments.studies report decoupled --out results   # plots + a Markdown table
+
+A study is a set of arms, each a few overrides of ``configs/demo.py`` on top of the study's own. Each
+arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). The arms of one seed share
+their warm starts (``OUT/STUDY/warm_start/seed_S``: same seed, same settings, trained once). ``run``
+skips the runs that are complete and resumes an interrupted one from its last checkpoint, so an
+interrupted study continues where it stopped. ``report`` writes ``OUT/STUDY/report.md`` (a table
+over the seeds: mean and spread of each arm's figures) and ``OUT/STUDY/curves.png`` (reward,
+actor-policy KL, acceptance, kappa and the policy's evaluation against the step; each arm's mean
+over seeds, with its min-max band). Results and the commands that made them: ``docs/results.md``.
+``--set key=value`` overrides any config key for every arm (``--set train.steps=20``).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import logging
+import os
+import pathlib
+from typing import NamedTuple
+
+import numpy as np
+
+from jackpot_jax.train.metrics import METRICS_FILE, read_metrics
+
+logger = logging.getLogger(__name__)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+class Study(NamedTuple):
+    question: str  # the paper's claim the study tests
+    base: dict  # overrides of configs/demo.py for every arm
+    arms: dict  # arm name -> its own overrides
+
+
+# the paper's "no alignment": no correction of the policy, no distillation of the actor
+_UNCORRECTED = {"algorithm.mode": "off_policy", "algorithm.beta": 0.0}
+
+STUDIES = {
+    "decoupled": Study(
+        "With a separate smaller actor, uncorrected training degrades; TIS (+ distillation) lags and its "
+        "actor-policy KL grows; Jackpot keeps the KL small and matches on-policy training.",
+        {"train.eval_every": 25},
+        {"on_policy": {"algorithm.mode": "on_policy", "algorithm.train_actor": False},
+         "off_policy": _UNCORRECTED,
+         "tis": {"algorithm.mode": "tis", "algorithm.train_actor": False},
+         "tis_distill": {"algorithm.mode": "tis_distill"},
+         "jackpot": {}}),
+    "staleness": Study(
+        "With a rollout batch 32x the train batch and no PPO clipping, the uncorrected update collapses, "
+        "clipped off-policy training is slow, and Jackpot stays stable.",
+        {"algorithm.train_batch_size": 4, "algorithm.micro_batch_size": 4, "train.steps": 25,
+         "train.eval_every": 5},
+        {"off_policy_clip": {"algorithm.mode": "off_policy"},
+         "off_policy_no_clip": {"algorithm.mode": "off_policy", "algorithm.clip": False},
+         "jackpot_no_clip": {"algorithm.clip": False}}),
+    "small_mismatch": Study(
+        "With an actor of the policy's own architecture and a little staleness, Jackpot and TIS are on par.",
+        {"actor.preset": "tiny-qwen3-large", "warm_start.actor_steps": 800, "warm_start.actor_lr": 1e-3,
+         "algorithm.train_batch_size": 32, "algorithm.micro_batch_size": 32, "train.eval_every": 25},
+        {"tis_distill": {"algorithm.mode": "tis_distill"}, "jackpot": {}}),
+    "controller": Study(
+        "Beyond the paper: the KL controller of the distillation weight keeps training stable where "
+        "fixed weights do not.",
+        {"optim.actor.lr": 2e-4, "optim.policy.lr": 5e-5, "train.eval_every": 25},
+        {"beta_0.1": {}, "beta_1": {"algorithm.beta": 1.0},
+         "controller": {"algorithm.controller.kind": "kl"}}),
+}
+
+CURVES = ("reward/mean", "mismatch/kl_full", "obrs/accept_rate", "obrs/kappa", "controller/beta")
+LAST = 10  # the table's "late" figures: the mean over the last LAST logged steps
+
+
+def _demo_config():
+    spec = importlib.util.spec_from_file_location("jackpot_studies_demo", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _set(config, key: str, value):
+    *sections, name = key.split(".")
+    target = config
+    for section in sections:
+        if section not in target:
+            raise KeyError(f"config key {key!r}: no section {section!r}.")
+        target = target[section]
+    if name not in target:
+        raise KeyError(f"config key {key!r} is unknown: {'.'.join(sections) or 'config'} has {sorted(target.keys())}.")
+    target[name] = value
+
+
+def parse_override(text: str):
+    """``"key=value"`` -> ``(key, value)``; the value as a Python literal when it is one, else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set {text!r}: expected key=value, e.g. train.steps=20.")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+def run_config(study: str, arm: str, seed: int, out: str, overrides=()):
+    """The trainer config of one run: the demo's, the study's, the arm's, then ``overrides``."""
+    spec = STUDIES[study]
+    config = _demo_config()
+    for key, value in [*spec.base.items(), *spec.arms[arm].items(), *overrides]:
+        _set(config, key, value)
+    config.seed = seed
+    config.warm_start.dir = os.path.join(os.path.abspath(out), study, "warm_start", f"seed_{seed}")
+    config.train.progress = False
+    return config
+
+
+def run_dir(out: str, study: str, arm: str, seed: int) -> str:
+    return os.path.join(out, study, arm, f"seed_{seed}")
+
+
+def _complete(workdir: str, steps: int) -> bool:
+    path = os.path.join(workdir, METRICS_FILE)
+    return os.path.exists(path) and any(row["step"] == steps for row in read_metrics(path))
+
+
+def run(study: str, out: str, seeds=(0, 1, 2), arms=None, overrides=()) -> list[str]:
+    """Run every (arm, seed) of ``study`` not yet complete, seed by seed; returns the work dirs run."""
+    from jackpot_jax.train.loop import Trainer  # noqa: PLC0415 (JAX, TensorFlow Datasets)
+
+    arms = list(STUDIES[study].arms) if arms is None else list(arms)
+    unknown = [arm for arm in arms if arm not in STUDIES[study].arms]
+    if unknown:
+        raise ValueError(f"study {study!r} has no arm {unknown[0]!r}; its arms: {list(STUDIES[study].arms)}.")
+    ran = []
+    for seed in seeds:
+        for arm in arms:
+            config = run_config(study, arm, seed, out, overrides)
+            workdir = run_dir(out, study, arm, seed)
+            if _complete(workdir, config.train.steps):
+                logger.info("%s/%s/seed_%d is complete; skipped", study, arm, seed)
+                continue
+            logger.info("running %s/%s/seed_%d", study, arm, seed)
+            Trainer(config, workdir).run()
+            ran.append(workdir)
+    return ran
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _runs(out: str, study: str) -> dict[str, dict[int, list[dict]]]:
+    """``{arm: {seed: metrics rows}}`` of the study's runs present under ``out``."""
+    found = {}
+    for arm in STUDIES[study].arms:
+        arm_dir = os.path.join(out, study, arm)
+        if not os.path.isdir(arm_dir):
+            continue
+        for name in sorted(os.listdir(arm_dir)):
+            path = os.path.join(arm_dir, name, METRICS_FILE)
+            if name.startswith("seed_") and os.path.exists(path):
+                found.setdefault(arm, {})[int(name[len("seed_"):])] = read_metrics(path)
+    return found
+
+
+def _series(rows: list[dict], key: str):
+    points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+    return np.asarray([p[0] for p in points]), np.asarray([p[1] for p in points], np.float64)
+
+
+def _eval_key(runs) -> str | None:
+    for seeds in runs.values():
+        for rows in seeds.values():
+            for row in rows:
+                for key in row:
+                    if key.startswith("eval/policy/mean@"):
+                        return key
+    return None
+
+
+def summarize(runs) -> dict:
+    """Per arm: each seed's figures (policy evaluation at the first and last evaluated step, and
+    the mean of each curve over its last LAST steps), for the table."""
+    eval_key = _eval_key(runs)
+    table = {}
+    for arm, seeds in runs.items():
+        figures = {}
+        for seed, rows in sorted(seeds.items()):
+            row = {}
+            if eval_key:
+                steps, values = _series(rows, eval_key)
+                if len(values):
+                    row["eval_first"], row["eval_last"] = values[0], values[-1]
+                    row["eval_last_step"] = int(steps[-1])
+            for key in CURVES:
+                _, values = _series(rows, key)
+                if len(values):
+                    row[key] = float(np.mean(values[-LAST:]))
+            row["steps"] = max(r["step"] for r in rows)
+            figures[seed] = row
+        table[arm] = figures
+    return table
+
+
+def _cell(values, percent=False):
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+    if not len(values):
+        return "n/a"
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    mean = scale * values.mean()
+    spread = scale * (values.std(ddof=1) if len(values) > 1 else 0.0)
+    digits = 1 if percent else 3
+    return f"{mean:.{digits}f}{unit} ± {spread:.{digits}f}"
+
+
+def markdown(study: str, runs) -> str:
+    """The study's table: one row per arm, mean ± standard deviation over its seeds."""
+    eval_key = _eval_key(runs) or "eval/policy/mean@k"
+    k = eval_key.rsplit("@", 1)[-1]
+    table = summarize(runs)
+    lines = [f"### Study `{study}`", "", STUDIES[study].question, "",
+             f"| arm | seeds | steps | policy Mean@{k}, first eval | policy Mean@{k}, last eval | reward (last {LAST}) "
+             f"| KL actor-policy (last {LAST}) | acceptance (last {LAST}) | kappa (last {LAST}) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, figures in table.items():
+        rows = list(figures.values())
+        get = lambda key: [row.get(key) for row in rows]  # noqa: E731
+        lines.append(f"| {arm} | {', '.join(str(s) for s in figures)} | {min(get('steps'))} | "
+                     f"{_cell(get('eval_first'), True)} | {_cell(get('eval_last'), True)} | "
+                     f"{_cell(get('reward/mean'))} | {_cell(get('mismatch/kl_full'))} | "
+                     f"{_cell(get('obrs/accept_rate'))} | {_cell(get('obrs/kappa'))} |")
+    lines += ["", f"Mean ± standard deviation over the seeds. \"last {LAST}\": the mean over a run's last {LAST} "
+              "logged steps."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: str, runs, path: str) -> str:
+    """``path`` (PNG): each curve against the step, per arm the mean over seeds and its min-max band."""
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    keys = [key for key in (*CURVES, _eval_key(runs)) if key and any(
+        len(_series(rows, key)[1]) for seeds in runs.values() for rows in seeds.values())]
+    columns = 3
+    figure = Figure(figsize=(5 * columns, 3.6 * ((len(keys) + columns - 1) // columns)), layout="constrained")
+    axes = figure.subplots((len(keys) + columns - 1) // columns, columns, squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        for arm, seeds in runs.items():
+            curves = [_series(rows, key) for rows in seeds.values()]
+            curves = [c for c in curves if len(c[1])]
+            if not curves:
+                continue
+            steps = np.unique(np.concatenate([c[0] for c in curves]))
+            stack = np.stack([np.interp(steps, s, v, left=np.nan, right=np.nan) for s, v in curves])
+            line, = ax.plot(steps, np.nanmean(stack, axis=0), label=arm)
+            ax.fill_between(steps, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color=line.get_color(),
+                            alpha=0.2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    figure.suptitle(f"study {study}: mean over seeds, band = min-max")
+    figure.savefig(path, dpi=90)
+    return path
+
+
+def report(study: str, out: str) -> str:
+    """Write ``OUT/STUDY/report.md`` and ``curves.png``; returns the report's path."""
+    runs = _runs(out, study)
+    if not runs:
+        raise FileNotFoundError(f"no run of study {study!r} under {out}: run `studies run {study} --out {out}` first.")
+    directory = os.path.join(out, study)
+    plot(study, runs, os.path.join(directory, "curves.png"))
+    path = os.path.join(directory, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(markdown(study, runs) + "\n![curves](curves.png)\n")
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Run the paper's studies (arms x seeds) and report them.")
+    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("study", choices=sorted(STUDIES))
+    parser.add_argument("--out", required=True, help="results directory (one subdirectory per study)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=None, help="a subset of the study's arms (default: all)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every arm, e.g. train.steps=20 (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "run":
+        run(args.study, args.out, seeds=args.seeds, arms=args.arms,
+            overrides=[parse_override(text) for text in args.overrides])
+    print(report(args.study, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The studies' runner and report (jackpot_jax/experiments/studies.py): configs built from the arms,
+runs that skip when complete, and a report whose table is the seeds' statistics of the metrics."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jackpot_jax.experiments import studies
+from jackpot_jax.train.config import validate
+from jackpot_jax.train.metrics import read_metrics
+from tests.test_train_resume import OVERRIDES
+
+
+def test_every_arm_of_every_study_is_a_valid_config(tmp_path):
+    for name, study in studies.STUDIES.items():
+        for arm in study.arms:
+            config = studies.run_config(name, arm, 1, str(tmp_path))
+            validate(config)
+            assert config.seed == 1 and config.warm_start.dir == str(tmp_path / name / "warm_start" / "seed_1")
+    config = studies.run_config("decoupled", "off_policy", 0, str(tmp_path), [("train.steps", 7)])
+    assert (config.algorithm.mode, config.algorithm.beta, config.train.steps) == ("off_policy", 0.0, 7)
+    assert studies.run_config("decoupled", "tis", 0, str(tmp_path)).algorithm.train_actor is False
+    with pytest.raises(KeyError, match="config key 'train.stepz' is unknown"):
+        studies.run_config("decoupled", "jackpot", 0, str(tmp_path), [("train.stepz", 7)])
+
+
+def test_parse_override():
+    assert studies.parse_override("train.steps=20") == ("train.steps", 20)
+    assert studies.parse_override("algorithm.clip=False") == ("algorithm.clip", False)
+    assert studies.parse_override("algorithm.mode=tis") == ("algorithm.mode", "tis")
+    with pytest.raises(ValueError, match="expected key=value"):
+        studies.parse_override("train.steps")
+
+
+def _write(path, rows):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def test_report_table_is_the_mean_and_spread_over_seeds(tmp_path):
+    rng = np.random.default_rng(0)
+    want = {}
+    for arm in ("jackpot", "off_policy"):
+        for seed in (0, 1, 2):
+            rows = [{"step": s, "reward/mean": float(rng.random()), "mismatch/kl_full": float(rng.random()),
+                     "obrs/accept_rate": float(rng.random()), "obrs/kappa": float(rng.random())} for s in range(1, 31)]
+            rows[0]["eval/policy/mean@4"], rows[-1]["eval/policy/mean@4"] = float(rng.random()), float(rng.random())
+            _write(tmp_path / "decoupled" / arm / f"seed_{seed}", rows)
+            want.setdefault(arm, []).append((rows[-1]["eval/policy/mean@4"],
+                                             np.mean([r["mismatch/kl_full"] for r in rows[-studies.LAST:]])))
+    path = studies.report("decoupled", str(tmp_path))
+    text = open(path, encoding="utf-8").read()
+    assert os.path.getsize(tmp_path / "decoupled" / "curves.png") > 10_000
+    for arm, figures in want.items():
+        line = next(line for line in text.splitlines() if line.startswith(f"| {arm} |"))
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        assert cells[1] == "0, 1, 2" and cells[2] == "30"
+        last = np.asarray([f[0] for f in figures])
+        assert cells[4] == f"{100 * last.mean():.1f}% ± {100 * last.std(ddof=1):.1f}"
+        kl = np.asarray([f[1] for f in figures])
+        assert cells[6] == f"{kl.mean():.3f} ± {kl.std(ddof=1):.3f}"
+    assert "| on_policy |" not in text  # arms without runs are left out
+    with pytest.raises(FileNotFoundError, match="no run of study 'staleness'"):
+        studies.report("staleness", str(tmp_path))
+
+
+@pytest.mark.slow  # ~40 s: python -m pytest -m slow tests/test_studies.py
+def test_a_study_runs_each_arm_and_seed_once(tmp_path, monkeypatch):
+    """Two arms x one seed of a tiny study, then the same command again: nothing left to run."""
+    tiny = studies.Study("a test", {**OVERRIDES, "train.steps": 2, "data.data_dir": str(tmp_path / "data")},
+                         {"jackpot": {}, "off_policy": {"algorithm.mode": "off_policy"}})
+    monkeypatch.setitem(studies.STUDIES, "tiny", tiny)
+    out = str(tmp_path / "results")
+    ran = studies.run("tiny", out, seeds=(0,))
+    assert ran == [studies.run_dir(out, "tiny", arm, 0) for arm in ("jackpot", "off_policy")]
+    for workdir in ran:
+        assert [row["step"] for row in read_metrics(workdir)] == [1, 2]
+    # the two arms of seed 0 shared one warm start of each model
+    assert sorted(os.listdir(os.path.join(out, "tiny", "warm_start", "seed_0"))) == ["actor", "policy"]
+    assert not os.path.exists(os.path.join(ran[0], "warm_start"))
+    assert studies.run("tiny", out, seeds=(0,)) == []
+    with pytest.raises(ValueError, match="study 'tiny' has no arm 'tis'"):
+        studies.run("tiny", out, arms=["tis"])
