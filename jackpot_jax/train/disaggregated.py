@@ -194,7 +194,7 @@ class DisaggregatedUpdater(Updater):
         w_pol = jax.device_put(self._unembed(state.policy), self._w_pol)
         policy_grads = self._zeros["policy"](state.policy)
         actor_grads = self._zeros["actor"](state.actor) if cfg.train_actor else None
-        rows = []
+        results = []
         for index in range(num_micro):  # dispatched asynchronously: the two meshes work side by side
             h_pol = self._policy_hidden[True](state.policy, on_policy, num_micro, index)
             h_pol = jax.device_put(h_pol, self._tokens(self.actor_mesh, h_pol.shape))
@@ -203,13 +203,12 @@ class DisaggregatedUpdater(Updater):
             mask, rho = jax.device_put((mask, rho), self._tokens(self.mesh, mask.shape))
             policy_grads, policy_metrics = self._policy_micro(state.policy, on_policy, num_micro, index, mask, rho,
                                                               policy_grads)
-            rows.append((actor_loss, actor_metrics, policy_metrics))
+            results.append((actor_loss, actor_metrics, policy_metrics))
         norms = {"policy": self._norm(policy_grads, num_micro),
                  **({"actor": self._norm(actor_grads, num_micro)} if cfg.train_actor else {})}
-        rows, norms, updates = jax.device_get((rows, norms, state.updates))
-        metrics = _reduce([{**a, **p, "loss/total": p["loss/policy"] + loss} for loss, a, p in rows])
-        finite = np.isfinite(metrics["loss/total"]) and all(np.isfinite(n) for n in norms.values())
-        finite = np.asarray(finite)
+        results, norms, updates = jax.device_get((results, norms, state.updates))
+        metrics = _reduce([{**a, **p, "loss/total": p["loss/policy"] + loss} for loss, a, p in results])
+        finite = np.asarray(np.isfinite(metrics["loss/total"]) and all(np.isfinite(n) for n in norms.values()))
         policy, policy_opt, updated = self._apply_policy(state.policy, state.policy_opt, state.updates, policy_grads,
                                                          num_micro, finite)
         actor, actor_opt = (self._apply_actor(state.actor, state.actor_opt, actor_grads, num_micro, finite)

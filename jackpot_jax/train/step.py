@@ -244,6 +244,7 @@ class Updater:
                                                            self._beta(beta))
 
     def _beta(self, beta):
+        """The update's beta argument: ``beta``, or the config's when None."""
         return np.float32(self.cfg.beta if beta is None else beta)
 
     def _check_window(self, batch: TrainBatch):
