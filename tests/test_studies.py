@@ -17,7 +17,8 @@ def test_every_arm_of_every_study_is_a_valid_config(tmp_path):
         for arm in study.arms:
             config = studies.run_config(name, arm, 1, str(tmp_path))
             validate(config)
-            assert config.seed == 1 and config.warm_start.dir == str(tmp_path / name / "warm_start" / "seed_1")
+            assert config.seed == 1
+            assert config.warm_start.dir == str(tmp_path / "warm_start" / study.warm_start / "seed_1")
     config = studies.run_config("decoupled", "off_policy", 0, str(tmp_path), [("train.steps", 7)])
     assert (config.algorithm.mode, config.algorithm.beta, config.train.steps) == ("off_policy", 0.0, 7)
     assert studies.run_config("decoupled", "tis", 0, str(tmp_path)).algorithm.train_actor is False
@@ -78,7 +79,7 @@ def test_a_study_runs_each_arm_and_seed_once(tmp_path, monkeypatch):
     for workdir in ran:
         assert [row["step"] for row in read_metrics(workdir)] == [1, 2]
     # the two arms of seed 0 shared one warm start of each model
-    assert sorted(os.listdir(os.path.join(out, "tiny", "warm_start", "seed_0"))) == ["actor", "policy"]
+    assert sorted(os.listdir(os.path.join(out, "warm_start", "demo", "seed_0"))) == ["actor", "policy"]
     assert not os.path.exists(os.path.join(ran[0], "warm_start"))
     assert studies.run("tiny", out, seeds=(0,)) == []
     with pytest.raises(ValueError, match="study 'tiny' has no arm 'tis'"):

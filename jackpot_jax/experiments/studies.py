@@ -4,8 +4,9 @@
     python -m jackpot_jax.experiments.studies report decoupled --out results   # plots + a Markdown table
 
 A study is a set of arms, each a few overrides of ``configs/demo.py`` on top of the study's own. Each
-arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). The arms of one seed share
-their warm starts (``OUT/STUDY/warm_start/seed_S``: same seed, same settings, trained once). ``run``
+arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). The runs of one seed share
+their warm starts, across studies too (``OUT/warm_start/GROUP/seed_S``, the study's warm-start group:
+same seed, same settings, trained once). ``run``
 skips the runs that are complete and resumes an interrupted one from its last checkpoint, so an
 interrupted study continues where it stopped. ``report`` writes ``OUT/STUDY/report.md`` (a table
 over the seeds: mean and spread of each arm's figures) and ``OUT/STUDY/curves.png`` (reward,
@@ -36,6 +37,7 @@ class Study(NamedTuple):
     question: str  # the paper's claim the study tests
     base: dict  # overrides of configs/demo.py for every arm
     arms: dict  # arm name -> its own overrides
+    warm_start: str = "demo"  # studies with one group share warm starts: the same warm-start settings
 
 
 # the paper's "no alignment": no correction of the policy, no distillation of the actor
@@ -63,7 +65,7 @@ STUDIES = {
         "With an actor of the policy's own architecture and a little staleness, Jackpot and TIS are on par.",
         {"actor.preset": "tiny-qwen3-large", "warm_start.actor_steps": 800, "warm_start.actor_lr": 1e-3,
          "algorithm.train_batch_size": 32, "algorithm.micro_batch_size": 32, "train.eval_every": 25},
-        {"tis_distill": {"algorithm.mode": "tis_distill"}, "jackpot": {}}),
+        {"tis_distill": {"algorithm.mode": "tis_distill"}, "jackpot": {}}, warm_start="same_architecture"),
     "controller": Study(
         "Beyond the paper: the KL controller of the distillation weight keeps training stable where "
         "fixed weights do not.",
@@ -114,7 +116,7 @@ def run_config(study: str, arm: str, seed: int, out: str, overrides=()):
     for key, value in [*spec.base.items(), *spec.arms[arm].items(), *overrides]:
         _set(config, key, value)
     config.seed = seed
-    config.warm_start.dir = os.path.join(os.path.abspath(out), study, "warm_start", f"seed_{seed}")
+    config.warm_start.dir = os.path.join(os.path.abspath(out), "warm_start", spec.warm_start, f"seed_{seed}")
     config.train.progress = False
     return config
 
