@@ -43,11 +43,11 @@ def build_model(section, tokenizer, seed: int, mesh=None):
 def build_models(config, tokenizer, mesh=None, actor_mesh=None):
     """``(policy, actor)``; the actor is None in ``on_policy`` mode. Both must cover the tokenizer's
     vocabulary and share it (the OBRS ratios compare their distributions token by token).
-    Checkpoints load into their shardings on ``mesh`` (the update's; the actor's on ``actor_mesh``
-    when given: the disaggregated placement) when given."""
+    Checkpoints load into their shardings: on ``mesh`` (the update's) when given, the actor's on
+    ``actor_mesh`` when given (the disaggregated placement)."""
     policy = build_model(config.policy, tokenizer, config.seed, mesh)
     actor = (None if config.algorithm.mode == "on_policy"
-             else build_model(config.actor, tokenizer, config.seed + 1, actor_mesh if actor_mesh is not None else mesh))
+             else build_model(config.actor, tokenizer, config.seed + 1, mesh if actor_mesh is None else actor_mesh))
     for name, model in (("policy", policy), ("actor", actor)):
         if model is not None and model.config.vocab_size < len(tokenizer):
             raise ConfigError(f"config.{name}: the model's vocab_size={model.config.vocab_size} is smaller than the "

@@ -96,7 +96,7 @@ class DisaggregatedUpdater(Updater):
                      for normalizers in (False, True)}
         self._actor_micro = jax.jit(self._actor_micro_impl, static_argnums=(2,), donate_argnums=(9,))
         self._policy_micro = jax.jit(self._policy_micro_impl, static_argnums=(2,), donate_argnums=(6,))
-        self._norm = jax.jit(lambda grad_sum, num_micro: optax.tree.norm(jax.tree.map(lambda g: g / num_micro, grad_sum)))
+        self._norm = jax.jit(lambda grad_sum, n: optax.tree.norm(jax.tree.map(lambda g: g / n, grad_sum)))
         self._apply_policy = jax.jit(self._apply_impl("policy"), donate_argnums=(0, 1, 2),
                                      out_shardings=(state_shardings.policy, state_shardings.policy_opt,
                                                     state_shardings.updates))
@@ -199,7 +199,8 @@ class DisaggregatedUpdater(Updater):
             h_pol = self._policy_hidden[True](state.policy, on_policy, num_micro, index)
             h_pol = jax.device_put(h_pol, self._tokens(self.actor_mesh, h_pol.shape))
             actor_grads, (mask, rho, actor_loss, actor_metrics) = self._actor_micro(
-                state.actor, on_actor, num_micro, index, h_pol, w_pol, key, rollout_actor, self._beta(beta), actor_grads)
+                state.actor, on_actor, num_micro, index, h_pol, w_pol, key, rollout_actor, self._beta(beta),
+                actor_grads)
             mask, rho = jax.device_put((mask, rho), self._tokens(self.mesh, mask.shape))
             policy_grads, policy_metrics = self._policy_micro(state.policy, on_policy, num_micro, index, mask, rho,
                                                               policy_grads)
