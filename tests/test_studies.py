@@ -26,6 +26,12 @@ def test_every_arm_of_every_study_is_a_valid_config(tmp_path):
         studies.run_config("decoupled", "jackpot", 0, str(tmp_path), [("train.stepz", 7)])
 
 
+def test_smooth_is_a_trailing_moving_average():
+    values = np.arange(1.0, 8.0) ** 2
+    want = [np.mean(values[max(0, i - 2):i + 1]) for i in range(len(values))]
+    np.testing.assert_allclose(studies._smooth(values, 3), want)
+
+
 def test_parse_override():
     assert studies.parse_override("train.steps=20") == ("train.steps", 20)
     assert studies.parse_override("algorithm.clip=False") == ("algorithm.clip", False)
@@ -50,7 +56,8 @@ def test_report_table_is_the_mean_and_spread_over_seeds(tmp_path):
             rows[0]["eval/policy/mean@4"], rows[-1]["eval/policy/mean@4"] = float(rng.random()), float(rng.random())
             _write(tmp_path / "decoupled" / arm / f"seed_{seed}", rows)
             want.setdefault(arm, []).append((rows[-1]["eval/policy/mean@4"],
-                                             np.mean([r["mismatch/kl_full"] for r in rows[-studies.LAST:]])))
+                                             np.mean([r["mismatch/kl_full"] for r in rows[-studies.LAST:]]),
+                                             rows[0]["eval/policy/mean@4"]))
     path = studies.report("decoupled", str(tmp_path))
     text = open(path, encoding="utf-8").read()
     assert os.path.getsize(tmp_path / "decoupled" / "curves.png") > 10_000
@@ -60,8 +67,12 @@ def test_report_table_is_the_mean_and_spread_over_seeds(tmp_path):
         assert cells[1] == "0, 1, 2" and cells[2] == "30"
         last = np.asarray([f[0] for f in figures])
         assert cells[4] == f"{100 * last.mean():.1f}% ± {100 * last.std(ddof=1):.1f}"
+        gain = last - np.asarray([f[2] for f in figures])
+        assert cells[5] == f"{100 * gain.mean():.1f}% ± {100 * gain.std(ddof=1):.1f}"
+        vs_first = last - np.asarray([f[0] for f in want["off_policy"]])  # the study's first arm present
+        assert cells[6] == f"{100 * vs_first.mean():.1f}% ± {100 * vs_first.std(ddof=1):.1f}"
         kl = np.asarray([f[1] for f in figures])
-        assert cells[6] == f"{kl.mean():.3f} ± {kl.std(ddof=1):.3f}"
+        assert cells[8] == f"{kl.mean():.3f} ± {kl.std(ddof=1):.3f}"
     assert "| on_policy |" not in text  # arms without runs are left out
     with pytest.raises(FileNotFoundError, match="no run of study 'staleness'"):
         studies.report("staleness", str(tmp_path))

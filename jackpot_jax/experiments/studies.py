@@ -199,7 +199,7 @@ def summarize(runs) -> dict:
                 steps, values = _series(rows, eval_key)
                 if len(values):
                     row["eval_first"], row["eval_last"] = values[0], values[-1]
-                    row["eval_last_step"] = int(steps[-1])
+                    row["eval_gain"] = values[-1] - values[0]
             for key in CURVES:
                 _, values = _series(rows, key)
                 if len(values):
@@ -207,6 +207,11 @@ def summarize(runs) -> dict:
             row["steps"] = max(r["step"] for r in rows)
             figures[seed] = row
         table[arm] = figures
+    reference = next(iter(table.values()), {})  # the study's first arm present: paired by seed
+    for figures in table.values():
+        for seed, row in figures.items():
+            if "eval_last" in row and "eval_last" in reference.get(seed, {}):
+                row["eval_vs_reference"] = row["eval_last"] - reference[seed]["eval_last"]
     return table
 
 
@@ -226,48 +231,67 @@ def markdown(study: str, runs) -> str:
     eval_key = _eval_key(runs) or "eval/policy/mean@k"
     k = eval_key.rsplit("@", 1)[-1]
     table = summarize(runs)
+    reference = next(iter(table), "the first arm")
     lines = [f"### Study `{study}`", "", STUDIES[study].question, "",
-             f"| arm | seeds | steps | policy Mean@{k}, first eval | policy Mean@{k}, last eval | reward (last {LAST}) "
-             f"| KL actor-policy (last {LAST}) | acceptance (last {LAST}) | kappa (last {LAST}) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| arm | seeds | steps | policy Mean@{k}, first eval | policy Mean@{k}, last eval | gain (last - first) "
+             f"| last eval - {reference}'s | reward (last {LAST}) | KL actor-policy (last {LAST}) "
+             f"| acceptance (last {LAST}) | kappa (last {LAST}) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, figures in table.items():
         rows = list(figures.values())
         get = lambda key: [row.get(key) for row in rows]  # noqa: E731
         lines.append(f"| {arm} | {', '.join(str(s) for s in figures)} | {min(get('steps'))} | "
                      f"{_cell(get('eval_first'), True)} | {_cell(get('eval_last'), True)} | "
+                     f"{_cell(get('eval_gain'), True)} | {_cell(get('eval_vs_reference'), True)} | "
                      f"{_cell(get('reward/mean'))} | {_cell(get('mismatch/kl_full'))} | "
                      f"{_cell(get('obrs/accept_rate'))} | {_cell(get('obrs/kappa'))} |")
-    lines += ["", f"Mean ± standard deviation over the seeds. \"last {LAST}\": the mean over a run's last {LAST} "
-              "logged steps."]
+    lines += ["", f"Mean ± standard deviation over the seeds. \"gain\": each seed's last evaluation minus its first "
+              f"(the seeds' warm starts differ, so this spreads less); \"- {reference}'s\": the difference to "
+              f"the first arm's last evaluation with the same seed (same warm start); \"last {LAST}\": the mean over "
+              f"a run's last {LAST} logged steps."]
     return "\n".join(lines) + "\n"
 
 
-def plot(study: str, runs, path: str) -> str:
-    """``path`` (PNG): each curve against the step, per arm the mean over seeds and its min-max band."""
+def _smooth(values, window: int):
+    """Trailing moving average over ``window`` points (the first ones over what there is)."""
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.maximum(np.arange(1, len(values) + 1) - window, 0)]) / counts
+
+
+def plot(study: str, runs, path: str, smooth: int = 5) -> str:
+    """``path`` (PNG): each curve against the step, per arm the mean over seeds and its min-max band
+    (per-step curves smoothed over ``smooth`` steps); the evaluation also as each seed's gain over
+    its first evaluation. One colour per arm in every panel."""
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    keys = [key for key in (*CURVES, _eval_key(runs)) if key and any(
-        len(_series(rows, key)[1]) for seeds in runs.values() for rows in seeds.values())]
+    eval_key = _eval_key(runs)
+    present = lambda key: any(len(_series(rows, key)[1]) for seeds in runs.values() for rows in seeds.values())  # noqa: E731
+    panels = [(key, key, False) for key in CURVES if present(key)]
+    if eval_key:
+        panels += [(eval_key, eval_key, False), (eval_key, f"{eval_key} gain over the first evaluation", True)]
+    colors = {arm: f"C{i}" for i, arm in enumerate(STUDIES[study].arms)}
     columns = 3
-    figure = Figure(figsize=(5 * columns, 3.6 * ((len(keys) + columns - 1) // columns)), layout="constrained")
-    axes = figure.subplots((len(keys) + columns - 1) // columns, columns, squeeze=False).ravel()
-    for ax, key in zip(axes, keys):
+    rows_count = (len(panels) + columns - 1) // columns
+    figure = Figure(figsize=(5 * columns, 3.6 * rows_count), layout="constrained")
+    axes = figure.subplots(rows_count, columns, squeeze=False).ravel()
+    for ax, (key, title, gain) in zip(axes, panels):
         for arm, seeds in runs.items():
             curves = [_series(rows, key) for rows in seeds.values()]
-            curves = [c for c in curves if len(c[1])]
+            curves = [(s, v - v[0] if gain else v if key == eval_key else _smooth(v, smooth)) for s, v in curves
+                      if len(v)]
             if not curves:
                 continue
             steps = np.unique(np.concatenate([c[0] for c in curves]))
             stack = np.stack([np.interp(steps, s, v, left=np.nan, right=np.nan) for s, v in curves])
-            line, = ax.plot(steps, np.nanmean(stack, axis=0), label=arm)
-            ax.fill_between(steps, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color=line.get_color(),
-                            alpha=0.2)
-        ax.set_title(key)
+            ax.plot(steps, np.nanmean(stack, axis=0), label=arm, color=colors[arm])
+            ax.fill_between(steps, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color=colors[arm], alpha=0.15)
+        ax.set_title(title if key == eval_key else f"{title} (moving average of {smooth})", fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    for ax in axes[len(keys):]:
+    for ax in axes[len(panels):]:
         ax.set_visible(False)
-    figure.suptitle(f"study {study}: mean over seeds, band = min-max")
+    figure.suptitle(f"study {study}: mean over seeds, band = min-max over seeds")
     figure.savefig(path, dpi=90)
     return path
 
