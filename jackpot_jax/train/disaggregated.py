@@ -87,7 +87,6 @@ class DisaggregatedUpdater(Updater):
 
     def _compile(self, state_shardings):
         """The jitted pieces; each runs on one mesh (see the module docstring)."""
-        self._state_shardings = state_shardings
         self._unembed = jax.jit(lambda params: nnx.merge(self.policy_def, params, self.policy_rest).unembedding())
         self._policy_hidden = {window: jax.jit(functools.partial(self._policy_hidden_impl, window=window),
                                                static_argnums=(2,)) for window in (False, True)}
