@@ -218,8 +218,9 @@ class Trainer:
         if use_old_z:
             lam = self.updater.solve_old_lam(batch, old) if algo.target_accept > 0 else lam
             old = self.updater.prepare(self.state.policy, self.state.actor, batch, lam, normalizers=True)
-        kl_full = float(losses.masked_mean(old.kl_full, jnp.asarray(batch.valid)))  # KL(p_omega_old || p_old)
-        beta = None if self.controller is None else self.controller.update(kl_full)
+        kl_full = losses.masked_mean(old.kl_full, jnp.asarray(batch.valid))  # KL(p_omega_old || p_old), on device
+        # the controller reads it on the host before the updates; without one, it is read after them
+        beta = None if self.controller is None else self.controller.update(float(kl_full))
         update_metrics = []
         order = np.random.default_rng([config.seed, self.step])
         # the actor that sampled the batch, for the filter's p_inf once updates have moved the trained
@@ -243,7 +244,7 @@ class Trainer:
         generated = int(lengths.sum())
         metrics.update({
             "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-            "mismatch/kl_full": kl_full,
+            "mismatch/kl_full": float(kl_full),
             "rollout/mean_length": generated / len(lengths),
             "time/rollout_s": rollout_s, "time/update_s": update_s,
             "throughput/tokens_per_s": generated / (rollout_s + update_s),

@@ -351,7 +351,7 @@ class Updater:
 
     def _micro_loss(self, trainable, frozen_actor, mb, key, rollout_actor=None, beta=None):
         """Eq. 8 on one micro-batch: ``(L_policy + L_actor, metrics)``."""
-        rows, mb = _completion_window(mb, self.cfg.window) if self.cfg.window else (None, mb)
+        rows, mb = _windowed(mb, self.cfg.window)
         h_pol, w_pol = self._hidden("policy", trainable["policy"], mb, rows)
         cross = self._actor_side(trainable.get("actor", frozen_actor), h_pol, w_pol, mb, rows, key, rollout_actor,
                                  beta)
@@ -497,6 +497,11 @@ class _ActorSide(NamedTuple):
     rho: jax.Array
     actor_loss: jax.Array
     metrics: dict
+
+
+def _windowed(mb, width: int):
+    """:func:`_completion_window` of ``mb``, or ``(None, mb)`` when ``width`` is 0 (no window)."""
+    return _completion_window(mb, width) if width else (None, mb)
 
 
 def _apply(tx, grads, opt_state, params):
