@@ -26,6 +26,21 @@ def test_every_arm_of_every_study_is_a_valid_config(tmp_path):
         studies.run_config("decoupled", "jackpot", 0, str(tmp_path), [("train.stepz", 7)])
 
 
+def test_a_seeds_first_run_is_one_that_warm_starts_both_models(tmp_path, monkeypatch):
+    """on_policy builds no actor: the seed's first run is the next arm, which trains both warm starts
+    (in parallel, the seed's other runs wait for it); complete runs are skipped."""
+    started = []
+    monkeypatch.setattr(studies, "_train", lambda config, workdir: started.append(workdir) or workdir)
+    out = str(tmp_path)
+    _write(tmp_path / "decoupled" / "tis" / "seed_1", [{"step": 100}])  # complete
+    assert studies.run("decoupled", out, seeds=(0, 1)) == started
+    arms = ["off_policy", "on_policy", "tis", "tis_distill", "jackpot"]
+    assert started == [studies.run_dir(out, "decoupled", arm, seed) for seed in (0, 1) for arm in arms
+                       if (arm, seed) != ("tis", 1)]
+    with pytest.raises(ValueError, match="jobs=0 is not allowed"):
+        studies.run("decoupled", out, jobs=0)
+
+
 def test_smooth_is_a_trailing_moving_average():
     values = np.arange(1.0, 8.0) ** 2
     want = [np.mean(values[max(0, i - 2):i + 1]) for i in range(len(values))]
@@ -93,5 +108,11 @@ def test_a_study_runs_each_arm_and_seed_once(tmp_path, monkeypatch):
     assert sorted(os.listdir(os.path.join(out, "warm_start", "demo", "seed_0"))) == ["actor", "policy"]
     assert not os.path.exists(os.path.join(ran[0], "warm_start"))
     assert studies.run("tiny", out, seeds=(0,)) == []
+    # two worker processes, seed 1: its first run trains the warm starts, the second loads them
+    ran = studies.run("tiny", out, seeds=(1,), jobs=2)
+    assert sorted(ran) == [studies.run_dir(out, "tiny", arm, 1) for arm in ("jackpot", "off_policy")]
+    for workdir in ran:
+        assert [row["step"] for row in read_metrics(workdir)] == [1, 2]
+    assert sorted(os.listdir(os.path.join(out, "warm_start", "demo", "seed_1"))) == ["actor", "policy"]
     with pytest.raises(ValueError, match="study 'tiny' has no arm 'tis'"):
         studies.run("tiny", out, arms=["tis"])
