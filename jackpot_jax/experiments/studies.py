@@ -77,6 +77,7 @@ STUDIES = {
 }
 
 CURVES = ("reward/mean", "mismatch/kl_full", "obrs/accept_rate", "obrs/kappa", "controller/beta")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 LAST = 10  # the table's "late" figures: the mean over the last LAST logged steps
 
 
@@ -184,13 +185,19 @@ def run(study: str, out: str, seeds=(0, 1, 2), arms=None, overrides=(), jobs: in
     return _run_parallel(todo, jobs)
 
 
+def _log_like(level: int) -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
 def _run_parallel(todo: dict, jobs: int) -> list[str]:
     import concurrent.futures  # noqa: PLC0415
     import multiprocessing  # noqa: PLC0415
 
     ran = []
-    # spawn, not fork: a forked JAX runtime is not safe to use
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # spawn, not fork: a forked JAX runtime is not safe to use; the workers log as this process does
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_log_like,
+                                                initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
         pending = {}  # future -> the runs of its seed that wait for it
         for runs in todo.values():
             logger.info("running %s", runs[0][1])
@@ -378,7 +385,7 @@ def main(argv=None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every arm, e.g. train.steps=20 (repeatable)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_like(logging.INFO)
     if args.command == "run":
         run(args.study, args.out, seeds=args.seeds, arms=args.arms,
             overrides=[parse_override(text) for text in args.overrides], jobs=args.jobs)
