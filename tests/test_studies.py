@@ -93,7 +93,7 @@ def test_report_table_is_the_mean_and_spread_over_seeds(tmp_path):
         studies.report("staleness", str(tmp_path))
 
 
-@pytest.mark.slow  # ~40 s: python -m pytest -m slow tests/test_studies.py
+@pytest.mark.slow  # ~3 min: python -m pytest -m slow tests/test_studies.py
 def test_a_study_runs_each_arm_and_seed_once(tmp_path, monkeypatch):
     """Two arms x one seed of a tiny study, then the same command again: nothing left to run."""
     tiny = studies.Study("a test", {**OVERRIDES, "train.steps": 2, "data.data_dir": str(tmp_path / "data")},
