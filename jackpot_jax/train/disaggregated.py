@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import pallas_kernels as pk
 from jackpot_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
 from jackpot_jax.train.batch import TrainBatch, split_micro
-from jackpot_jax.train.step import OldStats, TrainState, Updater, _apply, _flat, _MiniBatch, _windowed
+from jackpot_jax.train.step import OldStats, TrainState, Updater, _apply, _completion_window, _flat, _MiniBatch
 
 
 def _micro(batch, num_micro: int, index):
@@ -108,7 +108,7 @@ class DisaggregatedUpdater(Updater):
     def _policy_hidden_impl(self, policy_params, batch, num_micro, index, window: bool):
         """The policy's final hidden states on micro-batch ``index``: at its completion window
         (``window``, for the update) or every position (for ``prepare``)."""
-        rows, mb = _windowed(_micro(batch, num_micro, index), self.cfg.window if window else 0)
+        rows, mb = _completion_window(_micro(batch, num_micro, index), self.cfg.window if window else 0)
         return self._hidden("policy", policy_params, mb, rows)[0]
 
     def _old_impl(self, actor_params, batch, num_micro, index, h_pol, w_pol, lam, normalizers: bool):
@@ -118,7 +118,7 @@ class DisaggregatedUpdater(Updater):
                           grad_sum):
         """:meth:`Updater._actor_side` on micro-batch ``index``: ``(grad_sum + its L_actor gradient,
         (mask, rho, L_actor, metrics))``."""
-        rows, mb = _windowed(_micro(batch, num_micro, index), self.cfg.window)
+        rows, mb = _completion_window(_micro(batch, num_micro, index), self.cfg.window)
         side = functools.partial(self._actor_side, h_pol=h_pol, w_pol=w_pol, mb=mb, rows=rows,
                                  key=jax.random.fold_in(key, index), rollout_actor=rollout_actor, beta=beta)
         if not self.cfg.train_actor:
@@ -135,7 +135,7 @@ class DisaggregatedUpdater(Updater):
     def _policy_micro_impl(self, policy_params, batch, num_micro, index, mask, rho, grad_sum):
         """L_policy (eq. 5) on micro-batch ``index`` with the actor side's ``mask`` and ``rho``:
         ``(grad_sum + its gradient, metrics)``."""
-        rows, mb = _windowed(_micro(batch, num_micro, index), self.cfg.window)
+        rows, mb = _completion_window(_micro(batch, num_micro, index), self.cfg.window)
 
         def loss(policy):
             h, w = self._hidden("policy", policy, mb, rows)

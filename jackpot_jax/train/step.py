@@ -351,7 +351,7 @@ class Updater:
 
     def _micro_loss(self, trainable, frozen_actor, mb, key, rollout_actor=None, beta=None):
         """Eq. 8 on one micro-batch: ``(L_policy + L_actor, metrics)``."""
-        rows, mb = _windowed(mb, self.cfg.window)
+        rows, mb = _completion_window(mb, self.cfg.window)
         h_pol, w_pol = self._hidden("policy", trainable["policy"], mb, rows)
         cross = self._actor_side(trainable.get("actor", frozen_actor), h_pol, w_pol, mb, rows, key, rollout_actor,
                                  beta)
@@ -472,7 +472,10 @@ def _completion_window(mb, width):
     from its first generated token (a completion's targets are contiguous and at most ``width``:
     ``rollout.max_new_tokens``), as rows of the flattened ``[B * T]`` positions, and the mini-batch
     with its per-token arrays taken there, ``[B, width]``; positions past ``T`` repeat the last one
-    and are not ``valid``. The inputs stay whole: the models read every position."""
+    and are not ``valid``. The inputs stay whole: the models read every position. ``width`` 0: no
+    window, ``(None, mb)``."""
+    if not width:
+        return None, mb
     b, t = mb.valid.shape
     pos = jnp.argmax(mb.valid, axis=1)[:, None] + jnp.arange(width)[None, :]
     rows = (jnp.arange(b)[:, None] * t + jnp.minimum(pos, t - 1)).reshape(-1)
@@ -497,11 +500,6 @@ class _ActorSide(NamedTuple):
     rho: jax.Array
     actor_loss: jax.Array
     metrics: dict
-
-
-def _windowed(mb, width: int):
-    """:func:`_completion_window` of ``mb``, or ``(None, mb)`` when ``width`` is 0 (no window)."""
-    return _completion_window(mb, width) if width else (None, mb)
 
 
 def _apply(tx, grads, opt_state, params):
