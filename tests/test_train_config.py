@@ -312,6 +312,13 @@ def test_jackpot_needs_untruncated_rollouts():
     validate(with_values(rollout__temperature=0.7))
 
 
+def test_an_actor_copied_from_the_policy_takes_no_path():
+    message = refused(with_values(actor__init="policy", actor__path="/ckpt/actor"))
+    for text in ("config.actor.path='/ckpt/actor'", "actor.init='policy'", "actor.init='own'"):
+        assert text in message, message
+    validate(with_values(actor__init="policy"))
+
+
 def test_logprobs_top_k_must_not_exceed_top_k():
     message = refused(with_values(algorithm__mode="tis", rollout__top_k=5, rollout__logprobs_top_k=6))
     for text in ("config.rollout.logprobs_top_k=6", "rollout.top_k=5"):

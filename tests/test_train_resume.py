@@ -1,6 +1,7 @@
 """The trainer end to end: a run killed with SIGKILL and resumed repeats the uninterrupted run's
 metrics exactly; a resume into other shapes is refused with the differences named; a run of
-non-finite updates stops with its checkpoints intact; jackpot-export writes a loadable model."""
+non-finite updates stops with its checkpoints intact; jackpot-export writes a loadable model; an
+actor copied from the policy (``actor.init="policy"``) starts as the policy and then trains."""
 import importlib.util
 import itertools
 import json
@@ -11,9 +12,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
+from jackpot_jax.config import ConfigError
 from jackpot_jax.train.checkpoint import Checkpointer, ResumeError
 from jackpot_jax.train.loop import Trainer, TrainingStopped
 from jackpot_jax.train.metrics import read_metrics
@@ -150,3 +153,27 @@ def test_export_writes_a_model_that_loads(uninterrupted, tmp_path):
     saved = json.loads((pathlib.Path(out) / "config.json").read_text())
     assert saved["vocab_size"] == model.config.vocab_size
     assert (pathlib.Path(out) / "tokenizer.json").exists()
+
+
+def test_an_actor_copied_from_the_policy_starts_as_the_policy(data_dir, tmp_path):
+    config = demo_config(data_dir, **{"actor.init": "policy", "actor.preset": "tiny-qwen3-large", "train.steps": 1})
+    trainer = Trainer(config, str(tmp_path))
+    policy, actor = ([np.asarray(x) for x in jax.tree.leaves(params)]  # host copies: the update donates them
+                     for params in (trainer.state.policy, trainer.state.actor))
+    assert len(actor) == len(policy) > 0
+    for a, p in zip(actor, policy, strict=True):
+        np.testing.assert_array_equal(a, p)
+    assert os.listdir(tmp_path / "warm_start") == ["policy"]  # the actor has no warm start of its own
+    [row] = trainer.run()
+    # the rollouts come from a copy of the policy: the first update's actor-policy mismatch is nil
+    assert abs(row["mismatch/kl_full"]) < 1e-5 and row["obrs/accept_rate"] == 1.0, row
+    moved = [not np.array_equal(np.asarray(a), b)
+             for a, b in zip(jax.tree.leaves(trainer.state.actor), actor, strict=True)]
+    assert any(moved)  # and the actor trains from there
+
+
+def test_an_actor_of_another_architecture_cannot_copy_the_policy(data_dir, tmp_path):
+    config = demo_config(data_dir, **{"actor.init": "policy"})  # the demo's actor is smaller than its policy
+    with pytest.raises(ConfigError, match=r"config.actor.init='policy' is not allowed here: the actor must have "
+                                          r"the policy's architecture.*hidden_size=64.*hidden_size=128"):
+        Trainer(config, str(tmp_path))

@@ -1,6 +1,7 @@
 """What a run is made of, built from its config: tokenizer, models, data, optimizers, rollout engine."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -55,6 +56,34 @@ def build_models(config, tokenizer, mesh=None, actor_mesh=None):
     if actor is not None:
         hf.check_shared_vocab(tokenizer, tokenizer, actor.config, policy.config)
     return policy, actor
+
+
+def init_actor_from_policy(policy, actor) -> None:
+    """``config.actor.init="policy"``: set the actor's parameters to a copy of the policy's, in the
+    actor's shardings and parameter dtype. Then the two start as one model and differ only by their
+    training: the paper's small actor-policy mismatch. The two must be one architecture (the same
+    model config, but for dtype and remat, and the same parameter shapes); else a ConfigError."""
+    def architecture(model):
+        config = model.config
+        if dataclasses.is_dataclass(config):
+            config = dataclasses.replace(config, dtype="float32", param_dtype="float32", remat=False)
+        return type(model), config
+
+    if architecture(actor) != architecture(policy):
+        raise ConfigError(f"config.actor.init='policy' is not allowed here: the actor must have the policy's "
+                          f"architecture, but the actor is {architecture(actor)} and the policy "
+                          f"{architecture(policy)}; give config.actor the policy's preset (or set actor.init='own').")
+    p_params, a_params = nnx.state(policy, nnx.Param), nnx.state(actor, nnx.Param)
+    shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
+    if shapes(p_params) != shapes(a_params):  # an architecture whose config does not fix its shapes
+        raise ConfigError("config.actor.init='policy' is not allowed here: the actor's parameter shapes differ from "
+                          "the policy's; give config.actor the policy's preset (or set actor.init='own').")
+    shardings = jax.tree.map(lambda x: x.sharding, a_params)
+    dtypes = jax.tree.map(lambda x: x.dtype, a_params)
+    # `* 1`: an op, so the jit makes buffers of the actor's own rather than forward the policy's
+    copy = jax.jit(lambda tree: jax.tree.map(lambda x, dtype: x.astype(dtype) * 1, tree, dtypes),
+                   out_shardings=shardings)
+    nnx.update(actor, copy(p_params))
 
 
 def load_records(config):

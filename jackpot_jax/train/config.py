@@ -57,7 +57,7 @@ _OPTIM = {"lr": _float(0, low_open=True), "schedule": _choice(*SCHEDULES), "warm
 RULES = {
     "seed": _int(0),
     "policy": _MODEL,
-    "actor": _MODEL,
+    "actor": {**_MODEL, "init": _choice("own", "policy")},
     "tokenizer": {"kind": _choice("char", "hf"), "path": _PATH},
     "data": {"dataset": _STR, "config": _STR, "split": _STR, "eval_split": _STR, "data_dir": _PATH,
              "manual_dir": _PATH, "reward": _STR, "template": _choice("plain", "chat"), "instruction": _STR,
@@ -135,6 +135,9 @@ def validate(config) -> None:
     if algo.mode == "on_policy" and algo.train_actor:
         raise ConfigError("config.algorithm.train_actor=True is not allowed with mode='on_policy': the policy "
                           "generates its own rollouts and there is no actor; set it to False.")
+    if config.actor.init == "policy" and config.actor.path:
+        raise ConfigError(f"config.actor.path={config.actor.path!r} is not allowed with actor.init='policy': the "
+                          "actor starts as a copy of the policy; set actor.path='' or actor.init='own'.")
     if rollout.logprobs_top_k > 0 and rollout.top_k and rollout.logprobs_top_k > rollout.top_k:
         raise ConfigError(f"config.rollout.logprobs_top_k={rollout.logprobs_top_k} is not allowed: it must be <= "
                           f"rollout.top_k={rollout.top_k} (the sampling distribution has only top_k tokens).")

@@ -130,25 +130,31 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _warm_start(self, policy, actor, records):
+        """The supervised warm start of each model that has one (cached in ``warm_start.dir``); then,
+        with ``actor.init="policy"``, the actor becomes a copy of the policy (no warm start of its own)."""
         config, ws = self.config, self.config.warm_start
+        from_policy = actor is not None and config.actor.init == "policy"
         todo = [(name, model, steps, lr, section)
                 for name, model, steps, lr, section in (("policy", policy, ws.policy_steps, ws.policy_lr, config.policy),
                                                         ("actor", actor, ws.actor_steps, ws.actor_lr, config.actor))
-                if model is not None and steps > 0 and not section.path]
-        if not todo:
-            return
-        data = {k: v for k, v in config.data.to_dict().items() if k not in ("reward", "eval_split", "eval_limit")}
-        spec = {"data": data, "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}  # what it depends on
-        if ws.boxed != 1.0:
-            records = unbox(records, ws.boxed, config.seed)
-            spec["boxed"] = ws.boxed
-        max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+                if model is not None and steps > 0 and not section.path and not (name == "actor" and from_policy)]
+        if todo:
+            data = {k: v for k, v in config.data.to_dict().items() if k not in ("reward", "eval_split", "eval_limit")}
+            spec = {"data": data, "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}  # its inputs
+            if ws.boxed != 1.0:
+                records = unbox(records, ws.boxed, config.seed)
+                spec["boxed"] = ws.boxed
+            max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
         for name, model, steps, lr, section in todo:
+            model_spec = {k: v for k, v in section.to_dict().items() if k != "init"}  # "own" here
             summary = warm_start(model, self.tokenizer, records, name=name,
                                  directory=os.path.join(ws.dir or os.path.join(self.workdir, "warm_start"), name),
                                  steps=steps, batch_size=ws.batch_size, lr=lr, seed=config.seed, max_len=max_len,
-                                 prompt_fn=self.batcher.encode_record, spec={**spec, "model": section.to_dict()})
+                                 prompt_fn=self.batcher.encode_record, spec={**spec, "model": model_spec})
             logger.info("warm start of the %s: %s", name, summary)
+        if from_policy:
+            build.init_actor_from_policy(policy, actor)
+            logger.info("the actor starts as a copy of the policy (config.actor.init='policy')")
 
     def _meta(self) -> dict:
         meta = {"step": self.step, "data": self.batcher.state_dict(), "config": self.config.to_dict(),
