@@ -76,6 +76,10 @@ def get_config():
         ppo_epochs=1,
         aggregation="token_mean",
         train_actor=True, actor_ppo=1.0, actor_tis_cap=2.0,  # eq. 6 weight and its truncation C
+        # N > 0: after every N steps the actor becomes a copy of the policy (with actor.init="policy"
+        # and train_actor=False): rollouts from the policy of up to N steps ago, a stale policy
+        # (0: never)
+        actor_sync_every=0,
         beta=0.1, distill_direction="forward",  # eq. 7 weight and direction
         grpo_std=True,
         # beyond the paper: kind="kl" sets beta each step from the measured actor-policy KL,

@@ -319,6 +319,16 @@ def test_an_actor_copied_from_the_policy_takes_no_path():
     validate(with_values(actor__init="policy"))
 
 
+@pytest.mark.parametrize("updates", [dict(algorithm__train_actor=True), dict(actor__init="own"),
+                                     dict(algorithm__mode="on_policy")], ids=["trained", "own-init", "on-policy"])
+def test_syncing_the_actor_needs_a_frozen_copy_of_the_policy(updates):
+    sync = dict(algorithm__actor_sync_every=4, algorithm__train_actor=False, actor__init="policy")
+    message = refused(with_values(**{**sync, **updates}))
+    for text in ("config.algorithm.actor_sync_every=4", "train_actor=False and actor.init='policy'"):
+        assert text in message, message
+    validate(with_values(**sync))
+
+
 def test_logprobs_top_k_must_not_exceed_top_k():
     message = refused(with_values(algorithm__mode="tis", rollout__top_k=5, rollout__logprobs_top_k=6))
     for text in ("config.rollout.logprobs_top_k=6", "rollout.top_k=5"):

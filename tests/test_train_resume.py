@@ -1,7 +1,7 @@
 """The trainer end to end: a run killed with SIGKILL and resumed repeats the uninterrupted run's
 metrics exactly; a resume into other shapes is refused with the differences named; a run of
 non-finite updates stops with its checkpoints intact; jackpot-export writes a loadable model; an
-actor copied from the policy (``actor.init="policy"``) starts as the policy and then trains."""
+actor copied from the policy (``actor.init="policy"``) starts as the policy and syncs with it."""
 import importlib.util
 import itertools
 import json
@@ -155,21 +155,41 @@ def test_export_writes_a_model_that_loads(uninterrupted, tmp_path):
     assert (pathlib.Path(out) / "tokenizer.json").exists()
 
 
-def test_an_actor_copied_from_the_policy_starts_as_the_policy(data_dir, tmp_path):
-    config = demo_config(data_dir, **{"actor.init": "policy", "actor.preset": "tiny-qwen3-large", "train.steps": 1})
+def _host(params):
+    return [np.asarray(x) for x in jax.tree.leaves(params)]  # host copies: the update donates the arrays
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def parity_reward(completion, answer):
+    """A reward that varies within a group without a trained model: the completion's length parity."""
+    return float(len(completion) % 2)
+
+
+def test_a_stale_copy_of_the_policy_generates_and_syncs_every_n_steps(data_dir, tmp_path):
+    """``actor.init="policy"`` with ``algorithm.actor_sync_every=2``: the actor starts as the policy,
+    stays frozen for two steps while the policy trains, then becomes the policy again."""
+    config = demo_config(data_dir, **{"actor.init": "policy", "actor.preset": "tiny-qwen3-large",
+                                      "algorithm.mode": "tis", "algorithm.train_actor": False,
+                                      "algorithm.actor_sync_every": 2, "optim.policy.lr": 1e-3,
+                                      "optim.policy.warmup_steps": 0, "data.reward": f"{__name__}:parity_reward"})
     trainer = Trainer(config, str(tmp_path))
-    policy, actor = ([np.asarray(x) for x in jax.tree.leaves(params)]  # host copies: the update donates them
-                     for params in (trainer.state.policy, trainer.state.actor))
-    assert len(actor) == len(policy) > 0
-    for a, p in zip(actor, policy, strict=True):
-        np.testing.assert_array_equal(a, p)
+    start = _host(trainer.state.policy)
+    assert _same(_host(trainer.state.actor), start)
     assert os.listdir(tmp_path / "warm_start") == ["policy"]  # the actor has no warm start of its own
-    [row] = trainer.run()
-    # the rollouts come from a copy of the policy: the first update's actor-policy mismatch is nil
-    assert abs(row["mismatch/kl_full"]) < 1e-5 and row["obrs/accept_rate"] == 1.0, row
-    moved = [not np.array_equal(np.asarray(a), b)
-             for a, b in zip(jax.tree.leaves(trainer.state.actor), actor, strict=True)]
-    assert any(moved)  # and the actor trains from there
+
+    first = trainer.run_step()
+    assert abs(first["mismatch/kl_full"]) < 1e-6, first  # the rollouts came from a copy of the policy
+    assert _same(_host(trainer.state.actor), start)  # not synced yet: the frozen copy of step 0
+    assert not _same(_host(trainer.state.policy), start)
+
+    second = trainer.run_step()
+    assert second["mismatch/kl_full"] > 1e-6, second  # a policy one step newer than its rollouts' actor
+    policy = _host(trainer.state.policy)
+    assert _same(_host(trainer.state.actor), policy)  # synced after step 2
+    assert _same(_host(trainer.engine.params), policy)  # and the engine generates with it
 
 
 def test_an_actor_of_another_architecture_cannot_copy_the_policy(data_dir, tmp_path):

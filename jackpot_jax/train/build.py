@@ -5,6 +5,7 @@ import dataclasses
 import logging
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -60,8 +61,8 @@ def build_models(config, tokenizer, mesh=None, actor_mesh=None):
 
 def init_actor_from_policy(policy, actor) -> None:
     """``config.actor.init="policy"``: set the actor's parameters to a copy of the policy's, in the
-    actor's shardings and parameter dtype. Then the two start as one model and differ only by their
-    training: the paper's small actor-policy mismatch. The two must be one architecture (the same
+    actor's shardings and parameter dtype. Then the two start as one model and differ only by
+    training and staleness (``algorithm.actor_sync_every``): the paper's small actor-policy mismatch. The two must be one architecture (the same
     model config, but for dtype and remat, and the same parameter shapes); else a ConfigError."""
     def architecture(model):
         config = model.config
@@ -78,12 +79,15 @@ def init_actor_from_policy(policy, actor) -> None:
     if shapes(p_params) != shapes(a_params):  # an architecture whose config does not fix its shapes
         raise ConfigError("config.actor.init='policy' is not allowed here: the actor's parameter shapes differ from "
                           "the policy's; give config.actor the policy's preset (or set actor.init='own').")
-    shardings = jax.tree.map(lambda x: x.sharding, a_params)
-    dtypes = jax.tree.map(lambda x: x.dtype, a_params)
-    # `* 1`: an op, so the jit makes buffers of the actor's own rather than forward the policy's
-    copy = jax.jit(lambda tree: jax.tree.map(lambda x, dtype: x.astype(dtype) * 1, tree, dtypes),
-                   out_shardings=shardings)
-    nnx.update(actor, copy(p_params))
+    nnx.update(actor, copy_params(p_params, a_params))
+
+
+def copy_params(source, like):
+    """``source``'s values as new buffers in ``like``'s shardings and dtypes (``like``: a tree of
+    arrays of the same structure and shapes): the policy's parameters made the actor's, at start-up
+    (``actor.init="policy"``) and at each sync (``algorithm.actor_sync_every``). Never aliases of
+    ``source``: the update step donates both models' parameters."""
+    return jax.tree.map(lambda x, y: jax.device_put(jnp.array(x, dtype=y.dtype, copy=True), y.sharding), source, like)
 
 
 def load_records(config):

@@ -74,6 +74,7 @@ RULES = {
                   "eps_low": _BELOW_ONE, "eps_high": _float(0),
                   "train_batch_size": _int(1), "micro_batch_size": _int(1), "ppo_epochs": _int(1),
                   "aggregation": _choice("token_mean", "seq_mean_token_mean"), "train_actor": _BOOL,
+                  "actor_sync_every": _int(0),
                   "actor_ppo": _float(0), "actor_tis_cap": _float(0, low_open=True), "beta": _float(0),
                   "distill_direction": _choice("forward", "reverse"), "grpo_std": _BOOL,
                   "controller": {"kind": _choice("none", "kl"), "target_kl": _float(0, low_open=True),
@@ -135,6 +136,11 @@ def validate(config) -> None:
     if algo.mode == "on_policy" and algo.train_actor:
         raise ConfigError("config.algorithm.train_actor=True is not allowed with mode='on_policy': the policy "
                           "generates its own rollouts and there is no actor; set it to False.")
+    if algo.actor_sync_every and (algo.train_actor or config.actor.init != "policy" or algo.mode == "on_policy"):
+        raise ConfigError(f"config.algorithm.actor_sync_every={algo.actor_sync_every} is not allowed with "
+                          f"algorithm.mode={algo.mode!r}, train_actor={algo.train_actor}, actor.init="
+                          f"{config.actor.init!r}: syncing makes the actor a stale copy of the policy, so it needs "
+                          "a mode with an actor, train_actor=False and actor.init='policy' (or set it to 0).")
     if config.actor.init == "policy" and config.actor.path:
         raise ConfigError(f"config.actor.path={config.actor.path!r} is not allowed with actor.init='policy': the "
                           "actor starts as a copy of the policy; set actor.path='' or actor.init='own'.")

@@ -241,6 +241,9 @@ class Trainer:
                                                           update_key, lam, rollout_actor=rollout_actor, beta=beta)
                 update_metrics.append(jax.device_get(metrics))
                 self.nonfinite_in_row = self.nonfinite_in_row + 1 if update_metrics[-1]["nonfinite/skipped"] else 0
+        if algo.actor_sync_every and (self.step + 1) % algo.actor_sync_every == 0:
+            # the next rollouts come from the policy as it is now (algorithm.actor_sync_every)
+            self.state = self.state._replace(actor=build.copy_params(self.state.policy, self.state.actor))
         self._push_actor()
         metrics = _mean_metrics(update_metrics)
         update_s = time.perf_counter() - start
