@@ -24,7 +24,8 @@ def get_config():
     # The actor's `init`: "own", its own weights (a fresh init and its own warm start, or `path`);
     # "policy", a copy of the policy once the policy is warm-started or loaded (the actor's preset must
     # give the policy's architecture; the actor has no warm start of its own). Then the actor starts
-    # where the policy does and differs from it only by training: the paper's small mismatch.
+    # where the policy does and differs from it only by training or staleness
+    # (algorithm.actor_sync_every): the paper's small mismatch.
     config.actor = ml_collections.ConfigDict(dict(model, preset="tiny-qwen3", init="own"))
     # "char": the built-in character-level tokenizer; "hf": a tokenizer directory in `path`.
     config.tokenizer = ml_collections.ConfigDict(dict(kind="char", path=""))

@@ -62,8 +62,9 @@ def build_models(config, tokenizer, mesh=None, actor_mesh=None):
 def init_actor_from_policy(policy, actor) -> None:
     """``config.actor.init="policy"``: set the actor's parameters to a copy of the policy's, in the
     actor's shardings and parameter dtype. Then the two start as one model and differ only by
-    training and staleness (``algorithm.actor_sync_every``): the paper's small actor-policy mismatch. The two must be one architecture (the same
-    model config, but for dtype and remat, and the same parameter shapes); else a ConfigError."""
+    training and staleness (``algorithm.actor_sync_every``): the paper's small actor-policy
+    mismatch. The two must be one architecture (the same model config, but for dtype and remat, and
+    the same parameter shapes); else a ConfigError."""
     def architecture(model):
         config = model.config
         if dataclasses.is_dataclass(config):

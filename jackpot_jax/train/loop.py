@@ -146,7 +146,8 @@ class Trainer:
                 spec["boxed"] = ws.boxed
             max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
         for name, model, steps, lr, section in todo:
-            model_spec = {k: v for k, v in section.to_dict().items() if k != "init"}  # "own" here
+            # without `init` (always "own" here), so that caches made before the key still match
+            model_spec = {k: v for k, v in section.to_dict().items() if k != "init"}
             summary = warm_start(model, self.tokenizer, records, name=name,
                                  directory=os.path.join(ws.dir or os.path.join(self.workdir, "warm_start"), name),
                                  steps=steps, batch_size=ws.batch_size, lr=lr, seed=config.seed, max_len=max_len,
