@@ -103,6 +103,9 @@ class Trainer:
         mesh, actor_mesh = parallel.meshes_from_config(config)
         policy, actor = build.build_models(config, self.tokenizer, mesh, actor_mesh)
         self._warm_start(policy, actor, warm_records)
+        if actor is not None and config.actor.init == "policy":
+            build.init_actor_from_policy(policy, actor)
+            logger.info("the actor starts as a copy of the policy (config.actor.init='policy')")
         rows = rollout.prompts_per_step * rollout.n
         self.updates_per_step = algo.ppo_epochs * rows // algo.train_batch_size
         self.updater = build.make_updater(config, policy, actor, config.train.steps * self.updates_per_step, mesh,
@@ -130,21 +133,22 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _warm_start(self, policy, actor, records):
-        """The supervised warm start of each model that has one (cached in ``warm_start.dir``); then,
-        with ``actor.init="policy"``, the actor becomes a copy of the policy (no warm start of its own)."""
+        """The supervised warm start of each model that has one (cached in ``warm_start.dir``); none
+        for an actor that starts as a copy of the policy (``actor.init="policy"``)."""
         config, ws = self.config, self.config.warm_start
         from_policy = actor is not None and config.actor.init == "policy"
         todo = [(name, model, steps, lr, section)
                 for name, model, steps, lr, section in (("policy", policy, ws.policy_steps, ws.policy_lr, config.policy),
                                                         ("actor", actor, ws.actor_steps, ws.actor_lr, config.actor))
                 if model is not None and steps > 0 and not section.path and not (name == "actor" and from_policy)]
-        if todo:
-            data = {k: v for k, v in config.data.to_dict().items() if k not in ("reward", "eval_split", "eval_limit")}
-            spec = {"data": data, "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}  # its inputs
-            if ws.boxed != 1.0:
-                records = unbox(records, ws.boxed, config.seed)
-                spec["boxed"] = ws.boxed
-            max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+        if not todo:
+            return
+        data = {k: v for k, v in config.data.to_dict().items() if k not in ("reward", "eval_split", "eval_limit")}
+        spec = {"data": data, "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}  # what it depends on
+        if ws.boxed != 1.0:
+            records = unbox(records, ws.boxed, config.seed)
+            spec["boxed"] = ws.boxed
+        max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
         for name, model, steps, lr, section in todo:
             # without `init` (always "own" here), so that caches made before the key still match
             model_spec = {k: v for k, v in section.to_dict().items() if k != "init"}
@@ -153,9 +157,6 @@ class Trainer:
                                  steps=steps, batch_size=ws.batch_size, lr=lr, seed=config.seed, max_len=max_len,
                                  prompt_fn=self.batcher.encode_record, spec={**spec, "model": model_spec})
             logger.info("warm start of the %s: %s", name, summary)
-        if from_policy:
-            build.init_actor_from_policy(policy, actor)
-            logger.info("the actor starts as a copy of the policy (config.actor.init='policy')")
 
     def _meta(self) -> dict:
         meta = {"step": self.step, "data": self.batcher.state_dict(), "config": self.config.to_dict(),
