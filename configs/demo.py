@@ -85,8 +85,10 @@ def get_config():
         grpo_std=True,
         # beyond the paper: kind="kl" sets beta each step from the measured actor-policy KL,
         # log beta += rate * clip(log(KL / target_kl), -1, 1), within [beta_min, beta_max], from beta
-        # (jackpot_jax/controller.py); "none" keeps beta fixed
-        controller=dict(kind="none", target_kl=0.1, rate=0.2, beta_min=0.01, beta_max=10.0)))
+        # (jackpot_jax/controller.py); "none" keeps beta fixed. lr_rate > 0 also scales the actor's
+        # learning rate by s, log s -= lr_rate * the same clipped error, within [lr_scale_min, 1]
+        controller=dict(kind="none", target_kl=0.1, rate=0.2, beta_min=0.01, beta_max=10.0, lr_rate=0.0,
+                        lr_scale_min=0.01)))
 
     optimizer = dict(lr=2e-5, schedule="constant", warmup_steps=5, weight_decay=0.0, clip_norm=1.0, b1=0.9,
                      b2=0.999)

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import pallas_kernels as pk
 from jackpot_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
 from jackpot_jax.train.batch import TrainBatch, split_micro
-from jackpot_jax.train.step import OldStats, TrainState, Updater, _apply, _completion_window, _flat, _MiniBatch
+from jackpot_jax.train.step import OldStats, TrainState, Updater, _apply, _completion_window, _flat, _MiniBatch, _scale
 
 
 def _micro(batch, num_micro: int, index):
@@ -148,10 +148,10 @@ class DisaggregatedUpdater(Updater):
     def _apply_impl(self, name):
         tx = self.policy_tx if name == "policy" else self.actor_tx
 
-        def apply(params, opt_state, *rest):
+        def apply(params, opt_state, *rest, scale=1.0):
             *updates, grad_sum, num_micro, finite = rest
             grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
-            new = _apply(tx, grads, opt_state, params)
+            new = _apply(tx, grads, opt_state, params, scale)
             params, opt_state = jax.tree.map(lambda u, c: jnp.where(finite, u, c), new, (params, opt_state))
             return (params, opt_state, updates[0] + finite.astype(jnp.int32)) if updates else (params, opt_state)
 
@@ -177,7 +177,7 @@ class DisaggregatedUpdater(Updater):
     # ------------------------------------------------------------------ per mini-batch
 
     def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None,
-               beta=None):
+               beta=None, actor_lr_scale=None):
         """One update of both models on a mini-batch, as :meth:`Updater.update` (``state`` is donated)."""
         cfg = self.cfg
         self._check_window(batch)
@@ -208,7 +208,8 @@ class DisaggregatedUpdater(Updater):
         finite = np.asarray(np.isfinite(metrics["loss/total"]) and all(np.isfinite(n) for n in norms.values()))
         policy, policy_opt, updated = self._apply_policy(state.policy, state.policy_opt, state.updates, policy_grads,
                                                          num_micro, finite)
-        actor, actor_opt = (self._apply_actor(state.actor, state.actor_opt, actor_grads, num_micro, finite)
+        actor, actor_opt = (self._apply_actor(state.actor, state.actor_opt, actor_grads, num_micro, finite,
+                                              scale=_scale(actor_lr_scale))
                             if cfg.train_actor else (state.actor, None))
         metrics.update({f"grad_norm/{name}": n for name, n in norms.items()})
         metrics["nonfinite/skipped"] = np.float32(1.0 - finite)

@@ -229,6 +229,7 @@ class Trainer:
         kl_full = losses.masked_mean(old.kl_full, jnp.asarray(batch.valid))  # KL(p_omega_old || p_old), on device
         # the controller reads it on the host before the updates; without one, it is read after them
         beta = None if self.controller is None else self.controller.update(float(kl_full))
+        actor_lr_scale = None if self.controller is None else self.controller.lr_scale
         update_metrics = []
         order = np.random.default_rng([config.seed, self.step])
         # the actor that sampled the batch, for the filter's p_inf once updates have moved the trained
@@ -240,7 +241,8 @@ class Trainer:
                 rows = np.sort(perm[u * algo.train_batch_size:(u + 1) * algo.train_batch_size])
                 update_key = jax.random.fold_in(jax.random.fold_in(key, epoch), u)
                 self.state, metrics = self.updater.update(self.state, select(batch, rows), select(old, rows),
-                                                          update_key, lam, rollout_actor=rollout_actor, beta=beta)
+                                                          update_key, lam, rollout_actor=rollout_actor, beta=beta,
+                                                          actor_lr_scale=actor_lr_scale)
                 update_metrics.append(jax.device_get(metrics))
                 self.nonfinite_in_row = self.nonfinite_in_row + 1 if update_metrics[-1]["nonfinite/skipped"] else 0
         if algo.actor_sync_every and (self.step + 1) % algo.actor_sync_every == 0:
@@ -264,6 +266,7 @@ class Trainer:
             metrics.pop("mismatch/kl_full")
         if beta is not None:
             metrics["controller/beta"] = beta
+            metrics["controller/actor_lr_scale"] = actor_lr_scale
         self.step += 1
         return metrics
 

@@ -215,7 +215,7 @@ class Updater:
         self._update_jit = {  # without / with the rollout actor's parameters (see update)
             with_rollout: jax.jit(self._update, donate_argnums=(0,),
                                   in_shardings=(state_shardings, rows, rows, repl, repl,
-                                                state_shardings.actor if with_rollout else None, repl),
+                                                state_shardings.actor if with_rollout else None, repl, repl),
                                   out_shardings=(state_shardings, repl))
             for with_rollout in (False, True)}
 
@@ -224,7 +224,7 @@ class Updater:
         return self._prepare_jit[normalizers](policy_params, actor_params, jax.device_put(batch, self.rows), lam)
 
     def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None,
-               beta=None):
+               beta=None, actor_lr_scale=None):
         """One update of both models on a mini-batch (see :meth:`_update`); ``state`` is donated.
 
         ``rollout_actor``: the actor parameters that sampled ``batch`` (not ``state.actor`` itself,
@@ -234,14 +234,16 @@ class Updater:
         is the rollout actor (the first update after a rollout, or a frozen actor).
 
         ``beta``: the distillation weight of eq. 8 for this update (default ``StepConfig.beta``; the
-        KL controller's, :mod:`jackpot_jax.controller`), an argument, not a compiled constant."""
+        KL controller's, :mod:`jackpot_jax.controller`), an argument, not a compiled constant.
+        ``actor_lr_scale``: a factor on the actor's optimizer update, its learning rate times this
+        (default 1; the KL controller's second lever), an argument too."""
         self._check_window(batch)
         if rollout_actor is not None:  # into the actor's shardings (a no-op when already there)
             rollout_actor = parallel.from_local(rollout_actor, self._param_shardings["actor"])
         # a mini-batch cut from a rollout batch on the device may have another layout: into the rows'
         batch, old = jax.device_put((batch, old), self.rows)
         return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor,
-                                                           self._beta(beta))
+                                                           self._beta(beta), _scale(actor_lr_scale))
 
     def _beta(self, beta):
         """The update's beta argument: ``beta``, or the config's when None."""
@@ -423,7 +425,7 @@ class Updater:
                              "mismatch/kl_inf_new": losses.masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)}
 
     def _update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None,
-                beta=None):
+                beta=None, actor_lr_scale=1.0):
         """One optimizer update of both models on a mini-batch: ``(new state, metrics)``."""
         cfg = self.cfg
         trainable = {"policy": state.policy, **({"actor": state.actor} if cfg.train_actor else {})}
@@ -456,7 +458,7 @@ class Updater:
         finite = jnp.isfinite(metrics["loss/total"]) & functools.reduce(jnp.logical_and, [jnp.isfinite(n) for n in norms.values()])
         new = {"policy": _apply(self.policy_tx, grads["policy"], state.policy_opt, state.policy)}
         if cfg.train_actor:
-            new["actor"] = _apply(self.actor_tx, grads["actor"], state.actor_opt, state.actor)
+            new["actor"] = _apply(self.actor_tx, grads["actor"], state.actor_opt, state.actor, actor_lr_scale)
         keep = lambda updated, current: jax.tree.map(lambda u, c: jnp.where(finite, u, c), updated, current)
         policy, policy_opt = keep(new["policy"], (state.policy, state.policy_opt))
         actor, actor_opt = keep(new["actor"], (state.actor, state.actor_opt)) if cfg.train_actor else (state.actor, None)
@@ -502,9 +504,17 @@ class _ActorSide(NamedTuple):
     metrics: dict
 
 
-def _apply(tx, grads, opt_state, params):
+def _apply(tx, grads, opt_state, params, scale=1.0):
+    """``(params, opt_state)`` after one step of ``tx``, its update times ``scale`` (the learning
+    rate times ``scale``: optax's update is proportional to it)."""
     updates, opt_state = tx.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates)
     return optax.apply_updates(params, updates), opt_state
+
+
+def _scale(actor_lr_scale):
+    """The update's actor learning-rate factor argument: ``actor_lr_scale``, or 1 when None."""
+    return np.float32(1.0 if actor_lr_scale is None else actor_lr_scale)
 
 
 class _MiniBatch(NamedTuple):
