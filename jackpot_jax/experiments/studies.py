@@ -6,8 +6,8 @@
 A study is a set of arms, each a few overrides of ``configs/demo.py`` on top of the study's own. Each
 arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). The runs of one seed share
 their warm starts, across studies too (``OUT/warm_start/GROUP/seed_S``, the study's warm-start group:
-same seed, same settings, trained once). ``run``
-skips the runs that are complete and resumes an interrupted one from its last checkpoint, so an
+same seed, same settings, trained once). All runs share their compiled programs (JAX's persistent
+compilation cache, ``OUT/jax_cache``). ``run`` skips the runs that are complete and resumes an interrupted one from its last checkpoint, so an
 interrupted study continues where it stopped. ``report`` writes ``OUT/STUDY/report.md`` (a table
 over the seeds: mean and spread of each arm's figures) and ``OUT/STUDY/curves.png`` (reward,
 actor-policy KL, acceptance, kappa and the policy's evaluation against the step; each arm's mean
@@ -142,8 +142,14 @@ def _complete(workdir: str, steps: int) -> bool:
 
 
 def _train(config, workdir: str) -> str:
+    import jax  # noqa: PLC0415
     from jackpot_jax.train.loop import Trainer  # noqa: PLC0415 (JAX, TensorFlow Datasets)
 
+    # the runs of a study compile the same programs (arms differ in a few settings, seeds not at
+    # all): JAX's persistent compilation cache, OUT/jax_cache, compiles each once per results dir.
+    # Keyed by the program, it cannot change a result, only skip recompiling it.
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(workdir).resolve().parents[2] / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     Trainer(config, workdir).run()
     return workdir
 
