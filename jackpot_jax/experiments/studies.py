@@ -3,15 +3,16 @@
     python -m jackpot_jax.experiments.studies run decoupled --out results      # every arm, seeds 0 1 2
     python -m jackpot_jax.experiments.studies report decoupled --out results   # plots + a Markdown table
 
-A study is a set of arms, each a few overrides of ``configs/demo.py`` on top of the study's own. Each
-arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). The runs of one seed share
-their warm starts, across studies too (``OUT/warm_start/GROUP/seed_S``, the study's warm-start group:
-same seed, same settings, trained once). All runs share their compiled programs (JAX's persistent
-compilation cache, ``OUT/jax_cache``). ``run`` skips the runs that are complete and resumes an
-interrupted one from its last checkpoint, so an interrupted study continues where it stopped. ``report`` writes ``OUT/STUDY/report.md`` (a table
-over the seeds: mean and spread of each arm's figures) and ``OUT/STUDY/curves.png`` (reward,
-actor-policy KL, acceptance, kappa and the policy's evaluation against the step; each arm's mean
-over seeds, with its min-max band). Results and the commands that made them: ``docs/results.md``.
+A study is a set of arms, each a few overrides of ``configs/demo.py`` on top of the study's own.
+Each arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). The runs of one
+seed share their warm starts, across studies too (``OUT/warm_start/GROUP/seed_S``, the study's warm-
+start group: same seed, same settings, trained once). All runs share their compiled programs (JAX's
+persistent compilation cache, ``OUT/jax_cache``). ``run`` skips the runs that are complete and
+resumes an interrupted one from its last checkpoint, so an interrupted study continues where it
+stopped. ``report`` writes ``OUT/STUDY/report.md`` (a table over the seeds: mean and spread of each
+arm's figures) and ``OUT/STUDY/curves.png`` (reward, actor-policy KL, acceptance, kappa and the
+policy's evaluation against the step; each arm's mean over seeds, with its min-max band). Results
+and the commands that made them: ``docs/results.md``.
 ``--set key=value`` overrides any config key for every arm (``--set train.steps=20``).
 """
 from __future__ import annotations
