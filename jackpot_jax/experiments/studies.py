@@ -5,8 +5,8 @@
 
 A study is a set of arms, each a few overrides of ``configs/demo.py`` on top of the study's own.
 Each arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). The runs of one
-seed share their warm starts, across studies too (``OUT/warm_start/GROUP/seed_S``, the study's warm-
-start group: same seed, same settings, trained once). All runs share their compiled programs (JAX's
+seed share their warm starts, across studies too (``OUT/warm_start/GROUP/seed_S``, the study's
+warm-start group: same seed, same settings, trained once). All runs share their compiled programs (JAX's
 persistent compilation cache, ``OUT/jax_cache``). ``run`` skips the runs that are complete and
 resumes an interrupted one from its last checkpoint, so an interrupted study continues where it
 stopped. ``report`` writes ``OUT/STUDY/report.md`` (a table over the seeds: mean and spread of each
