@@ -148,7 +148,7 @@ class DisaggregatedUpdater(Updater):
     def _apply_impl(self, name):
         tx = self.policy_tx if name == "policy" else self.actor_tx
 
-        def apply(params, opt_state, *rest, scale=1.0):
+        def apply(params, opt_state, *rest, scale=None):
             *updates, grad_sum, num_micro, finite = rest
             grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
             new = _apply(tx, grads, opt_state, params, scale)

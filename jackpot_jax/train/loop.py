@@ -229,7 +229,8 @@ class Trainer:
         kl_full = losses.masked_mean(old.kl_full, jnp.asarray(batch.valid))  # KL(p_omega_old || p_old), on device
         # the controller reads it on the host before the updates; without one, it is read after them
         beta = None if self.controller is None else self.controller.update(float(kl_full))
-        actor_lr_scale = None if self.controller is None else self.controller.lr_scale
+        # the factor only when the controller moves it: otherwise the update is the one without it
+        actor_lr_scale = self.controller.lr_scale if self.controller is not None and self.controller.lr_rate else None
         update_metrics = []
         order = np.random.default_rng([config.seed, self.step])
         # the actor that sampled the batch, for the filter's p_inf once updates have moved the trained
@@ -266,7 +267,7 @@ class Trainer:
             metrics.pop("mismatch/kl_full")
         if beta is not None:
             metrics["controller/beta"] = beta
-            metrics["controller/actor_lr_scale"] = actor_lr_scale
+            metrics["controller/actor_lr_scale"] = self.controller.lr_scale
         self.step += 1
         return metrics
 

@@ -236,7 +236,7 @@ class Updater:
         ``beta``: the distillation weight of eq. 8 for this update (default ``StepConfig.beta``; the
         KL controller's, :mod:`jackpot_jax.controller`), an argument, not a compiled constant.
         ``actor_lr_scale``: a factor on the actor's optimizer update, its learning rate times this
-        (default 1; the KL controller's second lever), an argument too."""
+        (default None: none; the KL controller's second lever), an argument too."""
         self._check_window(batch)
         if rollout_actor is not None:  # into the actor's shardings (a no-op when already there)
             rollout_actor = parallel.from_local(rollout_actor, self._param_shardings["actor"])
@@ -425,7 +425,7 @@ class Updater:
                              "mismatch/kl_inf_new": losses.masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)}
 
     def _update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None,
-                beta=None, actor_lr_scale=1.0):
+                beta=None, actor_lr_scale=None):
         """One optimizer update of both models on a mini-batch: ``(new state, metrics)``."""
         cfg = self.cfg
         trainable = {"policy": state.policy, **({"actor": state.actor} if cfg.train_actor else {})}
@@ -504,17 +504,19 @@ class _ActorSide(NamedTuple):
     metrics: dict
 
 
-def _apply(tx, grads, opt_state, params, scale=1.0):
+def _apply(tx, grads, opt_state, params, scale=None):
     """``(params, opt_state)`` after one step of ``tx``, its update times ``scale`` (the learning
-    rate times ``scale``: optax's update is proportional to it)."""
+    rate times ``scale``: optax's update is proportional to it); ``None``: the update as it is."""
     updates, opt_state = tx.update(grads, opt_state, params)
-    updates = jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates)
+    if scale is not None:
+        updates = jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates)
     return optax.apply_updates(params, updates), opt_state
 
 
 def _scale(actor_lr_scale):
-    """The update's actor learning-rate factor argument: ``actor_lr_scale``, or 1 when None."""
-    return np.float32(1.0 if actor_lr_scale is None else actor_lr_scale)
+    """The update's actor learning-rate factor argument: None (no factor: the program without the
+    multiply, bit for bit the one from before the controller had it) or a float32 scalar."""
+    return None if actor_lr_scale is None else np.float32(actor_lr_scale)
 
 
 class _MiniBatch(NamedTuple):
