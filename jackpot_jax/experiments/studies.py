@@ -6,8 +6,8 @@
 A study is a set of arms, each a few overrides of ``configs/demo.py`` on top of the study's own.
 Each arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). The runs of one
 seed share their warm starts, across studies too (``OUT/warm_start/GROUP/seed_S``, the study's
-warm-start group: same seed, same settings, trained once). All runs share their compiled programs (JAX's
-persistent compilation cache, ``OUT/jax_cache``). ``run`` skips the runs that are complete and
+warm-start group: same seed, same settings, trained once). All runs share their compiled programs
+(JAX's persistent compilation cache, ``OUT/jax_cache``). ``run`` skips the runs that are complete and
 resumes an interrupted one from its last checkpoint, so an interrupted study continues where it
 stopped. ``report`` writes ``OUT/STUDY/report.md`` (a table over the seeds: mean and spread of each
 arm's figures) and ``OUT/STUDY/curves.png`` (reward, actor-policy KL, acceptance, kappa and the
@@ -74,7 +74,7 @@ STUDIES = {
     "controller": Study(
         "Beyond the paper: the KL controller of the distillation weight and the actor's learning rate keeps "
         "Jackpot stable at an actor learning rate (100x the demo's) at which a fixed distillation weight "
-        "fails, and costs nothing at the demo's.",
+        "fails; and what it costs at the demo's.",
         {"train.eval_every": 25},
         {f"{name}_actor_lr_{lr:g}": {**overrides, "optim.actor.lr": lr}
          for lr in (2e-5, 2e-3)
