@@ -150,6 +150,18 @@ def test_slices_of_a_batch_with_first_prompt_draw_the_whole_batchs_samples(rng):
     assert shifted.completions != whole.completions[4:8]
 
 
+def test_request_keys_fold_the_prompts_place_then_the_sample():
+    """The keys the samples are drawn with (fixed: results recorded in docs/ depend on them):
+    sample j of prompt i of a batch whose first prompt has place f folds f + i, then j, into key(seed)."""
+    from jackpot_jax.rollout.generate import _keys  # noqa: PLC0415
+
+    keys = _keys(7, 3, 2, first_prompt=5)
+    for i in range(3):
+        for j in range(2):
+            expected = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), 5 + i), j)
+            np.testing.assert_array_equal(jax.random.key_data(keys[i][j]), jax.random.key_data(expected))
+
+
 def test_generate_steps_equals_repeated_generate(rng):
     model = Transformer(preset("tiny-qwen3"), rngs=nnx.Rngs(4))
     core = DecodeCore(model, max_concurrent_decodes=2, max_prefill_length=16, max_target_length=32,

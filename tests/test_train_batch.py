@@ -34,6 +34,19 @@ def test_make_batch_aligns_p_inf_and_its_top_k_with_the_targets():
     assert split_micro(batch, 2).topk_logp_inf.shape == (2, 1, 5, 2)
 
 
+def test_select_of_host_and_device_arrays_equals_numpy_indexing():
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    tree = {"host": rng.normal(size=(6, 3)), "device": jnp.asarray(rng.normal(size=(6, 2, 2)), jnp.float32),
+            "ids": jnp.arange(6, dtype=jnp.int32), "none": None}
+    rows = np.asarray([4, 0, 5])
+    picked = select(tree, rows)
+    assert isinstance(picked["host"], np.ndarray) and picked["none"] is None
+    for key in ("host", "device", "ids"):
+        np.testing.assert_array_equal(np.asarray(picked[key]), np.asarray(tree[key])[rows])
+
+
 def test_without_top_k_the_batch_has_none():
     for extra in ({}, {"topk_ids": [x[:, :0] for x in TOPK_IDS], "topk_logprobs": [x[:, :0] for x in TOPK_LOGP]}):
         batch = make_batch(PROMPTS, COMPLETIONS, LOGPROBS, [1.0, -1.0], 6, **extra)

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jackpot_jax.rollout.sampling import Sampled, SamplingParams, sample
@@ -110,11 +111,12 @@ class DecodeCore:
         """Run a prompt (``tokens [bucket]`` padded, or a list of ids) and sample its first token."""
         if true_length < 1:
             raise ValueError("a prompt must have at least one token.")
-        tokens = jnp.asarray(tokens, jnp.int32)
+        tokens = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens, np.int32)
         size = self.bucket(max(true_length, tokens.shape[0]))
-        tokens = jnp.pad(tokens, (0, size - tokens.shape[0]))
+        pad = np if isinstance(tokens, np.ndarray) else jnp  # a host prompt padded on the host: no dispatch
+        tokens = pad.pad(tokens.astype(np.int32), (0, size - tokens.shape[0]))
         key = jax.random.key(0) if key is None else key
-        return self._prefill(params, tokens, jnp.int32(true_length), sampling or self.default_sampling, key)
+        return self._prefill(params, tokens, np.int32(true_length), sampling or self.default_sampling, key)
 
     def _prefill_impl(self, params, tokens, true_length, sampling, key):
         model = self._model(params)
@@ -141,7 +143,7 @@ class DecodeCore:
         """``prefix`` into decode slot ``slot`` (the state is donated: use the returned one)."""
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot={slot} is not allowed: it must be in [0, {self.slots}).")
-        return self._insert(prefix, state, jnp.int32(slot))
+        return self._insert(prefix, state, np.int32(slot))
 
     def _insert_impl(self, prefix, state, slot):
         def put(full, part):  # part [1, ...] (its other axes may be shorter, e.g. a bucket's length)

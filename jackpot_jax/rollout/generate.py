@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jackpot_jax.rollout.decode import MIN_BUCKET, DecodeCore
@@ -61,11 +63,18 @@ def _check_prompts(prompts, vocab_size):
             raise ValueError(f"prompt {i} must hold integer token ids in [0, {vocab_size}).")
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _key_grid(base, num_prompts: int, n: int, first_prompt):
+    """``[num_prompts, n]`` keys: sample j of prompt i folds ``first_prompt + i``, then j, into ``base``."""
+    fold = lambda i, j: jax.random.fold_in(jax.random.fold_in(base, first_prompt + i), j)  # noqa: E731
+    return jax.vmap(lambda i: jax.vmap(lambda j: fold(i, j))(jnp.arange(n)))(jnp.arange(num_prompts))
+
+
 def _keys(seed, num_prompts, n, first_prompt=0):
+    """Each request's key, ``[prompt][sample]``: derived in one compiled call (the same keys as
+    folding them one by one, which dispatched two small programs a request)."""
     if isinstance(seed, (int, np.integer)):
-        base = jax.random.key(seed)
-        return [[jax.random.fold_in(jax.random.fold_in(base, first_prompt + i), j) for j in range(n)]
-                for i in range(num_prompts)]
+        return [list(row) for row in _key_grid(jax.random.key(seed), num_prompts, n, first_prompt)]
     if len(seed) != num_prompts:
         raise ValueError(f"seed has {len(seed)} entries for {num_prompts} prompts: give one int, or one per prompt.")
     return [[jax.random.fold_in(jax.random.key(s), j) for j in range(n)] for s in seed]

@@ -97,9 +97,19 @@ def _topk_arrays(topk_ids, topk_logprobs, completions, length):
     return np.zeros(shape, np.int32), np.full(shape, -np.inf, np.float32)
 
 
+@jax.jit
+def _take(arrays, rows):
+    return [x[rows] for x in arrays]
+
+
 def select(batch: TrainBatch, rows) -> TrainBatch:
-    """The sequences ``rows`` of a batch (host or device arrays)."""
-    return jax.tree.map(lambda x: x[rows], batch)
+    """The sequences ``rows`` of a batch: host arrays indexed on the host, device arrays in one
+    compiled gather (indexing each eagerly dispatched a few small programs an array)."""
+    rows = np.asarray(rows)
+    leaves, treedef = jax.tree.flatten(batch)
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    taken = dict(zip(on_device, _take([leaves[i] for i in on_device], rows))) if on_device else {}
+    return jax.tree.unflatten(treedef, [taken[i] if i in taken else x[rows] for i, x in enumerate(leaves)])
 
 
 def split_micro(batch, num_micro: int):
