@@ -93,6 +93,29 @@ def test_report_table_is_the_mean_and_spread_over_seeds(tmp_path):
         studies.report("staleness", str(tmp_path))
 
 
+def test_warm_start_trains_what_the_runs_then_load(tmp_path, monkeypatch, caplog):
+    """``studies warm-start``: each seed's warm starts of both models, without a run; a run of the
+    study then loads them instead of training its own."""
+    tiny = studies.Study("a test", {**OVERRIDES, "data.data_dir": str(tmp_path / "data")},
+                         {"on_policy": {"algorithm.mode": "on_policy"}, "jackpot": {}})
+    monkeypatch.setitem(studies.STUDIES, "tiny", tiny)
+    out = str(tmp_path / "results")
+    studies.warm_start("tiny", out, seeds=(0,))
+    seed_dir = os.path.join(out, "warm_start", "demo", "seed_0")
+    assert sorted(os.listdir(seed_dir)) == ["actor", "policy"]  # from the arm with an actor
+    assert not os.path.exists(os.path.join(out, "tiny"))  # no run
+    specs = {name: json.load(open(os.path.join(seed_dir, name, "spec.json"))) for name in ("actor", "policy")}
+    assert specs["policy"]["steps"] == specs["actor"]["steps"] == 5
+
+    from jackpot_jax.train.loop import Trainer  # noqa: PLC0415
+
+    caplog.set_level("INFO", logger="jackpot_jax.train.loop")
+    Trainer(studies.run_config("tiny", "jackpot", 0, out), studies.run_dir(out, "tiny", "jackpot", 0))
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm start of the")]
+    assert loaded == [f"warm start of the {name}: {{'cached': True, 'final_loss': {specs[name]['final_loss']}}}"
+                      for name in ("policy", "actor")]
+
+
 @pytest.mark.slow  # ~3 min: python -m pytest -m slow tests/test_studies.py
 def test_a_study_runs_each_arm_and_seed_once(tmp_path, monkeypatch):
     """Two arms x one seed of a tiny study, then the same command again: nothing left to run."""

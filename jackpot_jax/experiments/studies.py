@@ -1,7 +1,8 @@
 """The paper's findings as studies: arms x seeds of the trainer, resumable, and their report.
 
-    python -m jackpot_jax.experiments.studies run decoupled --out results      # every arm, seeds 0 1 2
-    python -m jackpot_jax.experiments.studies report decoupled --out results   # plots + a Markdown table
+    python -m jackpot_jax.experiments.studies warm-start decoupled --out results  # optional: the warm starts alone
+    python -m jackpot_jax.experiments.studies run decoupled --out results         # every arm, seeds 0 1 2
+    python -m jackpot_jax.experiments.studies report decoupled --out results      # plots + a Markdown table
 
 A study is a set of arms, each a few overrides of ``configs/demo.py`` on top of the study's own.
 Each arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). The runs of one
@@ -161,6 +162,20 @@ def _warm_starts_both(config) -> bool:
     """Whether a run of ``config`` warm-starts every model its seed's runs use: one with an actor
     (on-policy training builds the policy alone)."""
     return config.algorithm.mode != "on_policy"
+
+
+def warm_start(study: str, out: str, seeds=(0, 1, 2), overrides=()) -> None:
+    """Train the warm starts of ``study``'s runs, seed by seed, without the runs (those cached with the
+    same settings are kept): what the study's first run of each seed would train. They are shared with
+    every study of the same warm-start group, so this runs once before the studies (docs/results.md,
+    "Time")."""
+    from jackpot_jax.train.loop import warm_start_only  # noqa: PLC0415 (JAX, TensorFlow Datasets)
+
+    for seed in seeds:
+        configs = [run_config(study, arm, seed, out, overrides) for arm in STUDIES[study].arms]
+        config = next((c for c in configs if _warm_starts_both(c)), configs[0])
+        logger.info("warm starts of seed %d in %s", seed, config.warm_start.dir)
+        warm_start_only(config, config.warm_start.dir)
 
 
 def run(study: str, out: str, seeds=(0, 1, 2), arms=None, overrides=(), jobs: int = 1) -> list[str]:
@@ -392,7 +407,7 @@ def report(study: str, out: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Run the paper's studies (arms x seeds) and report them.")
-    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("command", choices=("warm-start", "run", "report"))
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--out", required=True, help="results directory (one subdirectory per study)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -403,9 +418,12 @@ def main(argv=None) -> None:
                         help="a config override for every arm, e.g. train.steps=20 (repeatable)")
     args = parser.parse_args(argv)
     _log_like(logging.INFO)
+    overrides = [parse_override(text) for text in args.overrides]
+    if args.command == "warm-start":
+        warm_start(args.study, args.out, seeds=args.seeds, overrides=overrides)
+        return
     if args.command == "run":
-        run(args.study, args.out, seeds=args.seeds, arms=args.arms,
-            overrides=[parse_override(text) for text in args.overrides], jobs=args.jobs)
+        run(args.study, args.out, seeds=args.seeds, arms=args.arms, overrides=overrides, jobs=args.jobs)
     print(report(args.study, args.out))
 
 

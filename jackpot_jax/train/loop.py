@@ -76,6 +76,54 @@ def _split_warm_start(records, config):
     return records[:n], records[n:]
 
 
+def _batcher(config, records, tokenizer) -> PromptBatcher:
+    rollout, data = config.rollout, config.data
+    return PromptBatcher(records, tokenizer, prompts_per_batch=rollout.prompts_per_step, n=rollout.n, seed=config.seed,
+                         template=data.template, instruction=data.instruction, max_prompt_tokens=data.max_prompt_tokens)
+
+
+def warm_start_models(config, workdir: str, tokenizer, policy, actor, records, prompt_fn) -> None:
+    """The supervised warm start of each model that has one (cached in ``warm_start.dir``; it loads
+    when cached with the same settings); none for an actor that starts as a copy of the policy
+    (``actor.init="policy"``). The cache is ``warm_start.dir``, or ``WORKDIR/warm_start``. ``prompt_fn``: a
+    record's prompt ids, as the run's batcher encodes them."""
+    ws = config.warm_start
+    from_policy = actor is not None and config.actor.init == "policy"
+    todo = [(name, model, steps, lr, section)
+            for name, model, steps, lr, section in (("policy", policy, ws.policy_steps, ws.policy_lr, config.policy),
+                                                    ("actor", actor, ws.actor_steps, ws.actor_lr, config.actor))
+            if model is not None and steps > 0 and not section.path and not (name == "actor" and from_policy)]
+    if not todo:
+        return
+    data = {k: v for k, v in config.data.to_dict().items() if k not in ("reward", "eval_split", "eval_limit")}
+    spec = {"data": data, "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}  # what it depends on
+    if ws.boxed != 1.0:
+        records = unbox(records, ws.boxed, config.seed)
+        spec["boxed"] = ws.boxed
+    max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+    for name, model, steps, lr, section in todo:
+        # without `init` (always "own" here), so that caches made before the key still match
+        model_spec = {k: v for k, v in section.to_dict().items() if k != "init"}
+        summary = warm_start(model, tokenizer, records, name=name,
+                             directory=os.path.join(ws.dir or os.path.join(workdir, "warm_start"), name),
+                             steps=steps, batch_size=ws.batch_size, lr=lr, seed=config.seed, max_len=max_len,
+                             prompt_fn=prompt_fn, spec={**spec, "model": model_spec})
+        logger.info("warm start of the %s: %s", name, summary)
+
+
+def warm_start_only(config, workdir: str) -> None:
+    """The warm starts of a run of ``config`` in ``workdir`` (``warm_start.dir``, or
+    ``WORKDIR/warm_start``), without the run: what :class:`Trainer` would train or load first."""
+    validate(config)
+    tokenizer = build.load_tokenizer(config)
+    train_records, _ = build.load_records(config)
+    warm_records, rl_records = _split_warm_start(train_records, config)
+    mesh, actor_mesh = parallel.meshes_from_config(config)
+    policy, actor = build.build_models(config, tokenizer, mesh, actor_mesh)
+    warm_start_models(config, os.path.abspath(workdir), tokenizer, policy, actor, warm_records,
+                      _batcher(config, rl_records, tokenizer).encode_record)
+
+
 class Trainer:
     """A run of ``config`` in ``workdir`` (resumed from its latest checkpoint when there is one)."""
 
@@ -97,12 +145,10 @@ class Trainer:
         self.reward = get_reward(config.data.reward)
         self.train_records, self.eval_records = build.load_records(config)
         warm_records, rl_records = _split_warm_start(self.train_records, config)
-        self.batcher = PromptBatcher(rl_records, self.tokenizer, prompts_per_batch=rollout.prompts_per_step,
-                                     n=rollout.n, seed=config.seed, template=config.data.template,
-                                     instruction=config.data.instruction, max_prompt_tokens=config.data.max_prompt_tokens)
+        self.batcher = _batcher(config, rl_records, self.tokenizer)
         mesh, actor_mesh = parallel.meshes_from_config(config)
         policy, actor = build.build_models(config, self.tokenizer, mesh, actor_mesh)
-        self._warm_start(policy, actor, warm_records)
+        warm_start_models(config, self.workdir, self.tokenizer, policy, actor, warm_records, self.batcher.encode_record)
         if actor is not None and config.actor.init == "policy":
             build.init_actor_from_policy(policy, actor)
             logger.info("the actor starts as a copy of the policy (config.actor.init='policy')")
@@ -131,32 +177,6 @@ class Trainer:
         self.writer = MetricsWriter(self.workdir, start_step=self.step + 1, enabled=jax.process_index() == 0)
 
     # ------------------------------------------------------------------ setup
-
-    def _warm_start(self, policy, actor, records):
-        """The supervised warm start of each model that has one (cached in ``warm_start.dir``); none
-        for an actor that starts as a copy of the policy (``actor.init="policy"``)."""
-        config, ws = self.config, self.config.warm_start
-        from_policy = actor is not None and config.actor.init == "policy"
-        todo = [(name, model, steps, lr, section)
-                for name, model, steps, lr, section in (("policy", policy, ws.policy_steps, ws.policy_lr, config.policy),
-                                                        ("actor", actor, ws.actor_steps, ws.actor_lr, config.actor))
-                if model is not None and steps > 0 and not section.path and not (name == "actor" and from_policy)]
-        if not todo:
-            return
-        data = {k: v for k, v in config.data.to_dict().items() if k not in ("reward", "eval_split", "eval_limit")}
-        spec = {"data": data, "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}  # what it depends on
-        if ws.boxed != 1.0:
-            records = unbox(records, ws.boxed, config.seed)
-            spec["boxed"] = ws.boxed
-        max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
-        for name, model, steps, lr, section in todo:
-            # without `init` (always "own" here), so that caches made before the key still match
-            model_spec = {k: v for k, v in section.to_dict().items() if k != "init"}
-            summary = warm_start(model, self.tokenizer, records, name=name,
-                                 directory=os.path.join(ws.dir or os.path.join(self.workdir, "warm_start"), name),
-                                 steps=steps, batch_size=ws.batch_size, lr=lr, seed=config.seed, max_len=max_len,
-                                 prompt_fn=self.batcher.encode_record, spec={**spec, "model": model_spec})
-            logger.info("warm start of the %s: %s", name, summary)
 
     def _meta(self) -> dict:
         meta = {"step": self.step, "data": self.batcher.state_dict(), "config": self.config.to_dict(),
