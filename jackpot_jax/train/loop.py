@@ -83,10 +83,10 @@ def _batcher(config, records, tokenizer) -> PromptBatcher:
 
 
 def warm_start_models(config, workdir: str, tokenizer, policy, actor, records, prompt_fn) -> None:
-    """The supervised warm start of each model that has one (cached in ``warm_start.dir``; it loads
-    when cached with the same settings); none for an actor that starts as a copy of the policy
-    (``actor.init="policy"``). The cache is ``warm_start.dir``, or ``WORKDIR/warm_start``. ``prompt_fn``: a
-    record's prompt ids, as the run's batcher encodes them."""
+    """The supervised warm start of each model that has one, trained, or loaded when cached with the
+    same settings (in ``warm_start.dir``, or ``WORKDIR/warm_start``); none for an actor that starts as
+    a copy of the policy (``actor.init="policy"``). ``prompt_fn``: a record's prompt ids, as the run's
+    batcher encodes them."""
     ws = config.warm_start
     from_policy = actor is not None and config.actor.init == "policy"
     todo = [(name, model, steps, lr, section)
