@@ -49,9 +49,12 @@ def get_config():
     # warm-started models earn it on only part of their otherwise right completions: the gap between
     # the supervised data's habit and the reward that RL closes in the demo's 100 steps (1.0: none;
     # docs/training.md, "The demo").
+    # `seed`: the seed of the starting models (their initial weights, the warm start's data order and
+    # unboxing); -1: `config.seed`. Runs with several seeds and one `warm_start.seed` start from the
+    # same models and differ only in RL's randomness, as runs from one pretrained checkpoint do.
     config.warm_start = ml_collections.ConfigDict(dict(policy_steps=800, actor_steps=1000, batch_size=64,
                                                        policy_lr=1e-3, actor_lr=3e-3, problems=11000,
-                                                       boxed=0.5, dir=""))
+                                                       boxed=0.5, seed=-1, dir=""))
 
     config.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=16, n=8,  # GRPO groups: n samples of each prompt

@@ -17,8 +17,11 @@ def test_every_arm_of_every_study_is_a_valid_config(tmp_path):
         for arm in study.arms:
             config = studies.run_config(name, arm, 1, str(tmp_path))
             validate(config)
-            assert config.seed == 1
-            assert config.warm_start.dir == str(tmp_path / "warm_start" / study.warm_start / "seed_1")
+            assert (config.seed, config.warm_start.seed) == (1, studies.WARM_START_SEED)
+            assert config.warm_start.dir == str(tmp_path / "warm_start" / study.warm_start / "seed_0")
+    # per-seed warm starts on request: each seed's in its own dir
+    config = studies.run_config("decoupled", "jackpot", 2, str(tmp_path), [("warm_start.seed", -1)])
+    assert config.warm_start.dir == str(tmp_path / "warm_start" / "demo" / "seed_2")
     config = studies.run_config("decoupled", "off_policy", 0, str(tmp_path), [("train.steps", 7)])
     assert (config.algorithm.mode, config.algorithm.beta, config.train.steps) == ("off_policy", 0.0, 7)
     assert studies.run_config("decoupled", "tis", 0, str(tmp_path)).algorithm.train_actor is False
@@ -26,19 +29,27 @@ def test_every_arm_of_every_study_is_a_valid_config(tmp_path):
         studies.run_config("decoupled", "jackpot", 0, str(tmp_path), [("train.stepz", 7)])
 
 
-def test_a_seeds_first_run_is_one_that_warm_starts_both_models(tmp_path, monkeypatch):
-    """on_policy builds no actor: the seed's first run is the next arm, which trains both warm starts
-    (in parallel, the seed's other runs wait for it); complete runs are skipped."""
+def test_runs_go_seed_by_seed_and_the_warm_starts_once_per_dir(tmp_path, monkeypatch):
+    """One process: seed by seed in the arms' order, complete runs skipped. The warm starts are
+    trained once per warm-start dir (in parallel, before the runs), by a run with an actor (on_policy
+    builds none): one dir for all seeds, or one per seed with ``warm_start.seed=-1``."""
     started = []
     monkeypatch.setattr(studies, "_train", lambda config, workdir: started.append(workdir) or workdir)
     out = str(tmp_path)
     _write(tmp_path / "decoupled" / "tis" / "seed_1", [{"step": 100}])  # complete
     assert studies.run("decoupled", out, seeds=(0, 1)) == started
-    arms = ["off_policy", "on_policy", "tis", "tis_distill", "jackpot"]
+    arms = ["on_policy", "off_policy", "tis", "tis_distill", "jackpot"]
     assert started == [studies.run_dir(out, "decoupled", arm, seed) for seed in (0, 1) for arm in arms
                        if (arm, seed) != ("tis", 1)]
     with pytest.raises(ValueError, match="jobs=0 is not allowed"):
         studies.run("decoupled", out, jobs=0)
+
+    def leaders(overrides=()):
+        configs = [studies.run_config("decoupled", arm, seed, out, overrides) for seed in (0, 1) for arm in arms]
+        return [(c.algorithm.mode, c.seed, os.path.basename(c.warm_start.dir)) for c in studies._warm_start_leaders(configs)]
+
+    assert leaders() == [("off_policy", 0, "seed_0")]
+    assert leaders([("warm_start.seed", -1)]) == [("off_policy", 0, "seed_0"), ("off_policy", 1, "seed_1")]
 
 
 def test_smooth_is_a_trailing_moving_average():
@@ -85,23 +96,29 @@ def test_report_table_is_the_mean_and_spread_over_seeds(tmp_path):
         gain = last - np.asarray([f[2] for f in figures])
         assert cells[5] == f"{100 * gain.mean():.1f}% ± {100 * gain.std(ddof=1):.1f}"
         vs_first = last - np.asarray([f[0] for f in want["off_policy"]])  # the study's first arm present
-        assert cells[6] == f"{100 * vs_first.mean():.1f}% ± {100 * vs_first.std(ddof=1):.1f}"
+        assert cells[6] == ("0" if arm == "off_policy" else f"{100 * vs_first.mean():.1f}% ± {100 * vs_first.std(ddof=1):.1f}"
+                            f" ({', '.join(f'{100 * v:+.1f}' for v in vs_first)})")
         kl = np.asarray([f[1] for f in figures])
         assert cells[8] == f"{kl.mean():.3f} ± {kl.std(ddof=1):.3f}"
+        # the per-seed table: each seed's first and last evaluation, in percent
+        assert "Policy Mean@4 (%) at steps 1 / 30:" in text
+        line = [line for line in text.splitlines() if line.startswith(f"| {arm} |")][1]
+        assert line == f"| {arm} | " + " | ".join(f"{100 * f[2]:.1f} / {100 * f[0]:.1f}" for f in figures) + " |"
     assert "| on_policy |" not in text  # arms without runs are left out
     with pytest.raises(FileNotFoundError, match="no run of study 'staleness'"):
         studies.report("staleness", str(tmp_path))
 
 
 def test_warm_start_trains_what_the_runs_then_load(tmp_path, monkeypatch, caplog):
-    """``studies warm-start``: each seed's warm starts of both models, without a run; a run of the
-    study then loads them instead of training its own."""
+    """``studies warm-start``: the warm starts of both models, once for all seeds, without a run; a
+    run of the study, of another seed too, then loads them instead of training its own."""
     tiny = studies.Study("a test", {**OVERRIDES, "data.data_dir": str(tmp_path / "data")},
                          {"on_policy": {"algorithm.mode": "on_policy"}, "jackpot": {}})
     monkeypatch.setitem(studies.STUDIES, "tiny", tiny)
     out = str(tmp_path / "results")
-    studies.warm_start("tiny", out, seeds=(0,))
+    assert studies.warm_start("tiny", out, seeds=(0, 1)) == [os.path.join(out, "warm_start", "demo", "seed_0")]
     seed_dir = os.path.join(out, "warm_start", "demo", "seed_0")
+    assert os.listdir(os.path.join(out, "warm_start", "demo")) == ["seed_0"]  # one for both seeds
     assert sorted(os.listdir(seed_dir)) == ["actor", "policy"]  # from the arm with an actor
     assert not os.path.exists(os.path.join(out, "tiny"))  # no run
     specs = {name: json.load(open(os.path.join(seed_dir, name, "spec.json"))) for name in ("actor", "policy")}
@@ -110,7 +127,7 @@ def test_warm_start_trains_what_the_runs_then_load(tmp_path, monkeypatch, caplog
     from jackpot_jax.train.loop import Trainer  # noqa: PLC0415
 
     caplog.set_level("INFO", logger="jackpot_jax.train.loop")
-    Trainer(studies.run_config("tiny", "jackpot", 0, out), studies.run_dir(out, "tiny", "jackpot", 0))
+    Trainer(studies.run_config("tiny", "jackpot", 1, out), studies.run_dir(out, "tiny", "jackpot", 1))
     loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm start of the")]
     assert loaded == [f"warm start of the {name}: {{'cached': True, 'final_loss': {specs[name]['final_loss']}}}"
                       for name in ("policy", "actor")]
@@ -131,8 +148,8 @@ def test_a_study_runs_each_arm_and_seed_once(tmp_path, monkeypatch):
     assert sorted(os.listdir(os.path.join(out, "warm_start", "demo", "seed_0"))) == ["actor", "policy"]
     assert not os.path.exists(os.path.join(ran[0], "warm_start"))
     assert studies.run("tiny", out, seeds=(0,)) == []
-    # two worker processes, seed 1: its first run trains the warm starts, the second loads them
-    ran = studies.run("tiny", out, seeds=(1,), jobs=2)
+    # two worker processes, seed 1 with its own warm starts: trained first, then loaded by both runs
+    ran = studies.run("tiny", out, seeds=(1,), jobs=2, overrides=[("warm_start.seed", -1)])
     assert sorted(ran) == [studies.run_dir(out, "tiny", arm, 1) for arm in ("jackpot", "off_policy")]
     for workdir in ran:
         assert [row["step"] for row in read_metrics(workdir)] == [1, 2]

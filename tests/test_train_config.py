@@ -365,6 +365,32 @@ def test_warm_start_problems_split_the_train_records():
         assert text in str(error.value), error.value
 
 
+def test_warm_start_seed_draws_the_starting_models_whatever_the_runs_seed():
+    """``warm_start.seed`` seeds the models' initial weights (and their warm start): runs of other
+    seeds with one warm_start.seed start from equal models; -1 follows ``config.seed``."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from jackpot_jax.train import build  # noqa: PLC0415
+
+    tokenizer = build.load_tokenizer(get_config())
+
+    def weights(seed, warm_start_seed):
+        config = with_values(warm_start__seed=warm_start_seed)
+        config.seed = seed
+        validate(config)
+        return [jax.tree.leaves(nnx.state(model, nnx.Param)) for model in build.build_models(config, tokenizer)]
+
+    def equal(a, b):
+        return all(np.array_equal(x, y) for leaves_a, leaves_b in zip(a, b) for x, y in zip(leaves_a, leaves_b))
+
+    assert build.model_seed(with_values(warm_start__seed=-1)) == 0 and build.model_seed(with_values(warm_start__seed=3)) == 3
+    assert equal(weights(1, 0), weights(0, -1))
+    assert not equal(weights(1, -1), weights(0, -1))
+    refused(with_values(warm_start__seed=-2))
+
+
 def test_unbox_removes_the_final_box_from_a_seeded_fraction_of_the_solutions():
     from jackpot_jax.data.arithmetic import make_split  # noqa: PLC0415
     from jackpot_jax.data.rewards import math_reward  # noqa: PLC0415

@@ -5,10 +5,11 @@
     python -m jackpot_jax.experiments.studies report decoupled --out results      # plots + a Markdown table
 
 A study is a set of arms, each a few overrides of ``configs/demo.py`` on top of the study's own.
-Each arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). The runs of one
-seed share their warm starts, across studies too (``OUT/warm_start/GROUP/seed_S``, the study's
-warm-start group: same seed, same settings, trained once). All runs share their compiled programs
-(JAX's persistent compilation cache, ``OUT/jax_cache``). ``run`` skips the runs that are complete and
+Each arm runs once per seed, into ``OUT/STUDY/ARM/seed_S`` (a trainer work dir). Every run starts
+from the same warm-started models (``warm_start.seed = WARM_START_SEED``, as runs start from one
+pretrained checkpoint: the seeds differ in RL's randomness only), trained once and shared across
+studies too (``OUT/warm_start/GROUP/seed_0``, the study's warm-start group: same settings). All
+runs share their compiled programs (JAX's persistent compilation cache, ``OUT/jax_cache``). ``run`` skips the runs that are complete and
 resumes an interrupted one from its last checkpoint, so an interrupted study continues where it
 stopped. ``report`` writes ``OUT/STUDY/report.md`` (a table over the seeds: mean and spread of each
 arm's figures) and ``OUT/STUDY/curves.png`` (reward, actor-policy KL, acceptance, kappa and the
@@ -91,6 +92,9 @@ CURVES = ("reward/mean", "mismatch/kl_full", "obrs/accept_rate", "obrs/kappa", "
           "controller/actor_lr_scale")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 LAST = 10  # the table's "late" figures: the mean over the last LAST logged steps
+# Every seed of a study starts from the warm starts of this seed, as the paper's runs start from one
+# pretrained checkpoint: the seeds differ only in RL's randomness (rollouts, batches, OBRS masks).
+WARM_START_SEED = 0
 
 
 def _demo_config():
@@ -125,13 +129,17 @@ def parse_override(text: str):
 
 
 def run_config(study: str, arm: str, seed: int, out: str, overrides=()):
-    """The trainer config of one run: the demo's, the study's, the arm's, then ``overrides``."""
+    """The trainer config of one run: the demo's, the study's, the arm's, then ``overrides``; every
+    seed starts from the warm starts of :data:`WARM_START_SEED` (unless ``overrides`` set
+    ``warm_start.seed``)."""
     spec = STUDIES[study]
     config = _demo_config()
+    config.warm_start.seed = WARM_START_SEED
     for key, value in [*spec.base.items(), *spec.arms[arm].items(), *overrides]:
         _set(config, key, value)
     config.seed = seed
-    config.warm_start.dir = os.path.join(os.path.abspath(out), "warm_start", spec.warm_start, f"seed_{seed}")
+    model_seed = seed if config.warm_start.seed == -1 else config.warm_start.seed  # build.model_seed
+    config.warm_start.dir = os.path.join(os.path.abspath(out), "warm_start", spec.warm_start, f"seed_{model_seed}")
     config.train.progress = False
     return config
 
@@ -145,48 +153,66 @@ def _complete(workdir: str, steps: int) -> bool:
     return os.path.exists(path) and any(row["step"] == steps for row in read_metrics(path))
 
 
-def _train(config, workdir: str) -> str:
+def _compilation_cache(out_dir: pathlib.Path) -> None:
+    """The runs of a study compile the same programs (arms differ in a few settings, seeds not at
+    all): JAX's persistent compilation cache, ``OUT/jax_cache``, compiles each once per results dir.
+    Keyed by the program, it cannot change a result, only skip recompiling it."""
     import jax  # noqa: PLC0415
+
+    jax.config.update("jax_compilation_cache_dir", str(out_dir / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _train(config, workdir: str) -> str:
     from jackpot_jax.train.loop import Trainer  # noqa: PLC0415 (JAX, TensorFlow Datasets)
 
-    # the runs of a study compile the same programs (arms differ in a few settings, seeds not at
-    # all): JAX's persistent compilation cache, OUT/jax_cache, compiles each once per results dir.
-    # Keyed by the program, it cannot change a result, only skip recompiling it.
-    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(workdir).resolve().parents[2] / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    _compilation_cache(pathlib.Path(workdir).resolve().parents[2])  # OUT/STUDY/ARM/seed_S
     Trainer(config, workdir).run()
     return workdir
 
 
+def _warm_start(config) -> str:
+    from jackpot_jax.train.loop import warm_start_only  # noqa: PLC0415 (JAX, TensorFlow Datasets)
+
+    directory = config.warm_start.dir
+    _compilation_cache(pathlib.Path(directory).resolve().parents[2])  # OUT/warm_start/GROUP/seed_S
+    logger.info("warm starts in %s", directory)
+    warm_start_only(config, directory)
+    return directory
+
+
 def _warm_starts_both(config) -> bool:
-    """Whether a run of ``config`` warm-starts every model its seed's runs use: one with an actor
-    (on-policy training builds the policy alone)."""
+    """Whether a run of ``config`` warm-starts every model the runs of its warm-start dir use: one
+    with an actor (on-policy training builds the policy alone)."""
     return config.algorithm.mode != "on_policy"
 
 
-def warm_start(study: str, out: str, seeds=(0, 1, 2), overrides=()) -> None:
-    """Train the warm starts of ``study``'s runs, seed by seed, without the runs (those cached with the
-    same settings are kept): what the study's first run of each seed would train. They are shared with
-    every study of the same warm-start group, so this runs once before the studies (docs/results.md,
-    "Time")."""
-    from jackpot_jax.train.loop import warm_start_only  # noqa: PLC0415 (JAX, TensorFlow Datasets)
+def _warm_start_leaders(configs) -> list:
+    """One config per warm-start dir of ``configs``: one whose run trains every model of that dir."""
+    groups = {}
+    for config in configs:
+        groups.setdefault(config.warm_start.dir, []).append(config)
+    return [next((c for c in group if _warm_starts_both(c)), group[0]) for group in groups.values()]
 
-    for seed in seeds:
-        configs = [run_config(study, arm, seed, out, overrides) for arm in STUDIES[study].arms]
-        config = next((c for c in configs if _warm_starts_both(c)), configs[0])
-        logger.info("warm starts of seed %d in %s", seed, config.warm_start.dir)
-        warm_start_only(config, config.warm_start.dir)
+
+def warm_start(study: str, out: str, seeds=(0, 1, 2), overrides=()) -> list[str]:
+    """Train the warm starts of ``study``'s runs without the runs (those cached with the same
+    settings are kept); returns their dirs. The seeds share one warm start (:data:`WARM_START_SEED`),
+    and the studies of one warm-start group share it too (docs/results.md, "Time")."""
+    configs = [run_config(study, arm, seed, out, overrides) for seed in seeds for arm in STUDIES[study].arms]
+    return [_warm_start(config) for config in _warm_start_leaders(configs)]
 
 
 def run(study: str, out: str, seeds=(0, 1, 2), arms=None, overrides=(), jobs: int = 1) -> list[str]:
     """Run every (arm, seed) of ``study`` not yet complete; returns the work dirs run.
 
-    ``jobs=1``: seed by seed, in this process. ``jobs > 1``: that many worker processes at once. A
-    seed's first run (one with an actor, so that it trains both warm starts) goes first; the seed's
-    other runs start once it is done and load its warm starts, so no two processes write one. On
-    small models one process leaves much of a CPU idle (compiling, dispatching, decoding one token
-    at a time): on the 2-core CPU two short demo runs took 160 s at once against 110 s for one
-    alone, 1.4x the throughput (docs/results.md).
+    ``jobs=1``: one after the other, in this process (the first run trains the warm starts, the
+    others load them). ``jobs > 1``: the warm starts first, each in a worker process, then the runs,
+    ``jobs`` worker processes at once, so that no two processes train one warm start. On small
+    models one run leaves much of a CPU idle (Python, dispatch, decoding one token at a time): on
+    the 2-core CPU, study 1's 15 runs took 32 min with ``jobs=2`` against about 4 min each alone.
+    The warm starts are compute-bound: two at once take as long as two in a row (docs/results.md,
+    "Time").
     """
     arms = list(STUDIES[study].arms) if arms is None else list(arms)
     unknown = [arm for arm in arms if arm not in STUDIES[study].arms]
@@ -194,25 +220,20 @@ def run(study: str, out: str, seeds=(0, 1, 2), arms=None, overrides=(), jobs: in
         raise ValueError(f"study {study!r} has no arm {unknown[0]!r}; its arms: {list(STUDIES[study].arms)}.")
     if jobs < 1:
         raise ValueError(f"jobs={jobs} is not allowed: give the number of worker processes, 1 or more.")
-    todo = {}  # seed -> [(config, workdir)], the one that warm-starts both models first
+    todo = []  # (config, workdir), seed by seed in the arms' order
     for seed in seeds:
         for arm in arms:
             config = run_config(study, arm, seed, out, overrides)
             workdir = run_dir(out, study, arm, seed)
             if _complete(workdir, config.train.steps):
                 logger.info("%s/%s/seed_%d is complete; skipped", study, arm, seed)
-                continue
-            todo.setdefault(seed, []).append((config, workdir))
-        runs = todo.get(seed)
-        if runs:
-            leader = next((i for i, (config, _) in enumerate(runs) if _warm_starts_both(config)), 0)
-            runs.insert(0, runs.pop(leader))  # then the arms' order
-    if jobs == 1:
+            else:
+                todo.append((config, workdir))
+    if jobs == 1 or not todo:
         ran = []
-        for runs in todo.values():
-            for config, workdir in runs:
-                logger.info("running %s", workdir)
-                ran.append(_train(config, workdir))
+        for config, workdir in todo:
+            logger.info("running %s", workdir)
+            ran.append(_train(config, workdir))
         return ran
     return _run_parallel(todo, jobs)
 
@@ -221,33 +242,26 @@ def _log_like(level: int) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
-def _run_parallel(todo: dict, jobs: int) -> list[str]:
+def _run_parallel(todo: list, jobs: int) -> list[str]:
     import concurrent.futures  # noqa: PLC0415
     import multiprocessing  # noqa: PLC0415
 
-    ran = []
     # spawn, not fork: a forked JAX runtime is not safe to use; the workers log as this process does
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_log_like,
                                                 initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
-        pending = {}  # future -> the runs of its seed that wait for it
-        for runs in todo.values():
-            logger.info("running %s", runs[0][1])
-            pending[pool.submit(_train, *runs[0])] = runs[1:]
+        # the warm starts, then the runs that load them: a failure raises here, before any run starts
+        list(pool.map(_warm_start, _warm_start_leaders([config for config, _ in todo])))
+        futures = []
+        for config, workdir in todo:
+            logger.info("running %s", workdir)
+            futures.append(pool.submit(_train, config, workdir))
         try:
-            while pending:
-                done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    rest = pending.pop(future)
-                    ran.append(future.result())  # a failed run raises here
-                    for config, workdir in rest:
-                        logger.info("running %s", workdir)
-                        pending[pool.submit(_train, config, workdir)] = []
+            return [future.result() for future in futures]  # a failed run raises here
         except BaseException:
-            for future in pending:  # the runs not started yet; the running ones finish (or resume later)
+            for future in futures:  # the runs not started yet; the running ones finish (or resume later)
                 future.cancel()
             raise
-    return ran
 
 
 # ---------------------------------------------------------------------------- report
@@ -322,8 +336,15 @@ def _cell(values, percent=False):
     return f"{mean:.{digits}f}{unit} ± {spread:.{digits}f}"
 
 
+def _per_seed(values) -> str:
+    """``" (+1.2, -0.4, ...)"``: each seed's value in points, after a cell of their mean and spread."""
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return f" ({', '.join(f'{100 * v:+.1f}' for v in values)})" if len(values) > 1 else ""
+
+
 def markdown(study: str, runs) -> str:
-    """The study's table: one row per arm, mean ± standard deviation over its seeds."""
+    """The study's tables: one row per arm, mean ± standard deviation over its seeds (the same-seed
+    differences also seed by seed); then each run's policy evaluations, step by step."""
     eval_key = _eval_key(runs) or "eval/policy/mean@k"
     k = eval_key.rsplit("@", 1)[-1]
     table = summarize(runs)
@@ -338,13 +359,27 @@ def markdown(study: str, runs) -> str:
         get = lambda key: [row.get(key) for row in rows]  # noqa: E731
         lines.append(f"| {arm} | {', '.join(str(s) for s in figures)} | {min(get('steps'))} | "
                      f"{_cell(get('eval_first'), True)} | {_cell(get('eval_last'), True)} | "
-                     f"{_cell(get('eval_gain'), True)} | {_cell(get('eval_vs_reference'), True)} | "
+                     f"{_cell(get('eval_gain'), True)} | "
+                     f"{'0' if arm == reference else _cell(get('eval_vs_reference'), True) + _per_seed(get('eval_vs_reference'))} | "
                      f"{_cell(get('reward/mean'))} | {_cell(get('mismatch/kl_full'))} | "
                      f"{_cell(get('obrs/accept_rate'))} | {_cell(get('obrs/kappa'))} |")
     lines += ["", f"Mean ± standard deviation over the seeds. \"gain\": each seed's last evaluation minus its first "
-              f"(the seeds' warm starts differ, so this spreads less); \"- {reference}'s\": the difference to "
-              f"the first arm's last evaluation with the same seed (same warm start); \"last {LAST}\": the mean over "
+              f"(the step-0 evaluations differ by sampling only: one warm start); \"- {reference}'s\": the "
+              f"difference to the first arm's last evaluation with the same seed; \"last {LAST}\": the mean over "
               f"a run's last {LAST} logged steps."]
+    evaluated = sorted({int(step) for seeds in runs.values() for rows in seeds.values()
+                        for step in _series(rows, eval_key)[0]})
+    if evaluated:
+        seeds = sorted({seed for figures in runs.values() for seed in figures})
+        lines += ["", f"Policy Mean@{k} (%) at steps {' / '.join(map(str, evaluated))}:", "",
+                  f"| arm | {' | '.join(f'seed {seed}' for seed in seeds)} |", "|---" * (len(seeds) + 1) + "|"]
+        for arm, figures in runs.items():
+            cells = []
+            for seed in seeds:
+                steps, values = _series(figures.get(seed, []), eval_key)
+                at = dict(zip(steps.tolist(), values.tolist()))
+                cells.append(" / ".join(f"{100 * at[step]:.1f}" if step in at else "-" for step in evaluated))
+            lines.append(f"| {arm} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 

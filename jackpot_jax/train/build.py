@@ -42,14 +42,22 @@ def build_model(section, tokenizer, seed: int, mesh=None):
     return registry.build(section.model, config, rngs=nnx.Rngs(seed))
 
 
+def model_seed(config) -> int:
+    """The seed of the starting models: their initial weights and their warm start
+    (``warm_start.seed``; ``config.seed`` when it is -1). RL's randomness follows ``config.seed``."""
+    return config.seed if config.warm_start.seed == -1 else config.warm_start.seed
+
+
 def build_models(config, tokenizer, mesh=None, actor_mesh=None):
     """``(policy, actor)``; the actor is None in ``on_policy`` mode. Both must cover the tokenizer's
     vocabulary and share it (the OBRS ratios compare their distributions token by token).
     Checkpoints load into their shardings: on ``mesh`` (the update's) when given, the actor's on
-    ``actor_mesh`` when given (the disaggregated placement)."""
-    policy = build_model(config.policy, tokenizer, config.seed, mesh)
+    ``actor_mesh`` when given (the disaggregated placement). Fresh models are drawn with
+    :func:`model_seed` (the actor with the next seed)."""
+    seed = model_seed(config)
+    policy = build_model(config.policy, tokenizer, seed, mesh)
     actor = (None if config.algorithm.mode == "on_policy"
-             else build_model(config.actor, tokenizer, config.seed + 1, mesh if actor_mesh is None else actor_mesh))
+             else build_model(config.actor, tokenizer, seed + 1, mesh if actor_mesh is None else actor_mesh))
     for name, model in (("policy", policy), ("actor", actor)):
         if model is not None and model.config.vocab_size < len(tokenizer):
             raise ConfigError(f"config.{name}: the model's vocab_size={model.config.vocab_size} is smaller than the "

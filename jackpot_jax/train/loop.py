@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,8 +98,9 @@ def warm_start_models(config, workdir: str, tokenizer, policy, actor, records, p
         return
     data = {k: v for k, v in config.data.to_dict().items() if k not in ("reward", "eval_split", "eval_limit")}
     spec = {"data": data, "tokenizer": config.tokenizer.to_dict(), "problems": ws.problems}  # what it depends on
+    seed = build.model_seed(config)  # also the seed of the models' initial weights (spec: "seed")
     if ws.boxed != 1.0:
-        records = unbox(records, ws.boxed, config.seed)
+        records = unbox(records, ws.boxed, seed)
         spec["boxed"] = ws.boxed
     max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
     for name, model, steps, lr, section in todo:
@@ -106,22 +108,41 @@ def warm_start_models(config, workdir: str, tokenizer, policy, actor, records, p
         model_spec = {k: v for k, v in section.to_dict().items() if k != "init"}
         summary = warm_start(model, tokenizer, records, name=name,
                              directory=os.path.join(ws.dir or os.path.join(workdir, "warm_start"), name),
-                             steps=steps, batch_size=ws.batch_size, lr=lr, seed=config.seed, max_len=max_len,
+                             steps=steps, batch_size=ws.batch_size, lr=lr, seed=seed, max_len=max_len,
                              prompt_fn=prompt_fn, spec={**spec, "model": model_spec})
         logger.info("warm start of the %s: %s", name, summary)
+
+
+class _Start(NamedTuple):
+    """What a run builds before its first step: data and warm-started models."""
+    tokenizer: object
+    train_records: list
+    eval_records: list
+    batcher: PromptBatcher
+    mesh: object
+    actor_mesh: object
+    policy: object
+    actor: object
+
+
+def _start(config, workdir: str) -> _Start:
+    """The tokenizer, the records, the RL batcher, the meshes and the models of a run of ``config``
+    in ``workdir``, warm-started (:func:`warm_start_models`)."""
+    tokenizer = build.load_tokenizer(config)
+    train_records, eval_records = build.load_records(config)
+    warm_records, rl_records = _split_warm_start(train_records, config)
+    batcher = _batcher(config, rl_records, tokenizer)
+    mesh, actor_mesh = parallel.meshes_from_config(config)
+    policy, actor = build.build_models(config, tokenizer, mesh, actor_mesh)
+    warm_start_models(config, workdir, tokenizer, policy, actor, warm_records, batcher.encode_record)
+    return _Start(tokenizer, train_records, eval_records, batcher, mesh, actor_mesh, policy, actor)
 
 
 def warm_start_only(config, workdir: str) -> None:
     """The warm starts of a run of ``config`` in ``workdir`` (``warm_start.dir``, or
     ``WORKDIR/warm_start``), without the run: what :class:`Trainer` would train or load first."""
     validate(config)
-    tokenizer = build.load_tokenizer(config)
-    train_records, _ = build.load_records(config)
-    warm_records, rl_records = _split_warm_start(train_records, config)
-    mesh, actor_mesh = parallel.meshes_from_config(config)
-    policy, actor = build.build_models(config, tokenizer, mesh, actor_mesh)
-    warm_start_models(config, os.path.abspath(workdir), tokenizer, policy, actor, warm_records,
-                      _batcher(config, rl_records, tokenizer).encode_record)
+    _start(config, os.path.abspath(workdir))
 
 
 class Trainer:
@@ -141,21 +162,18 @@ class Trainer:
         self.config, self.workdir = config, os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         algo, rollout = config.algorithm, config.rollout
-        self.tokenizer = build.load_tokenizer(config)
         self.reward = get_reward(config.data.reward)
-        self.train_records, self.eval_records = build.load_records(config)
-        warm_records, rl_records = _split_warm_start(self.train_records, config)
-        self.batcher = _batcher(config, rl_records, self.tokenizer)
-        mesh, actor_mesh = parallel.meshes_from_config(config)
-        policy, actor = build.build_models(config, self.tokenizer, mesh, actor_mesh)
-        warm_start_models(config, self.workdir, self.tokenizer, policy, actor, warm_records, self.batcher.encode_record)
+        start = _start(config, self.workdir)
+        self.tokenizer, self.batcher = start.tokenizer, start.batcher
+        self.train_records, self.eval_records = start.train_records, start.eval_records
+        policy, actor = start.policy, start.actor
         if actor is not None and config.actor.init == "policy":
             build.init_actor_from_policy(policy, actor)
             logger.info("the actor starts as a copy of the policy (config.actor.init='policy')")
         rows = rollout.prompts_per_step * rollout.n
         self.updates_per_step = algo.ppo_epochs * rows // algo.train_batch_size
-        self.updater = build.make_updater(config, policy, actor, config.train.steps * self.updates_per_step, mesh,
-                                          actor_mesh)
+        self.updater = build.make_updater(config, policy, actor, config.train.steps * self.updates_per_step,
+                                          start.mesh, start.actor_mesh)
         self.step_config = self.updater.cfg
         params = lambda model: None if model is None else jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
         self.state = self.updater.init_state(params(policy), params(actor))
