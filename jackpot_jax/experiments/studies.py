@@ -349,7 +349,7 @@ def markdown(study: str, runs) -> str:
     k = eval_key.rsplit("@", 1)[-1]
     table = summarize(runs)
     reference = next(iter(table), "the first arm")
-    lines = [f"### Study `{study}`", "", STUDIES[study].question, "",
+    lines = [f"### Study `{study}`", "", f"The paper's claim tested here: {STUDIES[study].question}", "",
              f"| arm | seeds | steps | policy Mean@{k}, first eval | policy Mean@{k}, last eval | gain (last - first) "
              f"| last eval - {reference}'s | reward (last {LAST}) | KL actor-policy (last {LAST}) "
              f"| acceptance (last {LAST}) | kappa (last {LAST}) |",
