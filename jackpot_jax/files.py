@@ -1,8 +1,10 @@
 """Writing files so that a crash never leaves a truncated file under its final name."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def atomic_write(path, write: Callable[[str], None]) -> None:
@@ -21,3 +23,18 @@ def atomic_write_text(path, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path) -> Iterator[None]:
+    """Holds an exclusive advisory lock on ``path`` (``fcntl.flock``; the file is created if missing)
+    for the block, so that processes preparing the same files take turns. The kernel releases it
+    when its process dies: a crash leaves no stale lock."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

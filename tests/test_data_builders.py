@@ -168,6 +168,21 @@ def test_arithmetic_builder_custom_config_and_empty_split(tmp_path):
         load_split("jackpot_arithmetic", "train", data_dir=str(tmp_path), config=empty)
 
 
+
+def test_two_processes_preparing_one_fresh_data_dir_both_get_the_dataset(tmp_path):
+    """Without the lock, the second of two processes preparing a fresh data_dir at once fails to
+    rename its copy onto the first's (FileExistsError); with it, they take turns."""
+    script = ("import json, sys; from jackpot_jax.data.datasets import load_split; "
+              "print(json.dumps(load_split('jackpot_arithmetic', 'test', data_dir=sys.argv[1], config='d2')))")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (_, err) in zip(runs, outputs):
+        assert run.returncode == 0, err[-2000:]
+    first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
+    assert len(first) == 200 and first == second
+
 # ------------------------------------------------------------------------------------------------
 # gsm8k / math / deepscaler from the fixtures
 # ------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from jackpot_jax.files import atomic_write_text
+from jackpot_jax.files import atomic_write_text, exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -294,20 +294,23 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None, limit=N
 
     import tensorflow_datasets as tfds
 
-    builder = get_builder(name, data_dir=data_dir, config=config)
-    download_config = tfds.download.DownloadConfig(manual_dir=resolved)
-    fingerprint_path = os.path.join(builder.data_dir, _FINGERPRINT_FILE)
-    fingerprint = manual_fingerprint(name, resolved) if resolved else None
-    if fingerprint and builder.is_prepared():
-        old = Path(fingerprint_path).read_text().strip() if os.path.exists(fingerprint_path) else None
-        if old != fingerprint:
-            logger.info("Dataset %r: the files in %s changed; preparing it again.", name, resolved)
-            download_config = tfds.download.DownloadConfig(
-                manual_dir=resolved, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
-    builder.download_and_prepare(download_config=download_config)
-    builder = get_builder(name, data_dir=data_dir, config=config)  # reads the prepared info
-    if fingerprint:
-        atomic_write_text(fingerprint_path, fingerprint + "\n")
+    # Two processes preparing one data_dir at once (two jobs on a fresh machine) would both build
+    # it and the second rename would fail: they take turns, and the second finds it prepared.
+    with exclusive_lock(os.path.join(data_dir, f".{name}.lock")):
+        builder = get_builder(name, data_dir=data_dir, config=config)
+        download_config = tfds.download.DownloadConfig(manual_dir=resolved)
+        fingerprint_path = os.path.join(builder.data_dir, _FINGERPRINT_FILE)
+        fingerprint = manual_fingerprint(name, resolved) if resolved else None
+        if fingerprint and builder.is_prepared():
+            old = Path(fingerprint_path).read_text().strip() if os.path.exists(fingerprint_path) else None
+            if old != fingerprint:
+                logger.info("Dataset %r: the files in %s changed; preparing it again.", name, resolved)
+                download_config = tfds.download.DownloadConfig(
+                    manual_dir=resolved, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
+        builder.download_and_prepare(download_config=download_config)
+        builder = get_builder(name, data_dir=data_dir, config=config)  # reads the prepared info
+        if fingerprint:
+            atomic_write_text(fingerprint_path, fingerprint + "\n")
     if split not in builder.info.splits:
         raise ValueError(f"Dataset {name!r} was prepared without a {split!r} split "
                          f"(splits: {sorted(builder.info.splits)}).")
