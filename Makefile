@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist processes; each test file runs in one of them (its module fixtures built once).
+# TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo simulation test test-slow clean
 
@@ -27,11 +31,11 @@ simulation: $(INSTALLED)
 	$(BIN)/python -m jackpot_jax.experiments.obrs_simulation --out runs/obrs_simulation
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Everything, plus the checks too long for CI (marker `slow`), with 2,000 examples per property.
 test-slow: $(INSTALLED)
-	$(BIN)/python -m pytest -m "slow or not slow" --hypothesis-profile=thorough $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "slow or not slow" --hypothesis-profile=thorough $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

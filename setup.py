@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
+        "pytest-xdist>=3.5",  # `make test` runs the test files in 2 processes
         "hypothesis>=6.100",
         # The oracle for model parity (transformers on PyTorch): the CPU build, from a local wheel
         # here; other versions pull the CUDA build (gigabytes).
