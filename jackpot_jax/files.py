@@ -1,4 +1,5 @@
-"""Writing files so that a crash never leaves a truncated file under its final name."""
+"""Writing files so that a crash never leaves a truncated file under its final name, and a lock
+for processes that prepare the same files."""
 from __future__ import annotations
 
 import contextlib

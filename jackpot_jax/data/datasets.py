@@ -28,6 +28,7 @@ and the builders (:mod:`jackpot_jax.data.builders`) when it is called.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -294,9 +295,10 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None, limit=N
 
     import tensorflow_datasets as tfds
 
-    # Two processes preparing one data_dir at once (two jobs on a fresh machine) would both build
-    # it and the second rename would fail: they take turns, and the second finds it prepared.
-    with exclusive_lock(os.path.join(data_dir, f".{name}.lock")):
+    # Two processes preparing one local data_dir at once (two jobs on a fresh machine) would both
+    # build it and the second rename would fail: they take turns, and the second finds it prepared.
+    local = "://" not in data_dir  # a bucket (gs://...) is left to TFDS as it is
+    with exclusive_lock(os.path.join(data_dir, f".{name}.lock")) if local else contextlib.nullcontext():
         builder = get_builder(name, data_dir=data_dir, config=config)
         download_config = tfds.download.DownloadConfig(manual_dir=resolved)
         fingerprint_path = os.path.join(builder.data_dir, _FINGERPRINT_FILE)
