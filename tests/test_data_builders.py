@@ -168,7 +168,6 @@ def test_arithmetic_builder_custom_config_and_empty_split(tmp_path):
         load_split("jackpot_arithmetic", "train", data_dir=str(tmp_path), config=empty)
 
 
-
 def test_two_processes_preparing_one_fresh_data_dir_both_get_the_dataset(tmp_path):
     """Without the lock, the second of two processes preparing a fresh data_dir at once fails to
     rename its copy onto the first's (FileExistsError); with it, they take turns."""
@@ -182,6 +181,7 @@ def test_two_processes_preparing_one_fresh_data_dir_both_get_the_dataset(tmp_pat
         assert run.returncode == 0, err[-2000:]
     first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
     assert len(first) == 200 and first == second
+
 
 # ------------------------------------------------------------------------------------------------
 # gsm8k / math / deepscaler from the fixtures
