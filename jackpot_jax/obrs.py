@@ -226,7 +226,7 @@ def jackpot_weights(logp_new, logp_inf, logp_old, z, lam, c1, c2, target: Target
 
 
 class ObrsFilter(NamedTuple):
-    """Per-token output of OBRS for one mini-batch (Algorithm 1, lines 18-24)."""
+    """Per-token output of OBRS for one batch (Algorithm 1, lines 18-24)."""
 
     accept_prob: jax.Array  # a(x_t), eq. 3
     accepted: jax.Array  # Bernoulli(a(x_t)) and valid
@@ -235,20 +235,22 @@ class ObrsFilter(NamedTuple):
     rho: jax.Array  # jackpot_weights
 
 
-def obrs_filter(key, logp_inf, logp_old, logp_new, z_approx, valid, *, lam, c1, c2,
+def obrs_filter(u, logp_inf, logp_old, logp_new, z_approx, valid, *, lam, c1, c2,
                 target: Target = "new", calibrate: bool = True) -> ObrsFilter:
-    """OBRS on the sampled tokens of a mini-batch: acceptance, mask, kappa, Z_t and rho.
+    """OBRS on the sampled tokens of a batch: acceptance, mask, kappa, Z_t and rho.
 
-    Inputs are the sampled tokens' log-probs under p_inf, p_old and p_new, and ``z_approx`` per
-    token (the top-k estimate, or the exact Z with ``calibrate=False``). Everything returned is
-    stop-gradient: the policy's gradient flows only through its PPO term (eq. 5).
+    Inputs are the sampled tokens' log-probs under p_inf, p_old and p_new, ``z_approx`` per token (the
+    top-k estimate, or the exact Z with ``calibrate=False``) and ``u``, each token's uniform draw in
+    [0, 1): accepted where ``u < a(x)``. kappa is over every valid token given, so pass the whole batch
+    it is defined on. Everything returned is stop-gradient: the policy's gradient flows only through
+    its PPO term (eq. 5).
     """
     check_choice("target", target, TARGETS)
     logp_inf, logp_old, logp_new = (jax.lax.stop_gradient(x) for x in (logp_inf, logp_old, logp_new))
     valid = jnp.asarray(valid, bool)
     logp_target = logp_new if target == "new" else logp_old
     a = accept_prob(logp_target, logp_inf, lam)
-    accepted = sample_mask(key, a) & valid
+    accepted = (u < a) & valid
     k = kappa(z_approx, accepted, valid)
     z = jax.lax.stop_gradient(k * z_approx if calibrate else jnp.asarray(z_approx))
     rho = jackpot_weights(logp_new, logp_inf, logp_old, z, lam, c1, c2, target)

@@ -153,10 +153,9 @@ def test_obrs_filter_composes_the_pieces(rng):
     logp_new = f32(logp_old + rng.normal(0, 0.5, shape))
     z_approx = f32(rng.uniform(0.3, 0.9, shape))
     valid = np.arange(30)[None, :] < np.array([[30], [20], [5], [0]])
-    key = jax.random.PRNGKey(3)
-    out = obrs.obrs_filter(key, logp_inf, logp_old, logp_new, z_approx, valid, lam=0.8, c1=5.0,
+    uniforms = jax.random.uniform(jax.random.PRNGKey(3), shape, dtype=jnp.float32)
+    out = obrs.obrs_filter(uniforms, logp_inf, logp_old, logp_new, z_approx, valid, lam=0.8, c1=5.0,
                            c2=2.0, target="new")
-    uniforms = jax.random.uniform(key, shape, dtype=jnp.float32)
     accepted, k, z = reference.obrs_filter(logp_new, logp_old, logp_inf, valid, z_approx, uniforms,
                                            lam=0.8, target="new", calibrate=True)
     np.testing.assert_array_equal(out.accepted, accepted)

@@ -6,21 +6,20 @@ its optimizer state and the rollout engine on ``actor_mesh`` (disjoint devices):
 weights reach the engine without leaving its devices, and the two models' work runs side by side.
 
 Eq. 8 splits at a stop-gradient: L_actor's target is SG(p_new) (eq. 7) and the policy loss's OBRS
-weights are stop-gradient, so each model's gradient needs only values of the other. Per micro-batch:
+weights are stop-gradient, so each model's gradient needs only values of the other. Per mini-batch:
 
-1. on ``mesh``: the policy's final hidden states ``h_pol`` at the completion window; they go to
-   ``actor_mesh`` device to device, with the policy's unembedding ``w_pol`` (once per update);
-2. on ``actor_mesh``: :meth:`Updater._actor_side`, the colocated step's own code: both models'
-   vocabulary statistics in one pass, the OBRS mask and rho (eqs. 3-4, section 4.4), L_actor and its
-   gradient; the mask and rho go back to ``mesh``;
-3. on ``mesh``: the policy's forward again under the gradient, and L_policy (eq. 5) with that mask
-   and rho (:meth:`Updater._policy_loss`).
+1. the scope (:class:`~jackpot_jax.train.objective.Scope`, the colocated step's own code): towards
+   p_new, the policy's final hidden states ``h_pol`` of each micro-batch go to ``actor_mesh`` device to
+   device, with its unembedding ``w_pol`` (once per update), where the statistics pass runs;
+2. per micro-batch, on ``actor_mesh``: L_actor and its gradient, from ``h_pol`` again;
+3. per micro-batch, on ``mesh``: the policy's forward under the gradient, and L_policy (eq. 5) with the
+   scope's token weights, moved there once.
 
-Both optimizers then apply their mean gradients, or neither does when the loss or a gradient norm is
-not finite (as colocated). The price of the split: the policy forwards twice per micro-batch (as
-activation rematerialization would) and its unembedding's logits are computed on both meshes. The
-rollout batch and its :class:`~jackpot_jax.train.step.OldStats` are placed on both meshes; the
-results equal the colocated step's within float32 rounding (tests/test_parallel.py).
+Both optimizers then apply their gradients, or neither does when the loss or a gradient norm is not
+finite (as colocated). The price of the split: the policy forwards two or three times per micro-batch
+(as activation rematerialization would) and its unembedding's logits are computed on both meshes. The
+rollout batch and its :class:`~jackpot_jax.train.step.OldStats` are placed on both meshes; the results
+equal the colocated step's within float32 rounding (tests/test_parallel.py).
 """
 from __future__ import annotations
 
@@ -36,18 +35,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 import pallas_kernels as pk
 from jackpot_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
 from jackpot_jax.train.batch import TrainBatch, split_micro
-from jackpot_jax.train.step import OldStats, TrainState, Updater, _apply, _completion_window, _flat, _MiniBatch, _scale
+from jackpot_jax.train import objective
+from jackpot_jax.train.step import MiniBatch, OldStats, TrainState, Updater, apply_updates, lr_scale_arg
 
 
 def _micro(batch, num_micro: int, index):
     """Micro-batch ``index`` (traced) of ``batch``'s contiguous split into ``num_micro``."""
     return jax.tree.map(lambda x: x[index], split_micro(batch, num_micro))
-
-
-def _reduce(rows: list[dict]) -> dict:
-    """The micro-batches' metrics as the colocated step reduces them: the max of ``*_max``, else the mean."""
-    return {key: np.max([row[key] for row in rows]) if key.endswith("_max") else np.mean([row[key] for row in rows])
-            for key in rows[0]}
 
 
 class DisaggregatedUpdater(Updater):
@@ -79,7 +73,7 @@ class DisaggregatedUpdater(Updater):
         return NamedSharding(self.actor_mesh, PartitionSpec(("data", "fsdp")))
 
     @staticmethod
-    def _tokens(mesh, shape):
+    def _tokens_on(mesh, shape):
         """Per-token arrays ``[B * T, ...]`` on ``mesh``: their rows split over ``("data", "fsdp")``
         (replicated when they do not divide)."""
         split = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -87,60 +81,69 @@ class DisaggregatedUpdater(Updater):
 
     def _compile(self, state_shardings):
         """The jitted pieces; each runs on one mesh (see the module docstring)."""
+        cfg = self.cfg
         self._unembed = jax.jit(lambda params: nnx.merge(self.policy_def, params, self.policy_rest).unembedding())
-        self._policy_hidden = {window: jax.jit(functools.partial(self._policy_hidden_impl, window=window),
-                                               static_argnums=(2,)) for window in (False, True)}
+        self._policy_hidden = jax.jit(self._policy_hidden_impl, static_argnums=(2, 4))
         self._old = {normalizers: jax.jit(functools.partial(self._old_impl, normalizers=normalizers),
                                           static_argnums=(2,))
                      for normalizers in (False, True)}
-        self._actor_micro = jax.jit(self._actor_micro_impl, static_argnums=(2,), donate_argnums=(9,))
-        self._policy_micro = jax.jit(self._policy_micro_impl, static_argnums=(2,), donate_argnums=(6,))
-        self._norm = jax.jit(lambda grad_sum, n: optax.tree.norm(jax.tree.map(lambda g: g / n, grad_sum)))
+        self._mini = jax.jit(lambda batch, old, key: MiniBatch.make(batch, old, key, cfg.window))
+        self._valid_weight = jax.jit(lambda mini: objective.aggregation_weights(mini.valid, cfg.aggregation))
+        self._statistics_micro = jax.jit(self._statistics_impl, static_argnums=(2,))
+        self._scope_from_batch_jit = jax.jit(self._scope_from_batch)
+        self._actor_micro = jax.jit(self._actor_micro_impl, static_argnums=(2,), donate_argnums=(8,))
+        self._policy_micro = jax.jit(self._policy_micro_impl, static_argnums=(2,), donate_argnums=(7,))
+        self._norm = jax.jit(optax.tree.norm)
         self._apply_policy = jax.jit(self._apply_impl("policy"), donate_argnums=(0, 1, 2),
                                      out_shardings=(state_shardings.policy, state_shardings.policy_opt,
                                                     state_shardings.updates))
-        if self.cfg.train_actor:
+        if cfg.train_actor:
             self._apply_actor = jax.jit(self._apply_impl("actor"), donate_argnums=(0, 1),
                                         out_shardings=(state_shardings.actor, state_shardings.actor_opt))
 
     # ------------------------------------------------------------------ the jitted pieces
 
     def _policy_hidden_impl(self, policy_params, batch, num_micro, index, window: bool):
-        """The policy's final hidden states on micro-batch ``index``: at its completion window
-        (``window``, for the update) or every position (for ``prepare``)."""
-        rows, mb = _completion_window(_micro(batch, num_micro, index), self.cfg.window if window else 0)
-        return self._hidden("policy", policy_params, mb, rows)[0]
+        """The policy's final hidden states on micro-batch ``index`` of a :class:`MiniBatch` at its
+        token positions (``window``, for the update) or of a rollout batch at every position (``prepare``)."""
+        mb = _micro(batch, num_micro, index)
+        return (self._hidden_at("policy", policy_params, mb) if window else self._hidden("policy", policy_params, mb))[0]
 
     def _old_impl(self, actor_params, batch, num_micro, index, h_pol, w_pol, lam, normalizers: bool):
         return self._old_stats(h_pol, w_pol, actor_params, _micro(batch, num_micro, index), lam, normalizers)
 
-    def _actor_micro_impl(self, actor_params, batch, num_micro, index, h_pol, w_pol, key, rollout_actor, beta,
-                          grad_sum):
-        """:meth:`Updater._actor_side` on micro-batch ``index``: ``(grad_sum + its L_actor gradient,
-        (mask, rho, L_actor, metrics))``."""
-        rows, mb = _completion_window(_micro(batch, num_micro, index), self.cfg.window)
-        side = functools.partial(self._actor_side, h_pol=h_pol, w_pol=w_pol, mb=mb, rows=rows,
-                                 key=jax.random.fold_in(key, index), rollout_actor=rollout_actor, beta=beta)
-        if not self.cfg.train_actor:
-            out = side(actor_params)
-            return grad_sum, (out.mask, out.rho, out.actor_loss, out.metrics)
+    def _statistics_impl(self, inf_params, mini, num_micro, index, h_pol, w_pol, lam):
+        """:meth:`Updater._statistics` of micro-batch ``index``, on the actor's mesh."""
+        return self._statistics(h_pol, w_pol, inf_params, _micro(mini, num_micro, index), lam)
+
+    def _actor_micro_impl(self, actor_params, mini, num_micro, index, valid_weight, h_pol, w_pol, beta, grad_sum):
+        """``grad_sum`` plus L_actor's gradient on micro-batch ``index``, and ``(L_actor, its metrics)``."""
+        cfg = self.cfg
+        mb, weight = _micro((mini, valid_weight), num_micro, index)
 
         def loss(actor):
-            out = side(actor)
-            return out.actor_loss, out
+            h_act, w_act = self._hidden_at("actor", actor, mb)
+            stats = pk.fused_jackpot_stats(jax.lax.stop_gradient(h_pol), w_pol, h_act, w_act, mb.targets.reshape(-1),
+                                           cfg.k, cfg.lam, temperature_actor=cfg.temperature,
+                                           direction=cfg.distill_direction, normalizers=False, impl=cfg.kernel_impl)
+            return self._actor_loss(stats, mb, weight, beta)
 
-        (_, out), grads = jax.value_and_grad(loss, has_aux=True)(actor_params)
-        return jax.tree.map(jnp.add, grad_sum, grads), (out.mask, out.rho, out.actor_loss, out.metrics)
+        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(actor_params)
+        return jax.tree.map(jnp.add, grad_sum, grads), (value, metrics)
 
-    def _policy_micro_impl(self, policy_params, batch, num_micro, index, mask, rho, grad_sum):
-        """L_policy (eq. 5) on micro-batch ``index`` with the actor side's ``mask`` and ``rho``:
-        ``(grad_sum + its gradient, metrics)``."""
-        rows, mb = _completion_window(_micro(batch, num_micro, index), self.cfg.window)
+    def _policy_micro_impl(self, policy_params, mini, num_micro, index, valid_weight, rho, weight, grad_sum):
+        """``grad_sum`` plus L_policy's (eq. 5) gradient on micro-batch ``index`` with the scope's token
+        weights ``rho``, ``weight``, and its metrics."""
+        cfg = self.cfg
+        mb, valid_weight, rho, weight = _micro((mini, valid_weight, rho, weight), num_micro, index)
 
         def loss(policy):
-            h, w = self._hidden("policy", policy, mb, rows)
-            logp_new = pk.fused_token_stats(h, w, _flat(mb.targets), 1, impl=self.cfg.kernel_impl)[0]
-            return self._policy_loss(logp_new, mask, rho, mb)
+            h, w = self._hidden_at("policy", policy, mb)
+            logp_new = pk.fused_token_stats(h, w, mb.targets.reshape(-1), 1, impl=cfg.kernel_impl)[0]
+            logp_new = jnp.where(mb.valid, logp_new.reshape(mb.valid.shape), 0.0)
+            return objective.policy_loss(logp_new, jnp.where(mb.valid, mb.logp_old, 0.0), mb.logp_inf,
+                                         mb.advantages, rho, weight, valid_weight, eps_low=cfg.eps_low,
+                                         eps_high=cfg.eps_high, clip=cfg.clip)
 
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(policy_params)
         return jax.tree.map(jnp.add, grad_sum, grads), metrics
@@ -149,9 +152,8 @@ class DisaggregatedUpdater(Updater):
         tx = self.policy_tx if name == "policy" else self.actor_tx
 
         def apply(params, opt_state, *rest, scale=None):
-            *updates, grad_sum, num_micro, finite = rest
-            grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
-            new = _apply(tx, grads, opt_state, params, scale)
+            *updates, grads, finite = rest
+            new = apply_updates(tx, grads, opt_state, params, scale)
             params, opt_state = jax.tree.map(lambda u, c: jnp.where(finite, u, c), new, (params, opt_state))
             return (params, opt_state, updates[0] + finite.astype(jnp.int32)) if updates else (params, opt_state)
 
@@ -168,13 +170,34 @@ class DisaggregatedUpdater(Updater):
         w_pol = jax.device_put(self._unembed(policy_params), self._w_pol)
         parts = []
         for index in range(num_micro):
-            h_pol = self._policy_hidden[False](policy_params, on_policy, num_micro, index)
-            h_pol = jax.device_put(h_pol, self._tokens(self.actor_mesh, h_pol.shape))
+            h_pol = self._policy_hidden(policy_params, on_policy, num_micro, index, False)
+            h_pol = jax.device_put(h_pol, self._tokens_on(self.actor_mesh, h_pol.shape))
             parts.append(self._old[normalizers](actor_params, on_actor, num_micro, index, h_pol, w_pol, lam))
         old = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
         return jax.device_put(old, self.rows)
 
     # ------------------------------------------------------------------ per mini-batch
+
+    def _policy_hidden_on_actor(self, policy_params, on_policy, num_micro, index):
+        h_pol = self._policy_hidden(policy_params, on_policy, num_micro, index, True)
+        return jax.device_put(h_pol, self._tokens_on(self.actor_mesh, h_pol.shape))
+
+    def _scope_on_actor(self, state, on_policy, on_actor, num_micro, lam_old, rollout_actor, w_pol):
+        """The mini-batch's scope, computed on the actor's mesh (see the module docstring, step 1)."""
+        cfg = self.cfg
+        lam_old = jax.device_put(jnp.asarray(lam_old, jnp.float32), NamedSharding(self.actor_mesh, PartitionSpec()))
+        if not cfg.scope_reads_p_new:
+            return self._scope_from_batch_jit(on_actor, lam_old)
+        inf_params = rollout_actor if rollout_actor is not None and cfg.filter_needs_rollout_actor else state.actor
+
+        def run(lam):
+            parts = [self._statistics_micro(inf_params, on_actor, num_micro, index,
+                                            self._policy_hidden_on_actor(state.policy, on_policy, num_micro, index),
+                                            w_pol, lam)
+                     for index in range(num_micro)]
+            return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+        return self._scope_from_statistics(on_actor, run, lam_old)  # eager: a few small ops on the actor's mesh
 
     def update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None,
                beta=None, actor_lr_scale=None):
@@ -182,34 +205,38 @@ class DisaggregatedUpdater(Updater):
         cfg = self.cfg
         self._check_window(batch)
         num_micro = self._num_micro(batch.inputs)
-        mini = _MiniBatch.make(batch, old, lam_old)
+        mini = self._mini(*jax.device_put((batch, old), self.rows), key)
         on_policy, on_actor = jax.device_put(mini, self.rows), jax.device_put(mini, self.actor_rows)
-        key = jax.device_put(key, NamedSharding(self.actor_mesh, PartitionSpec()))
+        weight_on_policy = self._valid_weight(on_policy)
+        weight_on_actor = jax.device_put(weight_on_policy, self.actor_rows)
         if rollout_actor is not None:
             rollout_actor = jax.device_put(rollout_actor, self._param_shardings["actor"])
         w_pol = jax.device_put(self._unembed(state.policy), self._w_pol)
+        scope = self._scope_on_actor(state, on_policy, on_actor, num_micro, lam_old, rollout_actor, w_pol)
+        rho, weight = jax.device_put((scope.rho, scope.weight), self.rows)
         policy_grads = self._zeros["policy"](state.policy)
         actor_grads = self._zeros["actor"](state.actor) if cfg.train_actor else None
         results = []
         for index in range(num_micro):  # dispatched asynchronously: the two meshes work side by side
-            h_pol = self._policy_hidden[True](state.policy, on_policy, num_micro, index)
-            h_pol = jax.device_put(h_pol, self._tokens(self.actor_mesh, h_pol.shape))
-            actor_grads, (mask, rho, actor_loss, actor_metrics) = self._actor_micro(
-                state.actor, on_actor, num_micro, index, h_pol, w_pol, key, rollout_actor, self._beta(beta),
-                actor_grads)
-            mask, rho = jax.device_put((mask, rho), self._tokens(self.mesh, mask.shape))
-            policy_grads, policy_metrics = self._policy_micro(state.policy, on_policy, num_micro, index, mask, rho,
-                                                              policy_grads)
-            results.append((actor_loss, actor_metrics, policy_metrics))
-        norms = {"policy": self._norm(policy_grads, num_micro),
-                 **({"actor": self._norm(actor_grads, num_micro)} if cfg.train_actor else {})}
-        results, norms, updates = jax.device_get((results, norms, state.updates))
-        metrics = _reduce([{**a, **p, "loss/total": p["loss/policy"] + loss} for loss, a, p in results])
+            actor_loss, actor_metrics = 0.0, {}
+            if cfg.train_actor:
+                h_pol = self._policy_hidden_on_actor(state.policy, on_policy, num_micro, index)
+                actor_grads, (actor_loss, actor_metrics) = self._actor_micro(state.actor, on_actor, num_micro, index,
+                                                               weight_on_actor, h_pol, w_pol, self._beta(beta),
+                                                               actor_grads)
+            policy_grads, policy_metrics = self._policy_micro(state.policy, on_policy, num_micro, index,
+                                                              weight_on_policy, rho, weight, policy_grads)
+            results.append({**actor_metrics, **policy_metrics,
+                            "loss/total": policy_metrics["loss/policy"] + actor_loss})
+        norms = {"policy": self._norm(policy_grads), **({"actor": self._norm(actor_grads)} if cfg.train_actor else {})}
+        results, norms, updates, scope_metrics = jax.device_get((results, norms, state.updates, scope.metrics))
+        metrics = {key: np.sum([row[key] for row in results]) for key in results[0]}  # parts of the mini-batch's
+        metrics.update(scope_metrics)
         finite = np.asarray(np.isfinite(metrics["loss/total"]) and all(np.isfinite(n) for n in norms.values()))
         policy, policy_opt, updated = self._apply_policy(state.policy, state.policy_opt, state.updates, policy_grads,
-                                                         num_micro, finite)
-        actor, actor_opt = (self._apply_actor(state.actor, state.actor_opt, actor_grads, num_micro, finite,
-                                              scale=_scale(actor_lr_scale))
+                                                         finite)
+        actor, actor_opt = (self._apply_actor(state.actor, state.actor_opt, actor_grads, finite,
+                                              scale=lr_scale_arg(actor_lr_scale))
                             if cfg.train_actor else (state.actor, None))
         metrics.update({f"grad_norm/{name}": n for name, n in norms.items()})
         metrics["nonfinite/skipped"] = np.float32(1.0 - finite)

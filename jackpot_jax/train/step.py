@@ -1,35 +1,25 @@
 """The update step: Algorithm 1, phase 2, as one jitted function per mini-batch.
 
-Once per rollout batch, :meth:`Updater.prepare` runs the policy at the start of the step (p_old)
-and the actor that generated the rollouts (p_omega_old) over every sequence: their log-probs of the
-sampled tokens, the actor-policy KL over the full vocabulary (a metric), and, when OBRS aligns to
-p_old, the normalizers Z of each token. Then :meth:`Updater.update`, per mini-batch, in one jitted
-function with explicit shardings:
+Once per rollout batch, :meth:`Updater.prepare` runs the policy at the start of the step (p_old) and
+the actor that generated the rollouts (p_omega_old) over every sequence: their log-probs of the sampled
+tokens, the actor-policy KL over the full vocabulary (a metric) and, when OBRS aligns to p_old, Z.
+Then :meth:`Updater.update`, per mini-batch, in one jitted function with explicit shardings:
 
-1. forwards the policy (p_new) and the actor (p_omega) to their final hidden states;
-2. computes the sampled tokens' log-probs and the distillation KL (eq. 7) with
-   :func:`pallas_kernels.fused_jackpot_stats`, never forming the logits, only where the losses
-   read them: with ``window`` (the trainer sets ``rollout.max_new_tokens``), at each sequence's
-   completion positions, not its prompt and padding;
-3. weights each token by its mode: ``jackpot`` samples the OBRS mask and rho (Z from the top-k
-   union with kappa, or exact): with the chunked kernels' top-k Z towards p_new, from the top-k
-   sets that step 2's one pass collected (``StepConfig.z_in_first_pass``; p_inf's own top-k taken
-   from the batch when the rollout stored at least ``k``, Algorithm 1, phase 1), else with
-   :func:`pallas_kernels.fused_obrs_filter` and its own pass over the vocabulary; ``tis``
-   truncates p_old / p_inf, ``on_policy`` / ``off_policy`` weigh every token 1;
-4. differentiates L = L_policy (eq. 5) + L_actor (eq. 6 + beta eq. 7), the joint objective of
-   eq. 8, over micro-batches (gradient accumulation), and applies both optax updates, skipping
-   an update whose loss or gradient is not finite.
+1. the mini-batch's :class:`~jackpot_jax.train.objective.Scope`: the policy loss's token weights (mask,
+   rho) and denominators over the whole mini-batch. Towards p_new they need p_new over all of it: a
+   statistics pass over its micro-batches (no gradient) gives log p_new and Z (one pass of
+   :func:`pallas_kernels.fused_jackpot_stats` or :func:`~pallas_kernels.fused_obrs_normalizer`), or,
+   with one micro-batch, the update's own forward does;
+2. per micro-batch, the models' final hidden states at the completion window (``window``:
+   ``rollout.max_new_tokens``), the sampled tokens' log-probs and the distillation KL from the fused
+   kernels (never forming the logits), and eq. 8's L = L_policy (eq. 5) + L_actor (eq. 6 + beta eq. 7)
+   of :mod:`~jackpot_jax.train.objective`, whose gradients add up to the mini-batch's;
+3. both optax updates, or neither when the loss or a gradient is not finite.
 
-Which p_inf OBRS sees. The sampled token's log p_inf is the rollout's own (the distribution it was
-drawn from, after temperature / top-p / top-k). Z needs p_inf over the whole vocabulary: that is
-the actor's forward at the rollout temperature (its current parameters for p_target = p_new, as
-the paper's "no extra forward passes"; the rollout-time ones for p_old), which ignores top-p /
-top-k truncation; kappa rescales the top-k Z to the measured acceptance either way. With the top-k
-Z towards p_new in the first pass and a batch that carries p_inf's top-k (``rollout.logprobs_top_k
->= k``), V_k's p_inf part is the rollout's own top-k (ids and log-probs), as in Algorithm 1, and
-the pass gathers p_new there instead of ranking the actor's logits: the same distribution, as the
-update's actor is the one that sampled (with ``rollout_actor`` the filter keeps its own pass).
+p_inf in Z is the actor that sampled the batch at the rollout temperature (its top-p / top-k
+truncation aside; kappa rescales the top-k Z to the measured acceptance): the update's actor, or
+``rollout_actor`` once the trained actor has moved. With a batch that carries p_inf's top-k
+(``rollout.logprobs_top_k >= k``) V_k's p_inf part is the rollout's own (Algorithm 1, phase 1).
 """
 from __future__ import annotations
 
@@ -43,8 +33,9 @@ import optax
 from flax import nnx
 
 import pallas_kernels as pk
-from jackpot_jax import losses, obrs, parallel
+from jackpot_jax import obrs, parallel
 from jackpot_jax.models.sharding import DEFAULT_RULES, activation_sharding, make_mesh, model_rules, param_shardings
+from jackpot_jax.train import objective
 from jackpot_jax.train.batch import TrainBatch, split_micro
 
 
@@ -85,24 +76,22 @@ class StepConfig(NamedTuple):
         return self.mode != "on_policy"
 
     @property
-    def actor_in_update(self) -> bool:
-        """The actor's forward runs in the update: to train it, or as p_inf's Z for p_target = new."""
-        return self.train_actor or (self.mode == "jackpot" and self.p_target == "new")
-
-    @property
     def filter_needs_rollout_actor(self) -> bool:
         """The OBRS filter reads p_inf in the update (p_target = new) while the actor is trained, so
         after a rollout's first update p_inf must come from the actor that sampled the batch."""
         return self.train_actor and self.mode == "jackpot" and self.p_target == "new"
 
     @property
+    def scope_reads_p_new(self) -> bool:
+        """The mini-batch's OBRS scope needs p_new (and Z towards it) over the whole mini-batch."""
+        return self.mode == "jackpot" and self.p_target == "new"
+
+    @property
     def z_in_first_pass(self) -> bool:
-        """The chunked statistics' one pass gives Z_approx (both top-k sets by raw logits, section
-        4.4.1), so the OBRS filter makes no pass over the vocabulary of its own: the top-k Z towards
-        p_new, when the filter's p_inf is the actor of that pass (see ``filter_needs_rollout_actor``).
-        A batch with p_inf's top-k (``TrainBatch.topk_ids``, at least ``k``) gives that pass p_inf's set."""
-        return (self.mode == "jackpot" and self.p_target == "new" and self.z == "topk"
-                and self.kernel_impl in ("auto", "chunked"))
+        """Z towards p_new from the top-k sets that the chunked statistics' one pass collects (section
+        4.4.1, both sets ranked by raw logits), so Z takes no pass over the vocabulary of its own; a batch
+        with p_inf's top-k (``TrainBatch.topk_ids``, at least ``k``) gives that pass p_inf's set."""
+        return self.scope_reads_p_new and self.z == "topk" and self.kernel_impl in ("auto", "chunked")
 
 
 class TrainState(NamedTuple):
@@ -127,10 +116,6 @@ class OldStats(NamedTuple):
 
 def _flat(x):
     return x.reshape((-1,) + x.shape[2:])
-
-
-def _max_keys(metrics):
-    return {key for key in metrics if key.endswith("_max")}
 
 
 class Updater:
@@ -243,7 +228,7 @@ class Updater:
         # a mini-batch cut from a rollout batch on the device may have another layout: into the rows'
         batch, old = jax.device_put((batch, old), self.rows)
         return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor,
-                                                           self._beta(beta), _scale(actor_lr_scale))
+                                                           self._beta(beta), lr_scale_arg(actor_lr_scale))
 
     def _beta(self, beta):
         """The update's beta argument: ``beta``, or the config's when None."""
@@ -262,23 +247,26 @@ class Updater:
 
     # ------------------------------------------------------------------ forward passes
 
-    def _hidden(self, which, params, batch, rows=None):
-        """``(h [B * T, D], w [D, V])`` of the policy or the actor on a batch's inputs; with ``rows``
-        (of :func:`_completion_window`), ``h`` at those positions only."""
+    def _hidden(self, which, params, batch, positions=None):
+        """``(h [B * W, D], w [D, V])`` of the policy or the actor on a batch's inputs, ``h`` at
+        ``positions`` ``[B, W]`` (:func:`objective.completion_positions`), or at every position."""
         graphdef, rest = (self.policy_def, self.policy_rest) if which == "policy" else (self.actor_def, self.actor_rest)
         model = nnx.merge(graphdef, params, rest)
         with activation_sharding(self.mesh if which == "policy" else self.actor_mesh, self.rules[which]):
             h, _ = model.hidden_states(batch.inputs, attention_mask=batch.input_mask)
-        h = _flat(h)
-        return (h if rows is None else h[rows]), model.unembedding()
+        if positions is not None:
+            h = objective.at_positions(h, positions)
+        return _flat(h), model.unembedding()
+
+    def _hidden_at(self, which, params, mb: "MiniBatch"):
+        """:meth:`_hidden` at a mini-batch's token positions (its completion window, if any)."""
+        return self._hidden(which, params, mb, mb.positions if self.cfg.window else None)
 
     # ------------------------------------------------------------------ once per rollout batch
 
     def _prepare(self, policy_params, actor_params, batch: TrainBatch, lam, normalizers: bool = False) -> OldStats:
         """:class:`OldStats` for every sequence of ``batch``, one micro-batch at a time; with
         ``normalizers``, Z towards p_old at this ``lam`` (for p_target = old)."""
-        cfg = self.cfg
-
         def one(mb):
             return self._old_stats(*self._hidden("policy", policy_params, mb), actor_params, mb, lam, normalizers)
 
@@ -307,7 +295,7 @@ class Updater:
         """lam whose mean acceptance towards p_old is ``target_accept`` over a rollout batch."""
         return obrs.solve_lambda(batch.logp_inf, old.logp_old, self.cfg.target_accept, batch.valid)
 
-    # ------------------------------------------------------------------ per mini-batch
+    # ------------------------------------------------------------------ per mini-batch: its scope
 
     def _num_micro(self, rows):
         if rows.shape[0] % self.cfg.micro_batch_size:
@@ -315,114 +303,146 @@ class Updater:
                              f"{self.cfg.micro_batch_size}.")
         return rows.shape[0] // self.cfg.micro_batch_size
 
-    def _weights(self, key, mb, tok, h, lse, vk=None):
-        """Per-token ``(mask, rho, metrics)`` of the policy loss for this mode (stop-gradient); ``vk``:
-        p_inf's and p_new's log-probs on V_k from the first pass (:class:`pk.JackpotStats`), or None."""
+    def _tokens(self, mb: "MiniBatch", logp_new) -> objective.Tokens:
+        return objective.Tokens(_zero(mb.logp_inf, mb.valid), _zero(mb.logp_old, mb.valid),
+                                _zero(logp_new, mb.valid), mb.valid, mb.u)
+
+    def _stored_topk(self, mb: "MiniBatch"):
+        """p_inf's top-k as the rollout stored it ``([N, K], [N, K])``, when it holds at least ``k``."""
+        if mb.topk_ids is None or mb.topk_ids.shape[-1] < self.cfg.k:
+            return None
+        return _flat(mb.topk_ids), _flat(mb.topk_logp_inf)
+
+    def _z_heads(self, lam, policy_heads, inf_heads):
+        """``(z_topk, z_exact or None)`` ``[N]`` towards p_new at ``lam``, a pass over the vocabulary of
+        ``policy_heads`` and ``inf_heads`` (each ``(h, w, lse)``)."""
+        cfg = self.cfg
+        sg = jax.lax.stop_gradient
+        return pk.fused_obrs_normalizer(*sg(inf_heads), *sg(policy_heads), lam, cfg.k, cfg.z == "exact",
+                                        temperature_inf=cfg.temperature, impl=cfg.kernel_impl)
+
+    def _inf_heads(self, actor_params, mb: "MiniBatch"):
+        """``(h, w, lse)`` of p_inf: ``actor_params`` at the rollout temperature (stop-gradient)."""
+        h, w = self._hidden_at("actor", jax.lax.stop_gradient(actor_params), mb)
+        lse = pk.fused_token_stats(h, w, _flat(mb.targets), 1, temperature=self.cfg.temperature,
+                                   impl=self.cfg.kernel_impl)[1]
+        return h, w, lse
+
+    def _statistics(self, h_pol, w_pol, inf_params, mb: "MiniBatch", lam) -> "_Statistics":
+        """What the scope towards p_new needs of one micro-batch (no gradient), given the policy's final
+        hidden states: log p_new and, with the top-k sets of the one pass (``z_in_first_pass``), both
+        models' log-probs on V_k; else, at a known ``lam``, Z; with ``lam`` None, log p_new alone."""
         cfg, sg = self.cfg, jax.lax.stop_gradient
-        logp_inf, logp_old, logp_new, valid = tok.logp_inf, tok.logp_old, sg(tok.logp_new), tok.valid
-        if cfg.mode in ("on_policy", "off_policy"):
-            return valid, jnp.ones_like(logp_inf), {}
-        if cfg.mode in ("tis", "tis_distill"):
-            return valid, losses.truncated_is(logp_old - logp_inf, cfg.c1), {}
-        logp_target = logp_new if cfg.p_target == "new" else logp_old
-        lam = (obrs.solve_lambda(logp_inf, logp_target, cfg.target_accept, valid) if cfg.target_accept > 0
-               else cfg.lam) if cfg.p_target == "new" else mb.lam[0]
-        metrics = {"obrs/lam": jnp.asarray(lam, jnp.float32)}
-        if vk is not None:  # Z_approx = sum over V_k of min(p_inf, p_new / lam) (eq. 4, section 4.4.1)
-            z_topk, z_exact = obrs.normalizer(*vk, lam), None
-            f = obrs.obrs_filter(key, logp_inf, logp_old, logp_new, z_topk, valid, lam=lam, c1=cfg.c1, c2=cfg.c2,
-                                 target="new")
-        elif cfg.p_target == "new":
-            (h_pol, w_pol, h_act, w_act), (lse_new, lse_actor) = h, lse
-            f = pk.fused_obrs_filter(key, h_act, w_act, lse_actor, h_pol, w_pol, lse_new,
-                                     pk.SampledTokens(logp_inf, logp_old, logp_new, valid), lam=lam, c1=cfg.c1,
-                                     c2=cfg.c2, k=cfg.k, target="new", exact=cfg.z == "exact",
-                                     temperature_inf=cfg.temperature, impl=cfg.kernel_impl)
-            z_topk, z_exact = f.z_topk, f.z_exact
+        h_pol, w_pol, targets = sg(h_pol), sg(w_pol), _flat(mb.targets)
+        shape = mb.valid.shape
+        if cfg.z_in_first_pass:
+            h_inf, w_inf = self._hidden_at("actor", sg(inf_params), mb)
+            stats = pk.fused_jackpot_stats(h_pol, w_pol, h_inf, w_inf, targets, cfg.k, cfg.lam,
+                                           temperature_actor=cfg.temperature, inf_topk=self._stored_topk(mb),
+                                           impl=cfg.kernel_impl)
+            vk = (stats.vk_logp_actor.reshape(shape + (-1,)), stats.vk_logp_new.reshape(shape + (-1,)))
+            return _Statistics(stats.logp_new.reshape(shape), vk=vk)
+        logp_new, lse_new = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl=cfg.kernel_impl)[:2]
+        if lam is None:
+            return _Statistics(logp_new.reshape(shape))
+        z_topk, z_exact = self._z_heads(lam, (h_pol, w_pol, lse_new), self._inf_heads(inf_params, mb))
+        return _Statistics(logp_new.reshape(shape), z=(z_topk.reshape(shape),
+                                                       None if z_exact is None else z_exact.reshape(shape)))
+
+    def _scope_from_statistics(self, mb: "MiniBatch", run, lam_old) -> objective.Scope:
+        """The jackpot scope towards p_new from ``run(lam)``, the :class:`_Statistics` of the whole
+        mini-batch: a budget's lam first needs p_new alone, unless the one pass gives V_k."""
+        cfg = self.cfg
+        lam_of = lambda stats: objective.obrs_lam(cfg, self._tokens(mb, stats.logp_new), lam_old)
+        if cfg.target_accept > 0 and not cfg.z_in_first_pass:
+            lam = lam_of(run(None))
+            stats = run(lam)
         else:
-            exact = cfg.z == "exact"
-            z_topk, z_exact = _flat(mb.z_topk), _flat(mb.z_exact) if exact else None
-            f = obrs.obrs_filter(key, logp_inf, logp_old, logp_new, z_exact if exact else z_topk, valid, lam=lam,
-                                 c1=cfg.c1, c2=cfg.c2, target="old", calibrate=not exact)
-        rho_max = jnp.max(jnp.where(f.accepted, f.rho, 0.0))
-        metrics.update({"obrs/accept_prob_mean": losses.masked_mean(f.accept_prob, valid), "obrs/kappa": f.kappa,
-                        "obrs/z_topk_mean": losses.masked_mean(z_topk, valid), "obrs/rho_max": rho_max})
-        if z_exact is not None:
-            metrics["obrs/z_exact_mean"] = losses.masked_mean(z_exact, valid)
-        return f.accepted, f.rho, metrics
+            stats = run(None if cfg.z_in_first_pass else cfg.lam)
+            lam = lam_of(stats)
+        z_topk, z_exact = (obrs.normalizer(*stats.vk, lam), None) if stats.vk is not None else stats.z
+        return objective.policy_scope(cfg, self._tokens(mb, stats.logp_new), z_topk, z_exact, lam)
 
-    def _micro_loss(self, trainable, frozen_actor, mb, key, rollout_actor=None, beta=None):
-        """Eq. 8 on one micro-batch: ``(L_policy + L_actor, metrics)``."""
-        rows, mb = _completion_window(mb, self.cfg.window)
-        h_pol, w_pol = self._hidden("policy", trainable["policy"], mb, rows)
-        cross = self._actor_side(trainable.get("actor", frozen_actor), h_pol, w_pol, mb, rows, key, rollout_actor,
-                                 beta)
-        policy_loss, metrics = self._policy_loss(cross.logp_new, cross.mask, cross.rho, mb)
-        metrics.update(cross.metrics)
-        metrics["loss/total"] = total = policy_loss + cross.actor_loss
-        return total, metrics
+    def _scope_from_batch(self, mb: "MiniBatch", lam_old) -> objective.Scope:
+        """The scope of a mode that needs no p_new: the baselines, and OBRS towards p_old (its Z from
+        :meth:`prepare`, its lam the rollout batch's)."""
+        tokens = self._tokens(mb, jnp.zeros_like(mb.logp_old))  # p_new is read by neither
+        return objective.policy_scope(self.cfg, tokens, mb.z_topk, mb.z_exact if self.cfg.z == "exact" else None,
+                                      lam_old)
 
-    def _actor_side(self, actor_params, h_pol, w_pol, mb, rows, key, rollout_actor=None, beta=None) -> "_ActorSide":
-        """What eq. 8 needs of both models on one (windowed) micro-batch, given the policy's final
-        hidden states ``h_pol`` and unembedding ``w_pol``: the sampled tokens' log p_new (its gradient
-        reaches ``h_pol``, ``w_pol``), the policy loss's token weights (stop-gradient) and L_actor
-        (eq. 6 + beta eq. 7, its gradient reaching only ``actor_params``: p_new is its fixed target;
-        ``beta`` default ``StepConfig.beta``)."""
+    def _scope(self, state: TrainState, mini: "MiniBatch", num_micro, lam_old, rollout_actor):
+        """The mini-batch's :class:`objective.Scope`, or None when its one micro-batch's forward gives it."""
+        cfg = self.cfg
+        if not cfg.scope_reads_p_new:
+            return self._scope_from_batch(mini, lam_old)
+        if num_micro == 1:
+            return None
+        inf_params = rollout_actor if rollout_actor is not None and cfg.filter_needs_rollout_actor else state.actor
+        micro = split_micro(mini, num_micro)
+
+        def run(lam):
+            def one(mb):
+                return self._statistics(*self._hidden_at("policy", state.policy, mb), inf_params, mb, lam)
+
+            return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), jax.lax.map(one, micro))
+
+        return self._scope_from_statistics(mini, run, lam_old)
+
+    # ------------------------------------------------------------------ per mini-batch: the losses
+
+    def _micro_loss(self, trainable, frozen_actor, mb: "MiniBatch", valid_weight, rho, weight, lam_old,
+                    rollout_actor=None, beta=None):
+        """Eq. 8 on one micro-batch: ``(L_policy + L_actor, metrics)``, both parts of the mini-batch's
+        sums. ``rho`` / ``weight``: the mini-batch scope's at these tokens, or None (the micro-batch is the
+        whole mini-batch, and its forward gives the scope)."""
         cfg, sg = self.cfg, jax.lax.stop_gradient
-        targets, valid = _flat(mb.targets), _flat(mb.valid)
-        vk = None
-        if cfg.actor_in_update:
-            h_act, w_act = self._hidden("actor", actor_params, mb, rows)
-            rollout_p_inf = rollout_actor is not None and cfg.filter_needs_rollout_actor
-            z_in_first_pass = cfg.z_in_first_pass and not rollout_p_inf
-            stored_topk = z_in_first_pass and mb.topk_ids is not None and mb.topk_ids.shape[-1] >= cfg.k
-            inf_topk = (_flat(mb.topk_ids), _flat(mb.topk_logp_inf)) if stored_topk else None
+        h_pol, w_pol = self._hidden_at("policy", trainable["policy"], mb)
+        targets, shape = _flat(mb.targets), mb.valid.shape
+        in_pass = rho is None
+        rollout_p_inf = rollout_actor is not None and cfg.filter_needs_rollout_actor
+        vk_here = in_pass and cfg.z_in_first_pass and not rollout_p_inf
+        stats = None
+        if cfg.train_actor or (in_pass and not rollout_p_inf):
+            h_act, w_act = self._hidden_at("actor", trainable.get("actor", frozen_actor), mb)
             stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, cfg.k, cfg.lam,
                                            temperature_actor=cfg.temperature, direction=cfg.distill_direction,
-                                           normalizers=z_in_first_pass, inf_topk=inf_topk, impl=cfg.kernel_impl)
-            logp_new, heads, lse = stats.logp_new, (h_pol, w_pol, h_act, w_act), (stats.lse_new, stats.lse_actor)
-            if z_in_first_pass:
-                vk = (stats.vk_logp_actor, stats.vk_logp_new)
-            if rollout_p_inf:
-                # p_inf for the filter: the actor that sampled the batch (stop-gradient)
-                h_inf, w_inf = self._hidden("actor", sg(rollout_actor), mb, rows)
-                lse_inf = pk.fused_token_stats(h_inf, w_inf, targets, 1, temperature=cfg.temperature,
-                                               impl=cfg.kernel_impl)[1]
-                heads, lse = (h_pol, w_pol, h_inf, w_inf), (stats.lse_new, lse_inf)
+                                           normalizers=vk_here, inf_topk=self._stored_topk(mb) if vk_here else None,
+                                           impl=cfg.kernel_impl)
+            logp_new, lse_new = stats.logp_new, stats.lse_new
         else:
-            logp_new, stats, heads, lse = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl=cfg.kernel_impl)[0], None, None, None
-        tok = pk.SampledTokens(_zero(_flat(mb.logp_inf), valid), _zero(_flat(mb.logp_old), valid),
-                               _zero(logp_new, valid), valid)
-        mask, rho, metrics = self._weights(key, mb, tok, heads, lse, vk)
-        mask, rho = sg(mask), sg(rho)
-        metrics.update({"obrs/accept_rate": losses.masked_mean(mask, valid), "obrs/rho_mean": losses.masked_mean(rho, mask)})
-        metrics.setdefault("obrs/rho_max", jnp.max(jnp.where(mask, rho, 0.0)))
+            logp_new, lse_new = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl=cfg.kernel_impl)[:2]
+        logp_new = _zero(logp_new.reshape(shape), mb.valid)
+        metrics = {}
+        if in_pass:
+            tokens = self._tokens(mb, sg(logp_new))
+            lam = objective.obrs_lam(cfg, tokens, lam_old)
+            if vk_here:
+                z_topk, z_exact = obrs.normalizer(stats.vk_logp_actor, stats.vk_logp_new, lam), None
+            else:
+                inf = self._inf_heads(rollout_actor, mb) if rollout_p_inf else (h_act, w_act, stats.lse_actor)
+                z_topk, z_exact = self._z_heads(lam, (h_pol, w_pol, lse_new), inf)
+            scope = objective.policy_scope(cfg, tokens, z_topk.reshape(shape),
+                                           None if z_exact is None else z_exact.reshape(shape), lam)
+            rho, weight, metrics = scope.rho, scope.weight, dict(scope.metrics)
+        policy_loss, policy_metrics = objective.policy_loss(
+            logp_new, _zero(mb.logp_old, mb.valid), _zero(mb.logp_inf, mb.valid), mb.advantages, rho, weight,
+            valid_weight, eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip)
+        metrics.update(policy_metrics)
         actor_loss = jnp.zeros((), jnp.float32)
         if cfg.train_actor:
-            actor_loss, actor_metrics = losses.actor_loss(
-                _zero(stats.logp_actor, valid).reshape(mb.valid.shape), mb.logp_actor_old, mb.logp_inf,
-                mb.advantages, mb.valid, stats.distill_kl.reshape(mb.valid.shape),
-                beta=cfg.beta if beta is None else beta,
-                tis_cap=cfg.actor_tis_cap, eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip,
-                aggregation=cfg.aggregation, ppo_weight=cfg.actor_ppo)
-            metrics.update({"loss/actor_ppo": actor_metrics["actor/ppo_loss"],
-                            "loss/distill": actor_metrics["actor/distill_kl"]})
-        return _ActorSide(logp_new, mask, rho, actor_loss, metrics)
+            actor_loss, actor_metrics = self._actor_loss(stats, mb, valid_weight, beta)
+            metrics.update(actor_metrics)
+        metrics["loss/total"] = policy_loss + actor_loss
+        return metrics["loss/total"], metrics
 
-    def _policy_loss(self, logp_new, mask, rho, mb):
-        """L_policy (eq. 5) of one (windowed) micro-batch from the sampled tokens' log p_new ``[B * T]``
-        and their weights (``mask``, ``rho`` of :meth:`_actor_side`): ``(loss, metrics)``."""
-        cfg = self.cfg
-        valid = _flat(mb.valid)
-        logp_new, logp_inf = _zero(logp_new, valid), _zero(_flat(mb.logp_inf), valid)
-        advantages = jnp.repeat(mb.advantages, mb.targets.shape[1])
-        ppo, clipped = losses.ppo_token_loss(logp_new, _zero(_flat(mb.logp_old), valid), advantages,
-                                             eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip)
-        policy_loss = losses.masked_mean((rho * ppo).reshape(mb.valid.shape), mask.reshape(mb.valid.shape),
-                                         cfg.aggregation)
-        log_ratio = jax.lax.stop_gradient(logp_new) - logp_inf  # k3 estimator of KL(p_inf || p_new), sampled tokens
-        return policy_loss, {"loss/policy": policy_loss, "policy/clip_frac": losses.masked_mean(clipped, mask),
-                             "mismatch/kl_inf_new": losses.masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)}
+    def _actor_loss(self, stats, mb: "MiniBatch", valid_weight, beta):
+        """L_actor (eq. 6 + beta eq. 7) of one micro-batch from the fused statistics of the actor."""
+        cfg, shape = self.cfg, mb.valid.shape
+        return objective.actor_loss(
+            _zero(stats.logp_actor.reshape(shape), mb.valid), _zero(mb.logp_actor_old, mb.valid),
+            _zero(mb.logp_inf, mb.valid), mb.advantages, _zero(stats.distill_kl.reshape(shape), mb.valid),
+            valid_weight, beta=cfg.beta if beta is None else beta, tis_cap=cfg.actor_tis_cap, eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high, clip=cfg.clip, ppo_weight=cfg.actor_ppo)
 
     def _update(self, state: TrainState, batch: TrainBatch, old: OldStats, key, lam_old=1.0, rollout_actor=None,
                 beta=None, actor_lr_scale=None):
@@ -431,34 +451,31 @@ class Updater:
         trainable = {"policy": state.policy, **({"actor": state.actor} if cfg.train_actor else {})}
         frozen_actor = None if cfg.train_actor else state.actor
         num_micro = self._num_micro(batch.inputs)
-        micro = split_micro(_MiniBatch.make(batch, old, lam_old), num_micro)
+        mini = MiniBatch.make(batch, old, key, cfg.window)
+        valid_weight = objective.aggregation_weights(mini.valid, cfg.aggregation)
+        scope = self._scope(state, mini, num_micro, lam_old, rollout_actor)
+        rho, weight = (None, None) if scope is None else (scope.rho, scope.weight)
+        parts = split_micro((mini, valid_weight, rho, weight), num_micro)
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
 
-        def accumulate(carry, inputs):
-            index, mb = inputs
-            (_, metrics), grads = grad_fn(trainable, frozen_actor, mb, jax.random.fold_in(key, index), rollout_actor,
-                                          beta)
-            grad_sum, metric_sum = carry
-            maxed = _max_keys(metrics)
-            metric_sum = {k: jnp.maximum(metric_sum[k], v) if k in maxed else metric_sum[k] + v
-                          for k, v in metrics.items()}
-            return (jax.tree.map(jnp.add, grad_sum, grads), metric_sum), None
+        def accumulate(carry, part):
+            (_, metrics), grads = grad_fn(trainable, frozen_actor, *part, lam_old, rollout_actor, beta)
+            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
-        shapes = jax.eval_shape(grad_fn, trainable, frozen_actor, jax.tree.map(lambda x: x[0], micro), key,
+        shapes = jax.eval_shape(grad_fn, trainable, frozen_actor, *jax.tree.map(lambda x: x[0], parts), lam_old,
                                 rollout_actor, beta)
-        (_, metric_shapes), _ = shapes
-        init = (jax.tree.map(jnp.zeros_like, trainable),
-                {k: jnp.full(v.shape, -jnp.inf if k in _max_keys(metric_shapes) else 0.0, v.dtype)
-                 for k, v in metric_shapes.items()})
-        (grad_sum, metric_sum), _ = jax.lax.scan(accumulate, init, (jnp.arange(num_micro), micro))
-        grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
-        metrics = {k: v if k in _max_keys(metric_sum) else v / num_micro for k, v in metric_sum.items()}
+        (_, metric_shapes), grad_shapes = shapes
+        init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grad_shapes, metric_shapes))
+        (grads, metrics), _ = jax.lax.scan(accumulate, init, parts)  # sums: the mini-batch's gradient and loss
+        if scope is not None:
+            metrics.update(scope.metrics)
 
         norms = {name: optax.tree.norm(g) for name, g in grads.items()}
-        finite = jnp.isfinite(metrics["loss/total"]) & functools.reduce(jnp.logical_and, [jnp.isfinite(n) for n in norms.values()])
-        new = {"policy": _apply(self.policy_tx, grads["policy"], state.policy_opt, state.policy)}
+        finite = jnp.isfinite(metrics["loss/total"]) & functools.reduce(jnp.logical_and,
+                                                                         [jnp.isfinite(n) for n in norms.values()])
+        new = {"policy": apply_updates(self.policy_tx, grads["policy"], state.policy_opt, state.policy)}
         if cfg.train_actor:
-            new["actor"] = _apply(self.actor_tx, grads["actor"], state.actor_opt, state.actor, actor_lr_scale)
+            new["actor"] = apply_updates(self.actor_tx, grads["actor"], state.actor_opt, state.actor, actor_lr_scale)
         keep = lambda updated, current: jax.tree.map(lambda u, c: jnp.where(finite, u, c), updated, current)
         policy, policy_opt = keep(new["policy"], (state.policy, state.policy_opt))
         actor, actor_opt = keep(new["actor"], (state.actor, state.actor_opt)) if cfg.train_actor else (state.actor, None)
@@ -469,42 +486,21 @@ class Updater:
         return TrainState(policy, actor, policy_opt, actor_opt, state.updates + finite.astype(jnp.int32)), metrics
 
 
-def _completion_window(mb, width):
-    """``(rows [B * width], windowed mini-batch)``: each sequence's first ``width`` target positions
-    from its first generated token (a completion's targets are contiguous and at most ``width``:
-    ``rollout.max_new_tokens``), as rows of the flattened ``[B * T]`` positions, and the mini-batch
-    with its per-token arrays taken there, ``[B, width]``; positions past ``T`` repeat the last one
-    and are not ``valid``. The inputs stay whole: the models read every position. ``width`` 0: no
-    window, ``(None, mb)``."""
-    if not width:
-        return None, mb
-    b, t = mb.valid.shape
-    pos = jnp.argmax(mb.valid, axis=1)[:, None] + jnp.arange(width)[None, :]
-    rows = (jnp.arange(b)[:, None] * t + jnp.minimum(pos, t - 1)).reshape(-1)
-    take = lambda x: _flat(x)[rows].reshape((b, width) + x.shape[2:])
-    fields = ("targets", "valid", "logp_inf", "logp_old", "logp_actor_old", "z_topk", "z_exact") + (
-        ("topk_ids", "topk_logp_inf") if mb.topk_ids is not None else ())
-    windowed = {name: take(getattr(mb, name)) for name in fields}
-    windowed["valid"] = windowed["valid"] & (pos < t)
-    return rows, mb._replace(**windowed)
-
-
 def _zero(x, valid):
     """``x`` with 0 off ``valid``: padding never reaches a ratio (nor its gradient)."""
     return jnp.where(valid, x, 0.0)
 
 
-class _ActorSide(NamedTuple):
-    """:meth:`Updater._actor_side`'s result for one micro-batch ``[B * T]``."""
+class _Statistics(NamedTuple):
+    """:meth:`Updater._statistics` of (micro-)batch tokens ``[B, W]``: log p_new, and V_k's log-probs
+    ``([B, W, 2k], [B, W, 2k])`` or Z ``(z_topk, z_exact or None)`` towards p_new, when computed."""
 
     logp_new: jax.Array
-    mask: jax.Array
-    rho: jax.Array
-    actor_loss: jax.Array
-    metrics: dict
+    vk: tuple | None = None
+    z: tuple | None = None
 
 
-def _apply(tx, grads, opt_state, params, scale=None):
+def apply_updates(tx, grads, opt_state, params, scale=None):
     """``(params, opt_state)`` after one step of ``tx``, its update times ``scale`` (the learning
     rate times ``scale``: optax's update is proportional to it); ``None``: the update as it is."""
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -513,31 +509,39 @@ def _apply(tx, grads, opt_state, params, scale=None):
     return optax.apply_updates(params, updates), opt_state
 
 
-def _scale(actor_lr_scale):
+
+def lr_scale_arg(actor_lr_scale):
     """The update's actor learning-rate factor argument: None (no factor: the program without the
-    multiply, bit for bit the one from before the controller had it) or a float32 scalar."""
+    multiply) or a float32 scalar."""
     return None if actor_lr_scale is None else np.float32(actor_lr_scale)
 
 
-class _MiniBatch(NamedTuple):
-    """A mini-batch's rollout arrays with its rows of :class:`OldStats` (and p_old's lam)."""
+class MiniBatch(NamedTuple):
+    """A mini-batch as the update reads it: the models' inputs ``[B, T]``; each per-token array at the
+    completion positions ``[B, W]`` (:func:`objective.completion_positions`; ``W = T`` without a window),
+    the rollout batch's :class:`OldStats` rows and the tokens' uniform draws among them."""
 
     inputs: jax.Array
-    targets: jax.Array
     input_mask: jax.Array
+    positions: jax.Array
+    targets: jax.Array
     valid: jax.Array
     logp_inf: jax.Array
-    advantages: jax.Array
-    topk_ids: jax.Array | None
+    advantages: jax.Array  # [B]
+    topk_ids: jax.Array | None  # [B, W, K]
     topk_logp_inf: jax.Array | None
     logp_old: jax.Array
     logp_actor_old: jax.Array
     z_topk: jax.Array
     z_exact: jax.Array
-    lam: jax.Array
+    u: jax.Array
 
     @classmethod
-    def make(cls, batch: TrainBatch, old: OldStats, lam):
-        rows = batch.inputs.shape[0]
-        return cls(*batch, old.logp_old, old.logp_actor_old, old.z_topk, old.z_exact,
-                   jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (rows,)))
+    def make(cls, batch: TrainBatch, old: OldStats, key, width: int) -> "MiniBatch":
+        positions = objective.completion_positions(batch.valid, width)
+        take = (lambda x: None if x is None else objective.at_positions(x, positions)) if width else (lambda x: x)
+        valid = objective.window_valid(batch.valid, positions) if width else batch.valid
+        return cls(batch.inputs, batch.input_mask, positions, take(batch.targets), valid, take(batch.logp_inf),
+                   batch.advantages, take(batch.topk_ids), take(batch.topk_logp_inf), take(old.logp_old),
+                   take(old.logp_actor_old), take(old.z_topk), take(old.z_exact),
+                   take(objective.uniforms(key, batch.valid)))
