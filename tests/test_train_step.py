@@ -1,10 +1,10 @@
-"""The jitted update step against a slow, obviously-correct reference written here.
+"""The jitted update step against a float64 reference of the whole mini-batch's objective.
 
-The reference materializes every log-softmax ``[B, T, V]`` and builds the losses from
-:mod:`jackpot_jax.obrs` and :mod:`jackpot_jax.losses` directly (eq. 3-8), differentiated by plain
-autodiff. The step under test runs the streaming kernels, micro-batching and optax; with SGD at
+The reference materializes every log-softmax ``[B, T, V]`` in float64 from the models' final hidden
+states and builds eq. 3-8 from the NumPy transcriptions of ``tests/reference.py``, differentiated by
+plain autodiff. The step under test runs the streaming kernels, micro-batching and optax; with SGD at
 learning rate 1 the parameter change is exactly minus the gradient, so both loss and gradients are
-compared.
+compared, and every split of the mini-batch into micro-batches must give the same update.
 """
 import jax
 import jax.numpy as jnp
@@ -14,14 +14,17 @@ import pytest
 from flax import nnx
 
 import pallas_kernels as pk
+from scipy import optimize
 
-from jackpot_jax import losses, obrs
+from jackpot_jax import losses
 from jackpot_jax.models import Transformer, preset
+from jackpot_jax.train import objective
 from jackpot_jax.train.batch import make_batch
 from jackpot_jax.train.step import StepConfig, Updater
+from tests import reference as ref
 
 V = 61
-B, LENGTH = 6, 14
+B, LENGTH = 8, 14
 
 
 def _models(same=False):
@@ -67,45 +70,67 @@ def _batch(actor, temperature=1.0, seed=0, topk=0):
                       topk_logprobs=[top_logp[i][dummy.valid[i]] for i in range(B)])
 
 
-def _reference_loss(cfg, policy, actor, trainable, frozen_actor, old_params, batch, key):
-    """Eq. 8 on the whole batch from materialized distributions (one micro-batch)."""
+def _log_probs64(model, params, batch, temperature=1.0):
+    """float64 log-softmax ``[B, T, V]`` of the logits from a model's final hidden states (call under x64)."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    module = nnx.merge(graphdef, params, rest)
+    h, _ = module.hidden_states(jnp.asarray(batch.inputs), attention_mask=jnp.asarray(batch.input_mask))
+    logits = jnp.asarray(h, jnp.float64) @ jnp.asarray(module.unembedding(), jnp.float64)
+    return jax.nn.log_softmax(logits / temperature, axis=-1)
+
+
+def _budget_lam(logp_inf, logp_target, valid, target_accept):
+    """The lam whose mean acceptance over the valid tokens is ``target_accept`` (float64, brentq)."""
+    ratio = np.exp(np.float64(logp_target) - np.float64(logp_inf))[valid]
+    mean_accept = lambda log_lam: np.mean(np.minimum(1.0, ratio / np.exp(log_lam))) - target_accept
+    return float(np.exp(optimize.brentq(mean_accept, -30.0, 30.0, xtol=1e-14)))
+
+
+def _reference_loss(cfg, policy, actor, params, batch, key):
+    """``loss(trainable)``: eq. 8 on the whole mini-batch in float64 (call under x64), the OBRS mask
+    drawn from the step's per-token uniforms; ``params`` the models at the start of the step (p_old,
+    the rollout actor), where the gradient is taken: p_new's stop-gradient values are p_old's."""
     sg = jax.lax.stop_gradient
-    actor_params = trainable.get("actor", frozen_actor)
-    logp_new_all = _log_probs(policy, trainable["policy"], batch)
-    logp_old_all = sg(_log_probs(policy, old_params["policy"], batch))
-    if cfg.mode == "jackpot" or cfg.train_actor:
-        logp_act_all = _log_probs(actor, actor_params, batch, cfg.temperature)
-        logp_act_old = sg(_take(_log_probs(actor, old_params["actor"], batch, cfg.temperature), batch.targets))
-    valid = jnp.asarray(batch.valid)
-    zero = lambda x: jnp.where(valid, x, 0.0)
-    logp_new, logp_old = zero(_take(logp_new_all, batch.targets)), zero(_take(logp_old_all, batch.targets))
-    logp_inf = jnp.asarray(batch.logp_inf)
-    if cfg.mode == "jackpot":
-        target_all = logp_new_all if cfg.p_target == "new" else logp_old_all
-        if cfg.target_accept > 0:  # lam of the budget, over this mini-batch's sampled tokens
-            cfg = cfg._replace(lam=obrs.solve_lambda(logp_inf, sg(_take(target_all, batch.targets)),
-                                                     cfg.target_accept, valid))
-        z = (obrs.normalizer(sg(logp_act_all), sg(target_all), cfg.lam) if cfg.z == "exact"
-             else obrs.topk_normalizer(sg(logp_act_all), sg(target_all), cfg.lam, cfg.k))
-        f = obrs.obrs_filter(key, logp_inf.reshape(-1), logp_old.reshape(-1), logp_new.reshape(-1), z.reshape(-1),
-                             valid.reshape(-1), lam=cfg.lam, c1=cfg.c1, c2=cfg.c2, target=cfg.p_target,
-                             calibrate=cfg.z == "topk")
-        mask, rho = f.accepted.reshape(valid.shape), f.rho.reshape(valid.shape)
+    valid = np.asarray(batch.valid)
+    adv, logp_inf = np.float64(batch.advantages), np.float64(batch.logp_inf)
+    take = lambda logp_all: jnp.take_along_axis(logp_all, jnp.asarray(batch.targets)[..., None], axis=-1)[..., 0]
+    opts = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip)
+    logp_old_all = np.asarray(_log_probs64(policy, params["policy"], batch))
+    logp_old = np.asarray(take(logp_old_all))
+    if cfg.has_actor:
+        logp_actor_old_all = np.asarray(_log_probs64(actor, params["actor"], batch, cfg.temperature))
+    if cfg.mode == "jackpot":  # the filter, from the models at the start of the step
+        u = np.asarray(objective.uniforms(key, jnp.asarray(valid)), np.float64)
+        lam = (_budget_lam(logp_inf, logp_old, valid, cfg.target_accept) if cfg.target_accept > 0 else cfg.lam)
+        z = (ref.normalizer(np.exp(logp_actor_old_all), np.exp(logp_old_all), lam) if cfg.z == "exact"
+             else ref.topk_normalizer(logp_actor_old_all, logp_old_all, lam, cfg.k))
+        accepted, _, z_t = ref.obrs_filter(logp_old, logp_old, logp_inf, valid, z, u, lam=lam, target=cfg.p_target,
+                                           calibrate=cfg.z == "topk")
     elif cfg.mode in ("tis", "tis_distill"):
-        mask, rho = valid, losses.truncated_is(logp_old - logp_inf, cfg.c1)
-    else:
-        mask, rho = valid, jnp.ones(valid.shape)
-    ppo, _ = losses.ppo_token_loss(logp_new, logp_old, jnp.asarray(batch.advantages), eps_low=cfg.eps_low,
-                                   eps_high=cfg.eps_high, clip=cfg.clip)
-    total = losses.masked_mean(sg(rho) * ppo, mask)
-    if cfg.train_actor:
-        kl = losses.distill_kl(logp_new_all, logp_act_all, cfg.distill_direction)
-        actor_loss, _ = losses.actor_loss(_take(logp_act_all, batch.targets), logp_act_old, logp_inf,
-                                          jnp.asarray(batch.advantages), valid, kl, beta=cfg.beta,
-                                          tis_cap=cfg.actor_tis_cap, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                          clip=cfg.clip, ppo_weight=cfg.actor_ppo)
-        total = total + actor_loss
-    return total
+        rho = np.minimum(np.exp(np.where(valid, logp_old - logp_inf, 0.0)), cfg.c1)
+
+    def loss(trainable):
+        logp_new_all = _log_probs64(policy, trainable["policy"], batch)
+        logp_new = take(logp_new_all)
+        if cfg.mode == "jackpot":
+            total = ref.policy_loss(logp_new, logp_old, logp_inf, adv, valid, accepted, z_t, lam=lam, c1=cfg.c1,
+                                    c2=cfg.c2, target=cfg.p_target, aggregation=cfg.aggregation, xp=jnp, sg=sg, **opts)
+        else:
+            p_new, p_old = jnp.exp(jnp.where(valid, logp_new, 0.0)), np.exp(np.where(valid, logp_old, 0.0))
+            ppo = ref.ppo_token_loss(p_new, p_old, np.where(valid, adv[:, None], 0.0), xp=jnp, **opts)
+            total = ref.masked_mean((rho if cfg.mode in ("tis", "tis_distill") else 1.0) * ppo, valid,
+                                    cfg.aggregation, xp=jnp)
+        if cfg.train_actor:
+            logp_actor_all = _log_probs64(actor, trainable["actor"], batch, cfg.temperature)
+            p_new_all, p_actor_all = jnp.exp(sg(logp_new_all)), jnp.exp(logp_actor_all)
+            kl = (ref.kl(p_new_all, p_actor_all, xp=jnp) if cfg.distill_direction == "forward"
+                  else ref.kl(p_actor_all, p_new_all, xp=jnp))
+            total = total + ref.actor_loss(take(logp_actor_all), take(logp_actor_old_all), logp_inf, adv, valid, kl,
+                                           beta=cfg.beta, tis_cap=cfg.actor_tis_cap, aggregation=cfg.aggregation,
+                                           xp=jnp, sg=sg, **opts)
+        return total
+
+    return loss
 
 
 def _run_step(cfg, policy, actor, batch, key):
@@ -119,64 +144,61 @@ def _run_step(cfg, policy, actor, batch, key):
     return before, state, metrics, old
 
 
-CASES = {
-    "jackpot_new_topk": dict(mode="jackpot", p_target="new", z="topk", k=5, lam=0.8),
-    "jackpot_new_target_accept": dict(mode="jackpot", p_target="new", z="topk", k=5, target_accept=0.9),
-    "jackpot_old_exact": dict(mode="jackpot", p_target="old", z="exact", lam=1.3, c1=3.0),
-    "jackpot_new_exact_reverse_t07": dict(mode="jackpot", p_target="new", z="exact", temperature=0.7,
-                                          distill_direction="reverse", clip=False),
-    "tis_distill": dict(mode="tis_distill", c1=1.5, beta=0.5, actor_ppo=0.0),
-    "off_policy_frozen_actor": dict(mode="off_policy", train_actor=False),
+MODES = {  # the five modes, and OBRS' variants: each statistics path of the mini-batch's scope
     "on_policy": dict(mode="on_policy", train_actor=False),
+    "off_policy": dict(mode="off_policy", train_actor=False),
+    "tis": dict(mode="tis", train_actor=False, c1=1.5),
+    "tis_distill": dict(mode="tis_distill", c1=1.5, beta=0.5, aggregation="seq_mean_token_mean"),
+    "jackpot": dict(mode="jackpot", k=5, lam=2.0, c1=3.0, window=LENGTH - 3),  # V_k from the one pass
+    "jackpot_budget_exact_t07": dict(mode="jackpot", z="exact", target_accept=0.9, temperature=0.7,
+                                     distill_direction="reverse", clip=False),  # lam first, then Z
+    "jackpot_old_seq_mean": dict(mode="jackpot", p_target="old", k=5, lam=1.3, c1=3.0,
+                                 aggregation="seq_mean_token_mean"),  # Z from prepare
 }
-SLOW_CASES = {"jackpot_new_target_accept", "off_policy_frozen_actor", "on_policy"}  # `make test-slow`
+SLOW_MODES = {"jackpot_old_seq_mean"}  # `make test-slow`
 
 
-@pytest.mark.parametrize("case", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_CASES else name
-                                  for name in CASES])
-def test_update_step_equals_materialized_reference(case):
-    cfg = StepConfig(**{"micro_batch_size": B, "kernel_impl": "chunked", "eps_high": 0.28, **CASES[case]})
+@pytest.mark.parametrize("case,sizes", [
+    pytest.param(name, sizes, marks=pytest.mark.slow if name in SLOW_MODES or sizes != (1,) else ())
+    for name in MODES for sizes in ((1,), (2, 4))])
+def test_the_update_is_the_mini_batch_objective_whatever_the_micro_batches(case, sizes):
+    """Micro-batches of 1 (2 and 4 in `make test-slow`) sequences of one mini-batch of 8, with one key,
+    give the update of one micro-batch of 8 (parameters, kappa, lam, acceptance and every metric), and
+    its gradient is the float64 reference's of the whole mini-batch."""
     policy, actor = _models()
+    cfg = StepConfig(kernel_impl="chunked", eps_high=0.28, **MODES[case])
     batch = _batch(actor if cfg.has_actor else policy, cfg.temperature)
     key = jax.random.key(7)
-    before, after, metrics, old = _run_step(cfg, policy, actor if cfg.has_actor else None, batch, key)
-
-    old_params = {"policy": before.policy, "actor": before.actor}
+    runs = {micro: _run_step(cfg._replace(micro_batch_size=micro), policy, actor if cfg.has_actor else None,
+                             batch, key)
+            for micro in sizes + (B,)}
+    before, want, want_m, _ = runs[B]
+    for micro in sizes:
+        _, got, got_m, _ = runs[micro]
+        assert set(got_m) == set(want_m)
+        for name in want_m:
+            np.testing.assert_allclose(float(got_m[name]), float(want_m[name]), rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{name}, micro-batches of {micro}")
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{jax.tree_util.keystr(path)}, micro-batches of {micro}")
+    if cfg.mode == "jackpot":  # a real filter: some tokens rejected, kappa away from 1
+        assert 0.0 < float(want_m["obrs/accept_rate"]) < 1.0 and float(want_m["obrs/kappa"]) != 1.0
+    if sizes != (1,):
+        return  # the reference once per mode
     trainable = {"policy": before.policy, **({"actor": before.actor} if cfg.train_actor else {})}
-    reference = lambda t: _reference_loss(cfg, policy, actor if cfg.has_actor else policy, t,
-                                          before.actor, old_params, batch, jax.random.fold_in(key, 0))
-    loss, grads = jax.jit(jax.value_and_grad(reference))(trainable)  # one compile, not op-by-op dispatch
-    np.testing.assert_allclose(float(metrics["loss/total"]), float(loss), rtol=1e-5, atol=1e-6)
+    with jax.enable_x64(True):
+        loss_fn = _reference_loss(cfg, policy, actor, {"policy": before.policy, "actor": before.actor}, batch, key)
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(trainable)  # one compile, not op-by-op dispatch
+    np.testing.assert_allclose(float(want_m["loss/total"]), float(loss), rtol=1e-5, atol=1e-6)
     for name in trainable:
-        step = jax.tree.map(lambda b, a: b - a, getattr(before, name), getattr(after, name))  # SGD(1): -grad
-        for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(step), jax.tree.leaves(grads[name])):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-6,
+        step = jax.tree.map(lambda b, a: b - a, getattr(before, name), getattr(want, name))  # SGD(1): -grad
+        for (path, got), wanted in zip(jax.tree_util.tree_leaves_with_path(step), jax.tree.leaves(grads[name])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(wanted), rtol=2e-4, atol=2e-6,
                                        err_msg=f"{name} gradient at {jax.tree_util.keystr(path)}")
     if not cfg.train_actor and cfg.has_actor:
-        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.actor), jax.tree.leaves(after.actor)))
-    assert float(metrics["nonfinite/skipped"]) == 0.0
-
-
-def test_gradient_accumulation_averages_micro_batches():
-    """Two micro-batches: the update's gradient is the mean of the reference gradients of each half,
-    each with its own mask key (fold_in(key, i))."""
-    base = dict(mode="jackpot", p_target="new", z="topk", k=5, kernel_impl="chunked")
-    policy, actor = _models()
-    batch = _batch(actor)
-    key = jax.random.key(3)
-    before, after, _, _ = _run_step(StepConfig(**base, micro_batch_size=B // 2), policy, actor, batch, key)
-    cfg = StepConfig(**base, micro_batch_size=B)
-    old_params = {"policy": before.policy, "actor": before.actor}
-    trainable = {"policy": before.policy, "actor": before.actor}
-    halves = [jax.tree.map(lambda x: x[i * B // 2:(i + 1) * B // 2], batch) for i in range(2)]
-    grads = [jax.jit(jax.grad(lambda t: _reference_loss(cfg, policy, actor, t, None, old_params, half,  # noqa: B023
-                                                        jax.random.fold_in(key, i))))(trainable)
-             for i, half in enumerate(halves)]
-    want = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
-    got = jax.tree.map(lambda b, a: b - a, {"policy": before.policy, "actor": before.actor},
-                       {"policy": after.policy, "actor": after.actor})
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, atol=2e-6)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.actor), jax.tree.leaves(want.actor)))
+    assert float(want_m["nonfinite/skipped"]) == 0.0
 
 
 def test_same_actor_and_policy_with_lam_one_is_plain_grpo():
@@ -196,17 +218,17 @@ def test_same_actor_and_policy_with_lam_one_is_plain_grpo():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("z", [pytest.param("exact", marks=pytest.mark.slow), "topk"])
-def test_the_filter_uses_the_rollout_actor_once_the_trained_actor_has_moved(z):
+@pytest.mark.parametrize("z,micro", [pytest.param("exact", B, marks=pytest.mark.slow), ("topk", B), ("topk", B // 2)])
+def test_the_filter_uses_the_rollout_actor_once_the_trained_actor_has_moved(z, micro):
     """update(state with actor A, rollout_actor=R) gives the policy the update (and the OBRS
     statistics) of update(state with actor R): the filter's p_inf is the actor that sampled the
-    batch (with the top-k Z: the filter's own pass, against Z from the first pass). The negative
+    batch The negative
     control, actor A as p_inf, moves the policy differently."""
     policy, actor = _models()
     rollout = _params(actor)
     moved = jax.tree.map(lambda x: x + 0.2 * jnp.sign(x), rollout)  # the trained actor, far from R
     batch = _batch(actor)
-    cfg = StepConfig(mode="jackpot", p_target="new", z=z, k=5, lam=0.7, micro_batch_size=B, kernel_impl="chunked")
+    cfg = StepConfig(mode="jackpot", p_target="new", z=z, k=5, lam=0.7, micro_batch_size=micro, kernel_impl="chunked")
     sgd = optax.sgd(1.0)
     updater = Updater(cfg, policy, actor, sgd, sgd)
     key = jax.random.key(5)
@@ -247,22 +269,21 @@ ONE_PASS_CASES = {
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) for case in ONE_PASS_CASES])
-def test_top_k_z_from_the_first_pass_equals_the_filter_pass(case, monkeypatch):
-    """p_target = new, z = topk (chunked): Z from fused_jackpot_stats' one pass and no
-    fused_obrs_filter gives the update of the two-pass path (the filter's own pass over the
-    vocabulary, forced): the same loss, metrics and parameters, with the same key."""
+def test_top_k_z_from_the_first_pass_equals_the_normalizer_pass(case, monkeypatch):
+    """p_target = new, z = topk (chunked): Z from fused_jackpot_stats' one pass (V_k) and no
+    fused_obrs_normalizer gives the update of Z from the normalizer's own pass over the vocabulary
+    (forced): the same loss, metrics and parameters, with the same key."""
     policy, actor = _models()
     cfg = StepConfig(micro_batch_size=B // 2, kernel_impl="chunked", **ONE_PASS_CASES[case])
     batch = _batch(actor, cfg.temperature)
-    filter_calls = []
-    fused_obrs_filter = pk.fused_obrs_filter
-    monkeypatch.setattr(pk, "fused_obrs_filter",
-                        lambda *args, **kw: filter_calls.append(1) or fused_obrs_filter(*args, **kw))
+    calls = []
+    fused_obrs_normalizer = pk.fused_obrs_normalizer
+    monkeypatch.setattr(pk, "fused_obrs_normalizer", lambda *args, **kw: calls.append(1) or fused_obrs_normalizer(*args, **kw))
     _, got, got_m, _ = _run_step(cfg, policy, actor, batch, jax.random.key(4))
-    assert cfg.z_in_first_pass and not filter_calls
+    assert cfg.z_in_first_pass and not calls
     monkeypatch.setattr(StepConfig, "z_in_first_pass", property(lambda self: False))
     _, want, want_m, _ = _run_step(cfg, policy, actor, batch, jax.random.key(4))
-    assert filter_calls
+    assert calls
     _assert_same_filtered_update(got, got_m, want, want_m)
 
 
@@ -320,20 +341,21 @@ def test_remat_models_give_the_same_update():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-WINDOW_CASES = {  # masks that do not depend on the uniforms (every token accepted): both paths agree exactly
-    "jackpot_new_topk_accept_all": dict(mode="jackpot", p_target="new", z="topk", k=5, lam=1e-4),
-    "jackpot_old_exact_accept_all": dict(mode="jackpot", p_target="old", z="exact", lam=1e-4, c1=3.0),
+WINDOW_CASES = {
+    "jackpot_new_topk": dict(mode="jackpot", p_target="new", z="topk", k=5, lam=0.8),
+    "jackpot_old_exact": dict(mode="jackpot", p_target="old", z="exact", lam=1.3, c1=3.0),
     "tis_distill_seq_mean": dict(mode="tis_distill", c1=1.5, beta=0.5, aggregation="seq_mean_token_mean"),
     "on_policy": dict(mode="on_policy", train_actor=False),  # no actor in the update
 }
 PAST_THE_END = ("tis_distill_seq_mean",)  # a window running past T as well
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case == "jackpot_new_topk_accept_all" else pytest.mark.slow)
+@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case == "jackpot_new_topk" else pytest.mark.slow)
                                   for case in WINDOW_CASES])
 def test_statistics_on_the_completion_window_equal_all_positions(case):
     """window = the longest completion (or, for some cases, a window running past the sequence end)
-    gives the update of the statistics at every position: the same parameters and metrics."""
+    gives the update of the statistics at every position: the same parameters and metrics, the OBRS
+    mask too (a token's draw is keyed by its completion position)."""
     policy, actor = _models()
     base = StepConfig(micro_batch_size=B // 2, kernel_impl="chunked", **WINDOW_CASES[case])
     batch = _batch(actor if base.has_actor else policy, base.temperature)
@@ -349,7 +371,7 @@ def test_statistics_on_the_completion_window_equal_all_positions(case):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     if base.mode == "jackpot":
-        assert float(want_m["obrs/accept_rate"]) == 1.0  # the premise: no token left to the uniforms
+        assert 0.0 < float(want_m["obrs/accept_rate"]) < 1.0  # a real filter
 
 
 def test_a_completion_longer_than_the_window_is_refused():
