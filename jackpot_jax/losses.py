@@ -1,10 +1,9 @@
-"""The Jackpot objective: GRPO advantages, PPO, truncated IS, distillation KL, aggregation.
+"""The objective's building blocks: GRPO advantages, PPO, truncated IS, distillation KL, aggregation.
 
 Equation numbers are the paper's (``shared/JACKPOT.md``). Per-token inputs are ``[B, T]`` (sequences
 by positions) with a boolean ``valid`` mask for padding; per-sequence advantages may be given as
-``[B]``. Log-probabilities are of the sampled tokens unless a name says ``full``. Padded positions
-may hold any value, including ``-inf`` or NaN: they are zeroed before any arithmetic, so neither the
-loss nor its gradient can be poisoned by them.
+``[B]``. Log-probabilities are of the sampled tokens unless a name says ``full``. The losses built
+from them, at a mini-batch's scope, are :mod:`jackpot_jax.train.objective`'s.
 """
 from __future__ import annotations
 
@@ -114,79 +113,3 @@ def masked_mean(values, mask, mode: Aggregation = "token_mean"):
     per_seq_count = jnp.sum(mask, axis=-1)
     per_seq = jnp.sum(values, axis=-1) / jnp.maximum(per_seq_count, 1)
     return jnp.sum(per_seq) / jnp.maximum(jnp.sum(per_seq_count > 0), 1)
-
-
-def _masked_stats(values, mask):
-    """Mean and max of ``values`` over ``mask`` (0 when the mask is empty)."""
-    mean = masked_mean(values, mask)
-    return mean, jnp.where(jnp.any(mask), jnp.max(jnp.where(mask, values, -jnp.inf)), 0.0)
-
-
-def jackpot_policy_loss(logp_new, logp_old, logp_inf, advantages, valid, z_approx, key, *,
-                        lam, c1: float, c2: float, target: obrs.Target = "new",
-                        calibrate: bool = True, eps_low: float = 0.2, eps_high: float = 0.2,
-                        clip: bool = True, aggregation: Aggregation = "token_mean"):
-    """The OBRS-adjusted PPO policy loss of eq. 5 (Algorithm 1, lines 18-25).
-
-    L = mean over accepted valid tokens of SG(rho) * PPO(r = p_new / p_old, A), with the OBRS mask
-    ~ Bernoulli(a(x)) drawn from ``key`` and rho from :func:`obrs.jackpot_weights` using
-    Z_t = kappa * ``z_approx`` (``calibrate=False`` uses ``z_approx`` as is, e.g. an exact Z).
-    Gradient flows only through ``logp_new``'s PPO ratio. Returns ``(loss, metrics)``.
-    """
-    valid = jnp.asarray(valid, bool)
-    logp_new, logp_old, logp_inf, z_approx = (
-        jnp.where(valid, x, 0.0) for x in (logp_new, logp_old, logp_inf, z_approx)
-    )
-    advantages = jnp.where(valid, _per_token(advantages, logp_new), 0.0)
-    f = obrs.obrs_filter(key, logp_inf, logp_old, logp_new, z_approx, valid, lam=lam, c1=c1,
-                         c2=c2, target=target, calibrate=calibrate)
-    ppo, clipped = ppo_token_loss(logp_new, logp_old, advantages, eps_low=eps_low,
-                                  eps_high=eps_high, clip=clip)
-    loss = masked_mean(f.rho * ppo, f.accepted, aggregation)
-    rho_mean, rho_max = _masked_stats(f.rho, f.accepted)
-    metrics = {
-        "policy/loss": loss,
-        "policy/accept_rate": masked_mean(f.accepted, valid),
-        "policy/accept_prob_mean": masked_mean(f.accept_prob, valid),
-        "policy/kappa": f.kappa,
-        "policy/z_mean": masked_mean(f.z, valid),
-        "policy/rho_mean": rho_mean,
-        "policy/rho_max": rho_max,
-        "policy/clip_frac": masked_mean(clipped, f.accepted),
-    }
-    return loss, metrics
-
-
-def actor_loss(logp_actor, logp_actor_old, logp_inf, advantages, valid, distill_kl_per_token, *,
-               beta: float, tis_cap: float, eps_low: float = 0.2, eps_high: float = 0.2,
-               clip: bool = True, aggregation: Aggregation = "token_mean", ppo_weight: float = 1.0):
-    """The actor's loss, ``ppo_weight`` * eq. 6 + beta * eq. 7 (``ppo_weight=0``: distillation only).
-
-    eq. 6: PPO on the actor's own ratio p_omega / p_omega_old, weighted by the truncated IS
-    SG(min(p_omega_old / p_inf, C)) that corrects the rollout engine's sampling distribution.
-    eq. 7: ``distill_kl_per_token`` ``[B, T]`` from :func:`distill_kl` (or a fused kernel), averaged
-    over valid positions: every position, accepted or not, is distilled towards the policy.
-    Returns ``(loss, metrics)``.
-    """
-    obrs.check_range("beta", beta, lambda v: v >= 0, ">= 0")
-    obrs.check_range("ppo_weight", ppo_weight, lambda v: v >= 0, ">= 0")
-    valid = jnp.asarray(valid, bool)
-    logp_actor, logp_actor_old, logp_inf = (
-        jnp.where(valid, x, 0.0) for x in (logp_actor, logp_actor_old, logp_inf)
-    )
-    advantages = jnp.where(valid, _per_token(advantages, logp_actor), 0.0)
-    distill_kl_per_token = jnp.where(valid, distill_kl_per_token, 0.0)
-    tis = jax.lax.stop_gradient(truncated_is(logp_actor_old - logp_inf, tis_cap))
-    ppo, clipped = ppo_token_loss(logp_actor, logp_actor_old, advantages, eps_low=eps_low,
-                                  eps_high=eps_high, clip=clip)
-    ppo_loss = masked_mean(tis * ppo, valid, aggregation)
-    distill = masked_mean(distill_kl_per_token, valid, aggregation)
-    loss = ppo_weight * ppo_loss + beta * distill
-    metrics = {
-        "actor/loss": loss,
-        "actor/ppo_loss": ppo_loss,
-        "actor/distill_kl": distill,
-        "actor/tis_mean": masked_mean(tis, valid),
-        "actor/clip_frac": masked_mean(clipped, valid),
-    }
-    return loss, metrics

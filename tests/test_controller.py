@@ -18,7 +18,7 @@ from jackpot_jax.train.config import validate
 from jackpot_jax.train.disaggregated import DisaggregatedUpdater
 from jackpot_jax.train.step import StepConfig, Updater
 from tests.test_train_resume import demo_config
-from tests.test_train_step import _batch, _models, _params
+from tests.test_train_step import make_models, params_of, rollout_batch
 
 
 def _law(beta, kl, target, rate, low, high):
@@ -120,9 +120,9 @@ def test_controller_config():
 def test_an_actor_lr_scale_is_the_actors_learning_rate_times_it(placement):
     """AdamW at lr with ``actor_lr_scale`` s equals AdamW at lr * s (two updates, so Adam's moments
     matter); the policy's update does not change."""
-    policy, actor = _models()
-    batch = _batch(actor)
-    cfg = StepConfig(mode="jackpot", k=5, beta=0.5, micro_batch_size=6)
+    policy, actor = make_models()
+    batch = rollout_batch(actor)
+    cfg = StepConfig(mode="jackpot", k=5, beta=0.5, micro_batch_size=8)
     if placement == "colocated":
         make = lambda *args: Updater(*args)
     else:
@@ -133,13 +133,13 @@ def test_an_actor_lr_scale_is_the_actors_learning_rate_times_it(placement):
     for actor_lr, scale in ((1e-2, 0.25), (2.5e-3, None)):
         tx = lambda lr: optax.adamw(lr, weight_decay=0.1)
         updater = make(cfg, policy, actor, tx(1e-2), tx(actor_lr))
-        state = updater.init_state(_params(policy), _params(actor))
+        state = updater.init_state(params_of(policy), params_of(actor))
         old = updater.prepare(state.policy, state.actor, batch, cfg.lam)
         for key in (0, 1):
             state, _ = updater.update(state, batch, old, jax.random.key(key), cfg.lam, actor_lr_scale=scale)
         results.append(jax.device_get(state))
     got, want = results
-    start = _params(actor)
+    start = params_of(actor)
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(want.actor), jax.tree.leaves(start)))
     assert moved > 1e-3  # the actor really moved
@@ -151,13 +151,13 @@ def test_an_actor_lr_scale_is_the_actors_learning_rate_times_it(placement):
 
 def test_beta_given_to_an_update_equals_beta_compiled_in():
     """The update's ``beta`` argument is the eq. 8 weight: the same update as a StepConfig with it."""
-    policy, actor = _models()
-    batch = _batch(actor)
+    policy, actor = make_models()
+    batch = rollout_batch(actor)
     results = []
-    for cfg, beta in ((StepConfig(mode="jackpot", k=5, beta=0.1, micro_batch_size=6), 2.5),
-                      (StepConfig(mode="jackpot", k=5, beta=2.5, micro_batch_size=6), None)):
+    for cfg, beta in ((StepConfig(mode="jackpot", k=5, beta=0.1, micro_batch_size=8), 2.5),
+                      (StepConfig(mode="jackpot", k=5, beta=2.5, micro_batch_size=8), None)):
         updater = Updater(cfg, policy, actor, optax.sgd(1.0), optax.sgd(1.0))
-        state = updater.init_state(_params(policy), _params(actor))
+        state = updater.init_state(params_of(policy), params_of(actor))
         old = updater.prepare(state.policy, state.actor, batch, cfg.lam)
         results.append(updater.update(state, batch, old, jax.random.key(0), cfg.lam, beta=beta))
     (got, got_metrics), (want, want_metrics) = results

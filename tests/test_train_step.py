@@ -27,7 +27,7 @@ V = 61
 B, LENGTH = 8, 14
 
 
-def _models(same=False):
+def make_models(same=False):
     policy = Transformer(preset("tiny-qwen3", vocab_size=V, num_hidden_layers=2), rngs=nnx.Rngs(0))
     actor = policy if same else Transformer(preset("tiny-qwen3", vocab_size=V, num_hidden_layers=1,
                                                    hidden_size=32, intermediate_size=64, head_dim=8),
@@ -35,7 +35,7 @@ def _models(same=False):
     return policy, actor
 
 
-def _params(model):
+def params_of(model):
     return jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
 
 
@@ -50,7 +50,7 @@ def _take(logp_all, targets):
     return jnp.take_along_axis(logp_all, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
 
 
-def _batch(actor, temperature=1.0, seed=0, topk=0):
+def rollout_batch(actor, temperature=1.0, seed=0, topk=0):
     """Random prompts and completions; log p_inf is the actor's own (as a rollout would store), and
     with ``topk`` so are p_inf's top-``topk`` ids and log-probs at each generated token."""
     rng = np.random.default_rng(seed)
@@ -136,7 +136,7 @@ def _reference_loss(cfg, policy, actor, params, batch, key):
 def _run_step(cfg, policy, actor, batch, key):
     sgd = optax.sgd(1.0)
     updater = Updater(cfg, policy, actor if cfg.has_actor else None, sgd, sgd if cfg.train_actor else None)
-    state = updater.init_state(_params(policy), _params(actor) if cfg.has_actor else None)
+    state = updater.init_state(params_of(policy), params_of(actor) if cfg.has_actor else None)
     before = jax.tree.map(jnp.copy, state)
     normalizers = cfg.mode == "jackpot" and cfg.p_target == "old"
     old = updater.prepare(state.policy, state.actor, batch, cfg.lam, normalizers=normalizers)
@@ -165,9 +165,9 @@ def test_the_update_is_the_mini_batch_objective_whatever_the_micro_batches(case,
     """Micro-batches of 1 (2 and 4 in `make test-slow`) sequences of one mini-batch of 8, with one key,
     give the update of one micro-batch of 8 (parameters, kappa, lam, acceptance and every metric), and
     its gradient is the float64 reference's of the whole mini-batch."""
-    policy, actor = _models()
+    policy, actor = make_models()
     cfg = StepConfig(kernel_impl="chunked", eps_high=0.28, **MODES[case])
-    batch = _batch(actor if cfg.has_actor else policy, cfg.temperature)
+    batch = rollout_batch(actor if cfg.has_actor else policy, cfg.temperature)
     key = jax.random.key(7)
     runs = {micro: _run_step(cfg._replace(micro_batch_size=micro), policy, actor if cfg.has_actor else None,
                              batch, key)
@@ -204,8 +204,8 @@ def test_the_update_is_the_mini_batch_objective_whatever_the_micro_batches(case,
 def test_same_actor_and_policy_with_lam_one_is_plain_grpo():
     """actor == policy (same weights), lam = 1, exact Z: every token accepted, rho = 1, and the
     policy update equals the uncorrected (plain GRPO / PPO) one."""
-    policy, actor = _models(same=True)
-    batch = _batch(actor)
+    policy, actor = make_models(same=True)
+    batch = rollout_batch(actor)
     key = jax.random.key(11)
     common = dict(micro_batch_size=B, kernel_impl="chunked", lam=1.0, z="exact")
     _, jackpot, metrics, _ = _run_step(StepConfig(mode="jackpot", **common), policy, actor, batch, key)
@@ -224,17 +224,17 @@ def test_the_filter_uses_the_rollout_actor_once_the_trained_actor_has_moved(z, m
     statistics) of update(state with actor R): the filter's p_inf is the actor that sampled the
     batch The negative
     control, actor A as p_inf, moves the policy differently."""
-    policy, actor = _models()
-    rollout = _params(actor)
+    policy, actor = make_models()
+    rollout = params_of(actor)
     moved = jax.tree.map(lambda x: x + 0.2 * jnp.sign(x), rollout)  # the trained actor, far from R
-    batch = _batch(actor)
+    batch = rollout_batch(actor)
     cfg = StepConfig(mode="jackpot", p_target="new", z=z, k=5, lam=0.7, micro_batch_size=micro, kernel_impl="chunked")
     sgd = optax.sgd(1.0)
     updater = Updater(cfg, policy, actor, sgd, sgd)
     key = jax.random.key(5)
 
     def run(actor_params, rollout_actor):
-        state = updater.init_state(_params(policy), jax.tree.map(jnp.copy, actor_params))  # donated by update
+        state = updater.init_state(params_of(policy), jax.tree.map(jnp.copy, actor_params))  # donated by update
         old = updater.prepare(state.policy, rollout, batch, cfg.lam)  # p_omega_old: the rollout actor
         return updater.update(state, batch, old, key, cfg.lam, rollout_actor=rollout_actor)
 
@@ -273,9 +273,9 @@ def test_top_k_z_from_the_first_pass_equals_the_normalizer_pass(case, monkeypatc
     """p_target = new, z = topk (chunked): Z from fused_jackpot_stats' one pass (V_k) and no
     fused_obrs_normalizer gives the update of Z from the normalizer's own pass over the vocabulary
     (forced): the same loss, metrics and parameters, with the same key."""
-    policy, actor = _models()
+    policy, actor = make_models()
     cfg = StepConfig(micro_batch_size=B // 2, kernel_impl="chunked", **ONE_PASS_CASES[case])
-    batch = _batch(actor, cfg.temperature)
+    batch = rollout_batch(actor, cfg.temperature)
     calls = []
     fused_obrs_normalizer = pk.fused_obrs_normalizer
     monkeypatch.setattr(pk, "fused_obrs_normalizer", lambda *args, **kw: calls.append(1) or fused_obrs_normalizer(*args, **kw))
@@ -295,9 +295,9 @@ def test_top_k_z_with_the_rollout_top_k_equals_the_one_pass(case, window, monkey
     update equals the one pass that ranks the actor's logits itself: the same loss, metrics and
     parameters, with the same key; also on the completion window. K < k: the batch's top-k is not
     used."""
-    policy, actor = _models()
+    policy, actor = make_models()
     cfg = StepConfig(micro_batch_size=B // 2, kernel_impl="chunked", **ONE_PASS_CASES[case])
-    plain, stored = _batch(actor, cfg.temperature), _batch(actor, cfg.temperature, topk=cfg.k + 2)
+    plain, stored = rollout_batch(actor, cfg.temperature), rollout_batch(actor, cfg.temperature, topk=cfg.k + 2)
     if window:
         cfg = cfg._replace(window=int(plain.valid.sum(axis=1).max()))
     given = []
@@ -311,14 +311,14 @@ def test_top_k_z_with_the_rollout_top_k_equals_the_one_pass(case, window, monkey
     assert given and not any(given)
     _assert_same_filtered_update(got, got_m, want, want_m)
     given.clear()
-    _run_step(cfg, policy, actor, _batch(actor, cfg.temperature, topk=cfg.k - 1), jax.random.key(4))
+    _run_step(cfg, policy, actor, rollout_batch(actor, cfg.temperature, topk=cfg.k - 1), jax.random.key(4))
     assert given and not any(given)
 
 
 def test_nonfinite_update_is_skipped():
     """A NaN advantage poisons the loss: the update is skipped (state unchanged) and counted."""
-    policy, actor = _models()
-    batch = _batch(actor)
+    policy, actor = make_models()
+    batch = rollout_batch(actor)
     batch = batch._replace(advantages=np.where(np.arange(B) == 0, np.nan, batch.advantages).astype(np.float32))
     before, after, metrics, _ = _run_step(StepConfig(mode="jackpot", micro_batch_size=B, kernel_impl="chunked"),
                                           policy, actor, batch, jax.random.key(0))
@@ -336,7 +336,7 @@ def test_remat_models_give_the_same_update():
     for remat in (False, True):
         policy = Transformer(preset("tiny-qwen3", vocab_size=V, remat=remat), rngs=nnx.Rngs(0))
         actor = Transformer(preset("tiny-qwen3", vocab_size=V, remat=remat, num_hidden_layers=1), rngs=nnx.Rngs(1))
-        results.append(_run_step(cfg, policy, actor, _batch(actor), jax.random.key(5))[1])
+        results.append(_run_step(cfg, policy, actor, rollout_batch(actor), jax.random.key(5))[1])
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
@@ -356,9 +356,9 @@ def test_statistics_on_the_completion_window_equal_all_positions(case):
     """window = the longest completion (or, for some cases, a window running past the sequence end)
     gives the update of the statistics at every position: the same parameters and metrics, the OBRS
     mask too (a token's draw is keyed by its completion position)."""
-    policy, actor = _models()
+    policy, actor = make_models()
     base = StepConfig(micro_batch_size=B // 2, kernel_impl="chunked", **WINDOW_CASES[case])
-    batch = _batch(actor if base.has_actor else policy, base.temperature)
+    batch = rollout_batch(actor if base.has_actor else policy, base.temperature)
     longest = int(batch.valid.sum(axis=1).max())
     key = jax.random.key(2)
     _, want, want_m, _ = _run_step(base, policy, actor if base.has_actor else None, batch, key)
@@ -375,8 +375,8 @@ def test_statistics_on_the_completion_window_equal_all_positions(case):
 
 
 def test_a_completion_longer_than_the_window_is_refused():
-    policy, actor = _models()
-    batch = _batch(actor)
+    policy, actor = make_models()
+    batch = rollout_batch(actor)
     longest = int(batch.valid.sum(axis=1).max())
     with pytest.raises(ValueError, match=f"{longest} generated tokens, more than the step's window={longest - 1}"):
         _run_step(StepConfig(mode="jackpot", micro_batch_size=B, kernel_impl="chunked", window=longest - 1),

@@ -226,11 +226,11 @@ class DisaggregatedUpdater(Updater):
                                                                actor_grads)
             policy_grads, policy_metrics = self._policy_micro(state.policy, on_policy, num_micro, index,
                                                               weight_on_policy, rho, weight, policy_grads)
-            results.append({**actor_metrics, **policy_metrics,
-                            "loss/total": policy_metrics["loss/policy"] + actor_loss})
+            results.append((actor_loss, {**actor_metrics, **policy_metrics}))
         norms = {"policy": self._norm(policy_grads), **({"actor": self._norm(actor_grads)} if cfg.train_actor else {})}
         results, norms, updates, scope_metrics = jax.device_get((results, norms, state.updates, scope.metrics))
-        metrics = {key: np.sum([row[key] for row in results]) for key in results[0]}  # parts of the mini-batch's
+        rows = [{**row, "loss/total": row["loss/policy"] + actor_loss} for actor_loss, row in results]
+        metrics = {key: np.sum([row[key] for row in rows]) for key in rows[0]}  # parts of the mini-batch's
         metrics.update(scope_metrics)
         finite = np.asarray(np.isfinite(metrics["loss/total"]) and all(np.isfinite(n) for n in norms.values()))
         policy, policy_opt, updated = self._apply_policy(state.policy, state.policy_opt, state.updates, policy_grads,

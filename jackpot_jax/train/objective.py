@@ -78,11 +78,11 @@ def aggregation_weights(mask, mode: losses.Aggregation = "token_mean"):
     denominators of a mean over the counted tokens, computed once over the mini-batch (0 off ``mask``)."""
     obrs.check_choice("mode", mode, losses.AGGREGATIONS)
     mask = jnp.asarray(mask, bool)
-    counted = mask.astype(jnp.float32)
+    counted = mask.astype(float)  # float32, or float64 under x64
     if mode == "token_mean":
         return counted / jnp.maximum(jnp.sum(counted), 1.0)
     per_seq = jnp.sum(counted, axis=-1, keepdims=True)
-    seqs = jnp.maximum(jnp.sum(per_seq > 0), 1).astype(jnp.float32)
+    seqs = jnp.maximum(jnp.sum(per_seq > 0), 1).astype(counted.dtype)
     return counted / jnp.maximum(per_seq, 1.0) / seqs
 
 
