@@ -13,14 +13,15 @@ before the timing) and the same :class:`~jackpot_jax.train.step.OldStats` from `
   Z_approx from the first pass: p_inf's top-k from the batch when it has ``k`` or more, else
   ranked in the pass; rho);
 - ``jackpot``, actor trained: the full joint update of eq. 8 (policy OBRS-PPO + actor PPO + distill);
-- ``tis_distill``, actor trained: the same joint update with TIS weights instead of OBRS.
+- ``tis_distill``, actor trained: the same joint update with TIS weights instead of OBRS;
+- ``jackpot``, actor trained, with ``rollout_actor``: (c) as every update of a rollout batch after
+  its first runs it, with p_inf from the actor that sampled the batch (one more forward of it).
 
 The cases take turns, one update each per round, so that a change in the machine's load hits all
 of them alike; each reports the median over ``--repeats`` rounds after ``--warmup`` rounds
 (compilation included there); ``--batch`` and ``--length`` default to the demo's mini-batch
-(``algorithm.train_batch_size``) and sequence length. Updates run without ``rollout_actor`` (the
-trained actor as p_inf, as in a rollout's first update); the loop passes the rollout actor to every
-jackpot update with a trained actor, one more forward of it (``e2e`` includes that). Models:
+(``algorithm.train_batch_size``) and sequence length. Updates but (e) run without ``rollout_actor`` (the
+trained actor as p_inf, as in a rollout's first update, where the loop passes none). Models:
 ``preset(--policy, vocab_size=V)`` and ``preset(--actor, vocab_size=V)`` for each ``--vocab`` V.
 
 On a GPU the table is followed by tokens/s and the model FLOPs utilization of each case: the
@@ -75,6 +76,7 @@ CASES = {
     "b": ("jackpot, actor frozen", "jackpot", False),
     "c": ("jackpot, actor trained", "jackpot", True),
     "d": ("tis_distill, actor trained", "tis_distill", True),
+    "e": ("jackpot, actor trained, p_inf the rollout actor's", "jackpot", True),
 }
 
 
@@ -168,13 +170,14 @@ def time_updates(args, vocab, demo):
     batch = jax.device_put(with_actor_p_inf(batch, actor, demo.rollout.temperature, args.rollout_top_k))
     # every case reads the same OldStats (p_target = new: prepare is the same for all four)
     old = jax.block_until_ready(updaters[args.cases[0]].prepare(params(policy), params(actor), batch, 1.0))
-    key = jax.random.key(0)
+    key, rollout_actor = jax.random.key(0), params(actor)
     times = {case: [] for case in updaters}
     for round_ in range(args.warmup + args.repeats):
         for case, updater in updaters.items():
             start = time.perf_counter()
             # update donates its state: keep only the returned one
-            states[case], metrics = updater.update(states[case], batch, old, jax.random.fold_in(key, round_), 1.0)
+            states[case], metrics = updater.update(states[case], batch, old, jax.random.fold_in(key, round_), 1.0,
+                                                   rollout_actor=rollout_actor if case == "e" else None)
             jax.block_until_ready((states[case], metrics))
             if round_ >= args.warmup:
                 times[case].append(time.perf_counter() - start)
@@ -203,9 +206,9 @@ def update(args):
           f"({tokens} tokens; completions of at most {args.max_new_tokens}), micro-batch {args.micro_batch}, "
           f"the demo's other algorithm settings; median of "
           f"{args.repeats} rounds after {args.warmup} warm-up rounds, cases interleaved; {header()}\n")
-    cols = [c for c in "abcd" if c in args.cases]
-    print("| V | " + " | ".join(f"({c}) {CASES[c][0]}" for c in cols) + " | (b)/(a) | (c)/(d) | (c)/(a) |")
-    print("|---" * (len(cols) + 4) + "|")
+    cols = [c for c in "abcde" if c in args.cases]
+    print("| V | " + " | ".join(f"({c}) {CASES[c][0]}" for c in cols) + " | (b)/(a) | (c)/(d) | (c)/(a) | (e)/(c) |")
+    print("|---" * (len(cols) + 5) + "|")
     gpu_rows = []
     for vocab in args.vocab:
         times, configs = time_updates(args, vocab, demo)
@@ -214,7 +217,7 @@ def update(args):
         spread = {case: (float(np.min(t)), float(np.max(t))) for case, t in times.items()}
         cells = [f"{1e3 * med[c]:.0f} ms ({1e3 * spread[c][0]:.0f}-{1e3 * spread[c][1]:.0f})" for c in cols]
         ratio = lambda x, y: f"{med[x] / med[y]:.2f}x" if x in med and y in med else "-"
-        print(f"| {vocab:,} | " + " | ".join(cells) + f" | {ratio('b', 'a')} | {ratio('c', 'd')} | {ratio('c', 'a')} |",
+        print(f"| {vocab:,} | " + " | ".join(cells) + f" | {ratio('b', 'a')} | {ratio('c', 'd')} | {ratio('c', 'a')} | {ratio('e', 'c')} |",
               flush=True)
     print("\nCells: median (min-max) wall time per update.")
     if jax.default_backend() == "gpu":
@@ -289,7 +292,7 @@ def main():
                              "rollout.max_new_tokens)")
     parser.add_argument("--micro-batch", type=int, default=0,
                         help="update: sequences per micro-batch (0: the demo's, or the batch if it does not divide it)")
-    parser.add_argument("--cases", nargs="+", default=list("abcd"), choices=list("abcd"))
+    parser.add_argument("--cases", nargs="+", default=list("abcd"), choices=list("abcde"))
     parser.add_argument("--algorithm-overrides", type=lambda text: dict(item.split("=", 1) for item in text.split(",")),
                         default={}, metavar="KEY=VALUE,...",
                         help="update: keys of the demo's algorithm section to replace, e.g. z=exact")

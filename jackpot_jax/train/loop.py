@@ -272,7 +272,7 @@ class Trainer:
         update_metrics = []
         order = np.random.default_rng([config.seed, self.step])
         # the actor that sampled the batch, for the filter's p_inf once updates have moved the trained
-        # actor: the engine's copy (passed to every update, so that one function compiles)
+        # actor: the engine's copy, from the second update on (the first one's actor is that actor)
         rollout_actor = self.engine.params if self.step_config.filter_needs_rollout_actor else None
         for epoch in range(algo.ppo_epochs):
             perm = order.permutation(batch.num_sequences)
@@ -280,7 +280,8 @@ class Trainer:
                 rows = np.sort(perm[u * algo.train_batch_size:(u + 1) * algo.train_batch_size])
                 update_key = jax.random.fold_in(jax.random.fold_in(key, epoch), u)
                 self.state, metrics = self.updater.update(self.state, select(batch, rows), select(old, rows),
-                                                          update_key, lam, rollout_actor=rollout_actor, beta=beta,
+                                                          update_key, lam, beta=beta,
+                                                          rollout_actor=rollout_actor if epoch or u else None,
                                                           actor_lr_scale=actor_lr_scale)
                 update_metrics.append(jax.device_get(metrics))
                 self.nonfinite_in_row = self.nonfinite_in_row + 1 if update_metrics[-1]["nonfinite/skipped"] else 0
