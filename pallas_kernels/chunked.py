@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jackpot_jax import obrs
 from pallas_kernels._online import online_lse
+from pallas_kernels.logspace import normalizer
 from pallas_kernels.reference import JackpotStats
 
 NEG_INF = -jnp.inf
@@ -103,7 +103,7 @@ def topk_union(inf_set, tgt_set):
     """V_k = topk(p_inf) U topk(p_target) (section 4.4.1) from both top-k sets ``(own log-probs,
     the other model's log-probs, ids)`` ``[N, k]``: ``(logp_inf, logp_target)`` ``[N, 2k]`` on V_k,
     p_inf's k tokens then p_target's, with -inf on those already in p_inf's set (each token once).
-    Z_approx = :func:`jackpot_jax.obrs.normalizer` of the two."""
+    Z_approx = :func:`pallas_kernels.logspace.normalizer` of the two."""
     inf_own, inf_other, inf_ids = inf_set
     tgt_own, tgt_other, tgt_ids = tgt_set
     in_both = jnp.any(tgt_ids[:, :, None] == inf_ids[:, None, :], axis=-1)
@@ -238,7 +238,7 @@ def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, exact,
     blocks = _Blocks(w_inf.shape[1], block_v, vocab_size, min_block=k)
     args = [lax.stop_gradient(x) for x in (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt)]
     z_exact, inf_set, tgt_set = _obrs_normalizer(*args, jnp.log(lam), k, exact, 1.0 / temperature_inf, blocks)
-    return obrs.normalizer(*topk_union(inf_set, tgt_set), lam), z_exact
+    return normalizer(*topk_union(inf_set, tgt_set), lam), z_exact
 
 
 def _obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, log_lam, k, exact, scale_inf, blocks):
@@ -402,7 +402,7 @@ def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_ac
                                                      sg(lse_new), jnp.log(lam), k, exact, scale_act, blocks)
     vk_logp_act, vk_logp_new = topk_union(act_set, new_set)
     return JackpotStats(logp_new, lse_new, new_set[0], new_set[2], logp_act, lse_act, act_set[0], act_set[2],
-                        obrs.normalizer(vk_logp_act, vk_logp_new, lam), z_exact, kl, vk_logp_act, vk_logp_new)
+                        normalizer(vk_logp_act, vk_logp_new, lam), z_exact, kl, vk_logp_act, vk_logp_new)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
