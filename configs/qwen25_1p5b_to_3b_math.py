@@ -7,7 +7,7 @@
 The four paths are required (validation names the first one missing): Hugging Face checkpoint
 directories of the base models (config.json + safetensors), the tokenizer directory (the policy's;
 both models share Qwen2.5's vocabulary), and the directory holding MATH's files
-(``jackpot_jax.data.datasets.MANUAL_FILES``): ``train.jsonl`` the training problems (the paper's
+(``jackpot_jax.data.manual_files.MANUAL_FILES``): ``train.jsonl`` the training problems (the paper's
 MATH-8k) and ``test.jsonl`` MATH-500, evaluated in the loop (Mean@4 / Pass@4 on all 500).
 
 Hardware (estimates by ``benchmarks/memory_estimate.py``; docs/training.md, "Paper presets"): 8 x

@@ -7,7 +7,7 @@
 The four paths are required (validation names the first one missing): Hugging Face checkpoint
 directories (config.json + safetensors), the tokenizer directory (the policy's; both models share
 Qwen3's vocabulary), and the directory holding DeepScaleR's ``deepscaler.json``
-(``jackpot_jax.data.datasets.MANUAL_FILES``).
+(``jackpot_jax.data.manual_files.MANUAL_FILES``).
 
 Hardware (estimates by ``benchmarks/memory_estimate.py``; docs/training.md, "Paper presets"): 8 x
 H100 80GB or a TPU v5p-16 (8 chips), with the state sharded over them: about 380 GB at the peak,
