@@ -547,3 +547,51 @@ def test_update_step_with_fused_stats_and_normalizer_matches_the_materialized_lo
     np.testing.assert_allclose(got, want, rtol=1e-4)
     for a, b in zip(got_grads, want_grads):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_chunked_ops_under_64_bit_mode_match_the_reference(rng, exact):
+    """With ``jax_enable_x64`` on (as in the float64 tests), column ids default to int64 while the
+    kernels' top-k ids are int32, and lam may be a float64 array: the chunked token stats, both
+    normalizers and the step statistics (with their gradients) still run and match the reference,
+    and return int32 ids."""
+    n, d, v, vocab_size, k, block_v = SHAPES[1]
+    with jax.enable_x64(True):
+        h_pol, w_pol = head(rng, n, d + 4, v)
+        h_act, w_act = head(rng, n, d, v)
+        targets = jnp.asarray(rng.integers(0, vocab_size, n), jnp.int32)
+        opts = dict(vocab_size=vocab_size)
+        got = pk.fused_token_stats(h_act, w_act, targets, k, temperature=0.8, impl="chunked", block_v=block_v, **opts)
+        want = pk.fused_token_stats(h_act, w_act, targets, k, temperature=0.8, impl="reference", **opts)
+        for a, b in zip(got[:2], want[:2]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_topk_equal(got[2], got[3], want[2], want[3], rtol=1e-5)
+        assert got[3].dtype == jnp.int32
+        lse_new = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl="reference", **opts)[1]
+        lam = jnp.array(0.7, jnp.float64)  # a strongly typed float64, as solve_lambda returns here
+        args = (h_act, w_act, want[1], h_pol, w_pol, lse_new, lam, k, exact)
+        z_topk, z_exact = pk.fused_obrs_normalizer(*args, temperature_inf=0.8, impl="chunked", block_v=block_v, **opts)
+        want_topk, want_exact = pk.fused_obrs_normalizer(*args, temperature_inf=0.8, impl="reference", **opts)
+        np.testing.assert_allclose(z_topk, want_topk, rtol=2e-5)
+        assert (z_exact is None) == (not exact)
+        if exact:
+            np.testing.assert_allclose(z_exact, want_exact, rtol=2e-5)
+        cot = {name: jnp.asarray(rng.normal(size=n), jnp.float32)
+               for name in ("logp_new", "lse_new", "logp_actor", "lse_actor", "distill_kl")}
+
+        def run(impl):
+            def f(h_pol, w_pol, h_act, w_act):
+                stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, temperature_actor=0.8,
+                                               exact=exact, impl=impl, block_v=block_v, **opts)
+                return sum(jnp.sum(c * getattr(stats, name)) for name, c in cot.items()), stats
+            return jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)(h_pol, w_pol, h_act, w_act)
+
+        got_grads, got_stats = run("chunked")
+        want_grads, want_stats = run("reference")
+    for field in ("logp_new", "lse_new", "logp_actor", "lse_actor", "z_topk", "z_exact", "distill_kl"):
+        if getattr(want_stats, field) is not None:
+            np.testing.assert_allclose(getattr(got_stats, field), getattr(want_stats, field), rtol=2e-5, atol=2e-5,
+                                       err_msg=field)
+    assert got_stats.topk_ids_new.dtype == got_stats.topk_ids_actor.dtype == jnp.int32
+    for name, a, b in zip(("h_policy", "w_policy", "h_actor", "w_actor"), got_grads, want_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=name)
