@@ -74,7 +74,9 @@ def get_config():
         lam=1.0, target_accept=0.0,  # fixed lam, or (> 0) lam solved per mini-batch for this acceptance
         z="topk", k=20,  # Z from the union of top-k sets (with kappa), or "exact"
         c1=10.0, c2=10.0,  # truncation of the OBRS weight and of p_old / p_target (Algorithm 1)
-        clip=True, eps_low=0.2, eps_high=0.28,  # PPO clipping
+        # PPO clipping; eps_high > eps_low is DAPO's "clip-higher" (Yu et al. 2025), where the paper's
+        # eq. 1 / eq. 5 clip is symmetric (eps_low = eps_high = 0.2, as in the paper presets)
+        clip=True, eps_low=0.2, eps_high=0.28,
         train_batch_size=64,  # sequences per update; the rollout batch is a multiple of it (staleness)
         micro_batch_size=64,  # gradient accumulation: train_batch_size / micro_batch_size micro-batches
         ppo_epochs=1,

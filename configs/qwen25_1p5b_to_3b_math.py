@@ -7,15 +7,16 @@
 The four paths are required (validation names the first one missing): Hugging Face checkpoint
 directories of the base models (config.json + safetensors), the tokenizer directory (the policy's;
 both models share Qwen2.5's vocabulary), and the directory holding MATH's files
-(``jackpot_jax.data.datasets.MANUAL_FILES``): ``train.jsonl`` the training problems (the paper's
+(``jackpot_jax.data.manual_files.MANUAL_FILES``): ``train.jsonl`` the training problems (the paper's
 MATH-8k) and ``test.jsonl`` MATH-500, evaluated in the loop (Mean@4 / Pass@4 on all 500).
 
 Hardware (estimates by ``benchmarks/memory_estimate.py``; docs/training.md, "Paper presets"): 8 x
 H100 80GB or a TPU v5p-16 (8 chips), with the state sharded over them: about 230 GB at the peak,
 29 GB per device (36 GB with float32 parameters).
 
-From the paper: GRPO, max_new_tokens=8192, the model pair, MATH, k=20 for the top-k Z, Mean@4 /
-Pass@4 evaluation. Everything else is our choice (marked "ours"), the same as the Qwen3 presets.
+From the paper: GRPO, max_new_tokens=8192, the model pair, MATH, k=20 for the top-k Z, the symmetric
+PPO clip eps = 0.2 (eq. 1 / eq. 5, set by the Qwen3 preset), Mean@4 / Pass@4 evaluation. Everything
+else is our choice (marked "ours"), the same as the Qwen3 presets.
 """
 import importlib.util
 import os

@@ -7,19 +7,20 @@
 The four paths are required (validation names the first one missing): Hugging Face checkpoint
 directories (config.json + safetensors), the tokenizer directory (the policy's; both models share
 Qwen3's vocabulary), and the directory holding DeepScaleR's ``deepscaler.json``
-(``jackpot_jax.data.datasets.MANUAL_FILES``).
+(``jackpot_jax.data.manual_files.MANUAL_FILES``).
 
 Hardware (estimates by ``benchmarks/memory_estimate.py``; docs/training.md, "Paper presets"): 8 x
 H100 80GB or a TPU v5p-16 (8 chips), with the state sharded over them: about 380 GB at the peak,
 48 GB per device (56 GB with float32 parameters).
 
-From the paper: GRPO, max_new_tokens=8192, the model pair, DeepScaleR, k=20 for the top-k Z,
-Mean@4 / Pass@4 evaluation. Everything else is our choice (marked "ours"), typical for GRPO at these
-sizes. DeepScaleR has only a train split and the trainer evaluates on its own dataset, so the
-in-loop evaluation reads the first ``eval_limit`` training problems: it tracks the policy's own
-accuracy (the policy never generates during training) and catches a collapse early, but it is not
-held out. The paper's numbers (MATH-500, AIME24/25, AMC Mean@4) come from ``jackpot-eval`` on
-checkpoints exported with ``jackpot-export`` (docs/training.md).
+From the paper: GRPO, max_new_tokens=8192, the model pair, DeepScaleR, k=20 for the top-k Z, the
+symmetric PPO clip eps = 0.2 (eq. 1 / eq. 5), Mean@4 / Pass@4 evaluation. Everything else is our
+choice (marked "ours"), typical for GRPO at these sizes. DeepScaleR has only a train split and the
+trainer evaluates on its own dataset, so the in-loop evaluation reads the first ``eval_limit``
+training problems: it tracks the policy's own accuracy (the policy never generates during training)
+and catches a collapse early, but it is not held out. The paper's numbers (MATH-500, AIME24/25, AMC
+Mean@4) come from ``jackpot-eval`` on checkpoints exported with ``jackpot-export``
+(docs/training.md).
 """
 import importlib.util
 import os
@@ -69,6 +70,7 @@ def get_config():
 
     config.algorithm.update(
         mode="jackpot", k=20,  # paper: OBRS with the top-k Z, k = 20
+        eps_low=0.2, eps_high=0.2,  # paper: the symmetric PPO clip of eq. 1 / eq. 5 (demo.py: DAPO's clip-higher)
         train_batch_size=128,  # ours: 4 optimizer updates per rollout batch of 512
         micro_batch_size=8)  # ours: one 9,216-token sequence per device on 8 devices (use your count)
 

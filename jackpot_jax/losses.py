@@ -4,6 +4,9 @@ Equation numbers are the paper's (``shared/JACKPOT.md``). Per-token inputs are `
 by positions) with a boolean ``valid`` mask for padding; per-sequence advantages may be given as
 ``[B]``. Log-probabilities are of the sampled tokens unless a name says ``full``. The losses built
 from them, at a mini-batch's scope, are :mod:`jackpot_jax.train.objective`'s.
+
+The distillation KL (``kl_divergence``, ``distill_kl``, eq. 7) is a vocabulary reduction, defined beside the
+kernels that compute it, in :mod:`pallas_kernels.logspace`, and used from here.
 """
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from jackpot_jax import obrs
+from pallas_kernels.logspace import distill_kl, kl_divergence
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean"]
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
-DIRECTIONS = ("forward", "reverse")
 
 
 def grpo_advantages(rewards, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6):
@@ -72,28 +75,6 @@ def truncated_is(log_ratio, cap):
     """F(x) = min(x, C) of eq. 5-6, taking log x; returns x truncated at ``cap`` (linear space)."""
     obrs.check_range("cap", cap, lambda v: v > 0, "> 0")
     return jnp.exp(jnp.minimum(log_ratio, jnp.log(cap)))
-
-
-def kl_divergence(logp, logq):
-    """KL(p || q) = sum_x p(x) (log p(x) - log q(x)) over the last axis, from log-probabilities;
-    0 log 0 = 0, and +inf where p > 0 = q. Gradients stay finite at -inf entries."""
-    support = logp > -jnp.inf
-    log_ratio = jnp.where(support, logp - jnp.where(support, logq, 0.0), 0.0)
-    return jnp.sum(jnp.where(support, jnp.exp(logp) * log_ratio, 0.0), axis=-1)
-
-
-def distill_kl(logp_teacher_full, logp_student_full, direction: str = "forward"):
-    """Per-position distillation KL between full log-distributions ``[..., V]`` -> ``[...]``.
-
-    ``forward`` is eq. 7, KL(SG(p_teacher) || p_student); ``reverse`` is KL(p_student ||
-    SG(p_teacher)), the paper's "TIS + reverse KL" baseline. The teacher (the policy, p_new) never
-    receives gradient.
-    """
-    obrs.check_choice("direction", direction, DIRECTIONS)
-    teacher = jax.lax.stop_gradient(logp_teacher_full)
-    if direction == "forward":
-        return kl_divergence(teacher, logp_student_full)
-    return kl_divergence(logp_student_full, teacher)
 
 
 def masked_mean(values, mask, mode: Aggregation = "token_mean"):

@@ -12,6 +12,9 @@ probability is defined as 1 (it never matters).
 
 Static arguments (``lam``, ``k``, ``c1``, ``c2``, ``target_accept``, ``target``) are checked when their
 value is known at trace time and raise ``ValueError`` naming the argument and the allowed range.
+
+Z's vocabulary reductions (``log_normalizer``, ``normalizer``, ``topk_normalizer``: eq. 4, section 4.4.1)
+are defined beside the kernels that compute them, in :mod:`pallas_kernels.logspace`, and used from here.
 """
 from __future__ import annotations
 
@@ -20,57 +23,17 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from pallas_kernels.logspace import (check_choice, check_range, log_lam, log_min_mass, log_normalizer, normalizer,
+                                   topk_normalizer)
 
 Target = Literal["old", "new"]
 TARGETS = ("old", "new")
 
 
-def _concrete(value):
-    """``value`` as a NumPy array, or None when it is only known at run time (a tracer)."""
-    try:
-        return np.asarray(value)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
-def check_range(name: str, value, is_allowed, allowed: str) -> None:
-    """Raise ``ValueError`` if a concrete ``value`` fails ``is_allowed``; tracers pass unchecked."""
-    concrete = _concrete(value)
-    if concrete is None:
-        return
-    with np.errstate(invalid="ignore"):
-        ok = np.all(is_allowed(concrete))
-    if not ok:
-        shown = concrete.item() if concrete.size == 1 else f"an array with values {concrete.ravel()[:4]}..."
-        raise ValueError(f"{name}={shown} is not allowed: {name} must be {allowed}.")
-
-
-def check_choice(name: str, value, allowed) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed: {name} must be one of {allowed}.")
-
-
-def check_top_k(k, vocab: int) -> None:
-    """``k`` must be a static integer with ``1 <= k <= vocab``."""
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= vocab:
-        raise ValueError(f"k={k!r} is not allowed: k must be an integer with 1 <= k <= V={vocab}.")
-
-
-def _log_lam(lam):
-    check_range("lam", lam, lambda v: v > 0, "> 0")
-    return jnp.log(lam)
-
-
-def _log_min_mass(logp_inf, logp_target, log_lam):
-    """log min(p_inf(x), p_target(x) / lam): the unnormalized accepted mass of eq. 4."""
-    return jnp.minimum(logp_inf, logp_target - log_lam)
-
-
 def log_accept_prob(logp_target, logp_inf, lam):
     """log a(x) = min(0, log p_target(x) - log lam - log p_inf(x))  (eq. 3)."""
-    log_a = jnp.minimum(0.0, logp_target - _log_lam(lam) - logp_inf)
+    log_a = jnp.minimum(0.0, logp_target - log_lam(lam) - logp_inf)
     return jnp.where(logp_inf == -jnp.inf, 0.0, log_a)
 
 
@@ -89,44 +52,11 @@ def sample_mask(key, accept_prob):
     return u < accept_prob
 
 
-def log_normalizer(logp_inf, logp_target, lam):
-    """log Z with Z = sum_x min(p_inf(x), p_target(x) / lam) over the last axis  (eq. 4)."""
-    return jax.nn.logsumexp(_log_min_mass(logp_inf, logp_target, _log_lam(lam)), axis=-1)
-
-
-def normalizer(logp_inf, logp_target, lam):
-    """Exact Z of eq. 4 over the last (vocabulary) axis; also the expected acceptance rate
-    sum_x p_inf(x) a(x). Inputs are full log-distributions ``[..., V]``; returns ``[...]``."""
-    return jnp.exp(log_normalizer(logp_inf, logp_target, lam))
-
-
 def accepted_log_distribution(logp_inf, logp_target, lam):
     """log p'_inf(x) = log min(p_inf(x), p_target(x) / lam) - log Z: what accepted tokens follow
     (eq. 4). Full log-distributions ``[..., V]`` in and out."""
-    log_mass = _log_min_mass(logp_inf, logp_target, _log_lam(lam))
-    return log_mass - jax.nn.logsumexp(log_mass, axis=-1, keepdims=True)
-
-
-def topk_normalizer(logp_inf, logp_target, lam, k: int):
-    """Z_approx = sum over V_k = topk(p_inf) U topk(p_target) of min(p_inf, p_target / lam)
-    (section 4.4.1). V_k is a set union: a token in both top-k sets counts once.
-
-    Z_approx <= Z always. ``k`` is static; ``1 <= k <= V``.
-    """
-    check_top_k(k, jnp.shape(logp_inf)[-1])
-    log_lam = _log_lam(lam)
-    _, ids_inf = jax.lax.top_k(logp_inf, k)
-    _, ids_target = jax.lax.top_k(logp_target, k)
-
-    def log_mass_at(ids):
-        take = lambda logp: jnp.take_along_axis(logp, ids, axis=-1)
-        return _log_min_mass(take(logp_inf), take(logp_target), log_lam)
-
-    in_both = jnp.any(ids_target[..., :, None] == ids_inf[..., None, :], axis=-1)
-    terms = jnp.concatenate(
-        [log_mass_at(ids_inf), jnp.where(in_both, -jnp.inf, log_mass_at(ids_target))], axis=-1
-    )
-    return jnp.exp(jax.nn.logsumexp(terms, axis=-1))
+    log_mass = log_min_mass(logp_inf, logp_target, log_lam(lam))
+    return log_mass - log_normalizer(logp_inf, logp_target, lam)[..., None]
 
 
 def kappa(z_approx, accepted, valid):
@@ -214,11 +144,11 @@ def jackpot_weights(logp_new, logp_inf, logp_old, z, lam, c1, c2, target: Target
     ``target == "old"``). ``z`` is the (calibrated) normalizer Z_t per token.
     """
     check_choice("target", target, TARGETS)
-    log_lam = _log_lam(lam)
+    log_lambda = log_lam(lam)
     check_range("c1", c1, lambda v: v > 0, "> 0")
     check_range("c2", c2, lambda v: v > 0, "> 0")
     logp_target = logp_new if target == "new" else logp_old
-    log_w_obrs = jnp.log(z) + jnp.maximum(log_lam, logp_target - logp_inf)
+    log_w_obrs = jnp.log(z) + jnp.maximum(log_lambda, logp_target - logp_inf)
     log_rho = jnp.minimum(log_w_obrs, jnp.log(c1))
     if target == "new":
         log_rho = log_rho + jnp.minimum(logp_old - logp_new, jnp.log(c2))

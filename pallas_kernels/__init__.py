@@ -4,12 +4,17 @@ Inputs are hidden states ``h [N, D]`` (tokens flattened) and a model's unembeddi
 the logits of token ``n`` are ``h[n] @ w / temperature``. Columns ``>= vocab_size`` (a padded
 vocabulary, e.g. 151,936 columns for 151,665 real tokens) are excluded: their probability is 0.
 
+The kernels compute vocabulary reductions only, per token. The batch-level quantities of the
+objective built on them (the OBRS mask, kappa, rho: they depend on the whole mini-batch) are
+:mod:`jackpot_jax.obrs`'s. The log-space definitions the reductions compute, Z of eq. 4, its top-k
+estimate and the distillation KL, are :mod:`pallas_kernels.logspace`; this package depends on JAX
+alone.
+
 Public ops (each jit- and shard-friendly: static ``k``, no host callbacks):
   * :func:`fused_token_stats`: per token, log p(target), lse, top-k log-probs and ids.
   * :func:`fused_obrs_normalizer`: Z_approx over the union of both top-k sets (section 4.4.1 of the
-    paper, as :func:`jackpot_jax.obrs.topk_normalizer`) and, with ``exact``, the exact Z of eq. 4.
-  * :func:`fused_obrs_filter`: the normalizer pass with the OBRS filter fused into it: per sampled
-    token the acceptance probability, the Bernoulli mask and rho (Algorithm 1, lines 18-24).
+    paper, as :func:`pallas_kernels.logspace.topk_normalizer`) and, with ``exact``, the exact Z of
+    eq. 4.
   * :func:`fused_distill_kl`: the per-token distillation KL of eq. 7 (or its reverse) over the
     full vocabulary.
   * :func:`fused_jackpot_stats`: all of the above for a policy and an actor in one call, the op an
@@ -18,13 +23,12 @@ Public ops (each jit- and shard-friendly: static ``k``, no host callbacks):
     a D x V gradient for the actor, summed afterwards).
 
 Implementations, chosen by ``impl``:
-  * ``"reference"``: materialized jnp over ``[N, V]``, built on :mod:`jackpot_jax.obrs`: the
+  * ``"reference"``: materialized jnp over ``[N, V]``, built on :mod:`pallas_kernels.logspace`: the
     definition (:mod:`pallas_kernels.reference`).
   * ``"chunked"``: XLA ``lax.scan`` over vocabulary blocks with online logsumexp and a running top-k
     merge; memory linear in N (:mod:`pallas_kernels.chunked`).
   * ``"pallas"``: forward kernels, Mosaic on TPU (:mod:`pallas_kernels.pallas_tpu`) or Triton on
-    GPU (:mod:`pallas_kernels.pallas_gpu`), for every op: the token stats, the normalizers (with
-    the OBRS filter fused into their last step, and rho in a second elementwise kernel), the
+    GPU (:mod:`pallas_kernels.pallas_gpu`), for every op: the token stats, the normalizers, the
     two-model pass behind the distillation KL and the first pass of :func:`fused_jackpot_stats`;
     backward passes (and that op's second pass) are the chunked ones. On CPU the TPU kernels run
     interpreted (for tests). Both lower for their targets from a CPU host and match the reference
@@ -37,18 +41,14 @@ Implementations, chosen by ``impl``:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 
-from jackpot_jax import obrs
-from jackpot_jax.losses import DIRECTIONS
-from jackpot_jax.obrs import TARGETS, check_choice, check_range, check_top_k
 from pallas_kernels import _validate, chunked, pallas_gpu, pallas_tpu, reference
+from pallas_kernels.logspace import DIRECTIONS, check_choice, check_range, check_top_k
 
-__all__ = ["fused_token_stats", "fused_obrs_normalizer", "fused_obrs_filter", "fused_distill_kl",
-           "fused_jackpot_stats", "JackpotStats", "SampledTokens", "FusedObrs", "IMPLS"]
+__all__ = ["fused_token_stats", "fused_obrs_normalizer", "fused_distill_kl", "fused_jackpot_stats", "JackpotStats",
+           "IMPLS"]
 
 JackpotStats = reference.JackpotStats
 
@@ -135,84 +135,6 @@ def fused_obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k: 
                                    block_v=block_v)
 
 
-class SampledTokens(NamedTuple):
-    """The sampled tokens of a mini-batch, ``[N]`` each: what the OBRS filter needs besides Z."""
-
-    logp_inf: jax.Array  # log p_inf(x_t): the distribution x_t was sampled from (after temperature)
-    logp_old: jax.Array  # log p_old(x_t): the policy at the start of the PPO step
-    logp_new: jax.Array  # log p_new(x_t): the policy being optimized
-    valid: jax.Array  # bool; False on padding, which is never accepted and never counts in kappa
-
-
-class FusedObrs(NamedTuple):
-    """:func:`fused_obrs_filter`'s output, ``[N]`` per token unless noted; all stop-gradient."""
-
-    z_topk: jax.Array  # Z_approx over topk(p_inf) U topk(p_target) (section 4.4.1)
-    z_exact: jax.Array | None  # exact Z of eq. 4, when asked for
-    accept_prob: jax.Array  # a(x_t), eq. 3
-    accepted: jax.Array  # bool: Bernoulli(a(x_t)) and valid; the loss mask of eq. 5
-    kappa: jax.Array  # scalar, section 4.4.2: abar_hat / mean Z (or the kappa passed in)
-    z: jax.Array  # the Z_t in rho: kappa * z_topk, or z_exact (not calibrated) when exact
-    rho: jax.Array  # the stop-gradient weight of eq. 5 (Algorithm 1, lines 23-24)
-
-
-def fused_obrs_filter(key, h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, tokens: SampledTokens, *, lam, c1, c2,
-                      k: int, target: str = "new", exact: bool = False, kappa=None, temperature_inf=1.0,
-                      vocab_size=None, impl="auto", block_v=None) -> FusedObrs:
-    """OBRS for one mini-batch (Algorithm 1, lines 18-24) fused with the normalizer pass.
-
-    ``h_tgt, w_tgt, lse_tgt`` are p_target's: the policy being optimized (``target="new"``) or the
-    policy at the start of the step (``"old"``). One pass over the vocabulary gives ``z_topk`` (and
-    ``z_exact``) as :func:`fused_obrs_normalizer`, and, in the same kernel, the acceptance
-    probabilities and the Bernoulli mask of the sampled ``tokens``. Then kappa, a batch statistic
-    (one scalar reduction over the mini-batch, outside the kernel; pass ``kappa`` to use one
-    computed over a larger batch instead), and rho from a second, elementwise kernel, with kappa
-    applied to Z. With ``exact``, rho uses the exact Z, which needs no calibration.
-
-    The mask's uniforms come from ``jax.random.uniform(key, (N,))``, the draws of
-    :func:`jackpot_jax.obrs.sample_mask`, so every ``impl`` gives the same mask for the same key.
-    """
-    impl, block_v = _resolve(impl, block_v)
-    check_choice("target", target, TARGETS)
-    vocab_size = _validate.two_heads("inf", h_inf, w_inf, "tgt", h_tgt, w_tgt, vocab_size)
-    n = h_inf.shape[0]
-    _validate.per_token("lse_inf", lse_inf, n)
-    _validate.per_token("lse_tgt", lse_tgt, n)
-    for name in SampledTokens._fields:
-        _validate.per_token(f"tokens.{name}", getattr(tokens, name), n)
-    check_top_k(k, vocab_size)
-    _validate.temperature("temperature_inf", temperature_inf)
-    for name, value in (("lam", lam), ("c1", c1), ("c2", c2)) + ((("kappa", kappa),) if kappa is not None else ()):
-        check_range(name, value, lambda v: v > 0, "> 0")
-    valid = jnp.asarray(tokens.valid, bool)
-    logp_target = tokens.logp_new if target == "new" else tokens.logp_old
-    heads = (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k)
-    if impl == "pallas":
-        kernel, interpret = _pallas_kernel()
-        uniforms = jax.random.uniform(key, (n,), jnp.float32)
-        z_topk, z_exact, a, accepted = kernel.obrs_normalizer(
-            *heads, temperature_inf=temperature_inf, vocab_size=vocab_size, interpret=interpret,
-            sampled=(tokens.logp_inf, logp_target, uniforms, valid))
-    else:
-        module = reference if impl == "reference" else chunked
-        opts = {} if impl == "reference" else {"block_v": block_v}
-        z_topk, z_exact = module.obrs_normalizer(*heads, exact, temperature_inf=temperature_inf,
-                                                 vocab_size=vocab_size, **opts)
-        a = obrs.accept_prob(jax.lax.stop_gradient(logp_target), jax.lax.stop_gradient(tokens.logp_inf), lam)
-        accepted = obrs.sample_mask(key, a) & valid
-    z_used = z_exact if exact else z_topk
-    kappa = obrs.kappa(z_used, accepted, valid) if kappa is None else jax.lax.stop_gradient(jnp.asarray(kappa))
-    kappa_applied = jnp.ones_like(kappa) if exact else kappa
-    if impl == "pallas":
-        rho = kernel.obrs_weights(z_used, kappa_applied, tokens.logp_inf, tokens.logp_old, tokens.logp_new, lam,
-                                  c1, c2, target, interpret=interpret)
-    else:
-        sg = jax.lax.stop_gradient
-        rho = obrs.jackpot_weights(sg(tokens.logp_new), sg(tokens.logp_inf), sg(tokens.logp_old),
-                                   kappa_applied * z_used, lam, c1, c2, target)
-    return FusedObrs(z_topk, z_exact if exact else None, a, accepted, kappa, kappa_applied * z_used, rho)
-
-
 def fused_distill_kl(h_teacher, w_teacher, h_student, w_student, direction: str = "forward", *,
                      vocab_size=None, impl="auto", block_v=None):
     """Per-token KL over the full vocabulary ``[N]``: ``forward`` is eq. 7, KL(p_teacher ||
@@ -242,7 +164,7 @@ def fused_jackpot_stats(h_policy, w_policy, h_actor, w_actor, targets, k: int, l
     :func:`fused_obrs_normalizer` with the actor as p_inf and the policy as target;
     ``distill_kl`` is :func:`fused_distill_kl` with the policy as teacher and the actor (at its
     temperature) as student; ``vk_logp_actor``/``vk_logp_new`` both models' log-probs on V_k, so
-    that ``z_topk`` at a lam chosen afterwards is ``obrs.normalizer(vk_logp_actor, vk_logp_new,
+    that ``z_topk`` at a lam chosen afterwards is ``logspace.normalizer(vk_logp_actor, vk_logp_new,
     lam)``. Gradients: the policy's through ``logp_new`` and ``lse_new``; the actor's through
     ``logp_actor``, ``lse_actor`` and ``distill_kl``.
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jackpot_jax.obrs import check_range
+from pallas_kernels.logspace import check_range
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
 

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jackpot_jax import obrs
 from pallas_kernels._online import online_lse
+from pallas_kernels.logspace import normalizer
 from pallas_kernels.reference import JackpotStats
 
 NEG_INF = -jnp.inf
@@ -42,10 +42,15 @@ class _Blocks:
     def start(self, i):
         return jnp.minimum(i * self.size, self.num_columns - self.size)
 
+    def indices(self):
+        """The block indices to scan over: int32, as the column ids and the top-k ids, also under
+        ``jax_enable_x64`` (where ``jnp.arange`` would give int64 and a scan carry would change type)."""
+        return jnp.arange(self.count, dtype=jnp.int32)
+
     def columns(self, i):
-        """(start, global column ids [Bv], mask of columns this block counts [Bv])."""
+        """(start, global column ids [Bv] int32, mask of columns this block counts [Bv])."""
         start = self.start(i)
-        cols = start + jnp.arange(self.size)
+        cols = start + jnp.arange(self.size, dtype=jnp.int32)
         return start, cols, (cols >= i * self.size) & (cols < self.vocab_size)
 
 
@@ -63,6 +68,12 @@ def _lse_update(m, s, logits):
 
 def _lse(m, s):
     return jnp.where(s > 0, m + jnp.log(s), NEG_INF)
+
+
+def _log_lam32(lam):
+    """log lam in float32, the blocks' dtype: a float64 lam (under ``jax_enable_x64``) would turn the
+    running sums of eq. 4 into float64 and change the scan's carry type."""
+    return jnp.log(jnp.asarray(lam, jnp.float32))
 
 
 def _take_in_block(running, logits, ids, start, i, size):
@@ -95,7 +106,7 @@ def _topk_set_merge(top_set, own, other, ids, k):
 
 
 def _init_topk_set(n, k):
-    neg = jnp.full((n, k), NEG_INF)
+    neg = jnp.full((n, k), NEG_INF, jnp.float32)
     return neg, neg, jnp.zeros((n, k), jnp.int32)
 
 
@@ -103,7 +114,7 @@ def topk_union(inf_set, tgt_set):
     """V_k = topk(p_inf) U topk(p_target) (section 4.4.1) from both top-k sets ``(own log-probs,
     the other model's log-probs, ids)`` ``[N, k]``: ``(logp_inf, logp_target)`` ``[N, 2k]`` on V_k,
     p_inf's k tokens then p_target's, with -inf on those already in p_inf's set (each token once).
-    Z_approx = :func:`jackpot_jax.obrs.normalizer` of the two."""
+    Z_approx = :func:`pallas_kernels.logspace.normalizer` of the two."""
     inf_own, inf_other, inf_ids = inf_set
     tgt_own, tgt_other, tgt_ids = tgt_set
     in_both = jnp.any(tgt_ids[:, :, None] == inf_ids[:, None, :], axis=-1)
@@ -142,9 +153,9 @@ def _token_stats_fwd(h, w, targets, k, temperature, vocab_size, block_v):
         top_v, (top_i,) = _topk_merge(top_v, (top_i,), logits, (ids,), k)
         return (m, s, target_logit, top_v, top_i), None
 
-    init = (jnp.full((n,), NEG_INF), jnp.zeros((n,)), jnp.full((n,), NEG_INF),
-            jnp.full((n, k), NEG_INF), jnp.zeros((n, k), jnp.int32))
-    (m, s, target_logit, top_v, top_i), _ = lax.scan(body, init, jnp.arange(blocks.count))
+    neg, zero = jnp.full((n,), NEG_INF, jnp.float32), jnp.zeros((n,), jnp.float32)
+    init = (neg, zero, neg, jnp.full((n, k), NEG_INF, jnp.float32), jnp.zeros((n, k), jnp.int32))
+    (m, s, target_logit, top_v, top_i), _ = lax.scan(body, init, blocks.indices())
     lse = _lse(m, s)
     out = (target_logit - lse, lse, top_v - lse[:, None], top_i)
     return out, (h, w, targets, lse)
@@ -224,7 +235,7 @@ def _recompute_grads(models, blocks, dlogits_fn):
         return tuple(out), None
 
     init = tuple((jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype)) for h, w in models)
-    grads, _ = lax.scan(body, init, jnp.arange(blocks.count))
+    grads, _ = lax.scan(body, init, blocks.indices())
     return tuple((dh.astype(h.dtype), dw) for (h, _), (dh, dw) in zip(models, grads))
 
 
@@ -237,8 +248,8 @@ def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, exact,
     vocab_size = w_inf.shape[1] if vocab_size is None else vocab_size
     blocks = _Blocks(w_inf.shape[1], block_v, vocab_size, min_block=k)
     args = [lax.stop_gradient(x) for x in (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt)]
-    z_exact, inf_set, tgt_set = _obrs_normalizer(*args, jnp.log(lam), k, exact, 1.0 / temperature_inf, blocks)
-    return obrs.normalizer(*topk_union(inf_set, tgt_set), lam), z_exact
+    z_exact, inf_set, tgt_set = _obrs_normalizer(*args, _log_lam32(lam), k, exact, 1.0 / temperature_inf, blocks)
+    return normalizer(*topk_union(inf_set, tgt_set), lam), z_exact
 
 
 def _obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, log_lam, k, exact, scale_inf, blocks):
@@ -258,8 +269,9 @@ def _obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, log_lam, k, e
         tgt_set = _topk_set_merge(tgt_set, logp_tgt, logp_inf, ids, k)
         return (m, s, inf_set, tgt_set), None
 
-    init = (jnp.full((n,), NEG_INF), jnp.zeros((n,)), _init_topk_set(n, k), _init_topk_set(n, k))
-    (m, s, inf_set, tgt_set), _ = lax.scan(body, init, jnp.arange(blocks.count))
+    init = (jnp.full((n,), NEG_INF, jnp.float32), jnp.zeros((n,), jnp.float32), _init_topk_set(n, k),
+            _init_topk_set(n, k))
+    (m, s, inf_set, tgt_set), _ = lax.scan(body, init, blocks.indices())
     return (jnp.exp(_lse(m, s)) if exact else None), inf_set, tgt_set
 
 
@@ -315,11 +327,11 @@ def _two_model_pass(h_a, w_a, scale_a, h_b, w_b, scale_b, blocks, targets=None, 
                          for top, own, other, given in zip(sets, (a, b), (b, a), given_ids))
         return ((m_new, s_a, u, m_b, s_b, t_a, t_b), sets), None
 
-    neg, zero = jnp.full((n,), NEG_INF), jnp.zeros((n,))
-    sets = tuple(_init_topk_set(n, k) if given is None else jnp.full((n, k), NEG_INF)
+    neg, zero = jnp.full((n,), NEG_INF, jnp.float32), jnp.zeros((n,), jnp.float32)
+    sets = tuple(_init_topk_set(n, k) if given is None else jnp.full((n, k), NEG_INF, jnp.float32)
                  for given in given_ids) if k else ()
     ((m_a, s_a, u, m_b, s_b, t_a, t_b), sets), _ = lax.scan(body, ((neg, zero, zero, neg, zero, neg, neg), sets),
-                                                            jnp.arange(blocks.count))
+                                                            blocks.indices())
     lse_a, lse_b = _lse(m_a, s_a), _lse(m_b, s_b)
     return (lse_a, lse_b, u / s_a - lse_a + lse_b, t_a, t_b) + sets
 
@@ -399,10 +411,10 @@ def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_ac
             act_set = (inf_logp, act_set, inf_ids)
     else:
         z_exact, act_set, new_set = _obrs_normalizer(sg(h_act), sg(w_act), sg(lse_act), sg(h_pol), sg(w_pol),
-                                                     sg(lse_new), jnp.log(lam), k, exact, scale_act, blocks)
+                                                     sg(lse_new), _log_lam32(lam), k, exact, scale_act, blocks)
     vk_logp_act, vk_logp_new = topk_union(act_set, new_set)
     return JackpotStats(logp_new, lse_new, new_set[0], new_set[2], logp_act, lse_act, act_set[0], act_set[2],
-                        obrs.normalizer(vk_logp_act, vk_logp_new, lam), z_exact, kl, vk_logp_act, vk_logp_new)
+                        normalizer(vk_logp_act, vk_logp_new, lam), z_exact, kl, vk_logp_act, vk_logp_new)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels import _filter, chunked
+from pallas_kernels import chunked
 from pallas_kernels._online import NEG_INF, merge_topk, online_lse, union_mass
 
 
@@ -103,12 +103,8 @@ def token_stats_forward(h, w, targets, k, *, temperature=1.0, vocab_size=None, b
     return logp, lse, top_v[:, :k], top_i[:, :k]
 
 
-def _normalizer_kernel(log_lam_ref, h_inf_ref, w_inf_ref, lse_inf_ref, h_tgt_ref, w_tgt_ref, lse_tgt_ref, *refs,
-                       n, d_inf, d_tgt, v, vocab_size, k, kp, bn, bv, bd, scale_inf, with_filter):
-    if with_filter:  # the sampled tokens: log p_inf, log p_target, uniform, valid
-        sampled_refs, (z_topk_ref, z_exact_ref, a_ref, accepted_ref) = refs[:4], refs[4:]
-    else:
-        z_topk_ref, z_exact_ref = refs
+def _normalizer_kernel(log_lam_ref, h_inf_ref, w_inf_ref, lse_inf_ref, h_tgt_ref, w_tgt_ref, lse_tgt_ref, z_topk_ref,
+                       z_exact_ref, *, n, d_inf, d_tgt, v, vocab_size, k, kp, bn, bv, bd, scale_inf):
     i = pl.program_id(0)
     rows = i * bn + jnp.arange(bn)
     row_ok = rows < n
@@ -137,64 +133,27 @@ def _normalizer_kernel(log_lam_ref, h_inf_ref, w_inf_ref, lse_inf_ref, h_tgt_ref
     m, s, _, inf_i, inf_m, _, tgt_i, tgt_m = lax.fori_loop(0, pl.cdiv(v, bv), vocab_block, init)
     pltr.store(z_exact_ref.at[pl.ds(i * bn, bn)], (s * jnp.exp(m))[:, 0], mask=row_ok)
     pltr.store(z_topk_ref.at[pl.ds(i * bn, bn)], union_mass(inf_i, inf_m, tgt_i, tgt_m, lane, k)[:, 0], mask=row_ok)
-    if with_filter:  # Algorithm 1, lines 18-20, on the sampled tokens
-        logp_inf_s, logp_tgt_s, u, valid = (load_rows(ref) for ref in sampled_refs)
-        a, accepted = _filter.accept(logp_inf_s, logp_tgt_s, log_lam, u, valid)
-        pltr.store(a_ref.at[pl.ds(i * bn, bn)], a, mask=row_ok)
-        pltr.store(accepted_ref.at[pl.ds(i * bn, bn)], accepted, mask=row_ok)
 
 
 def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, *, temperature_inf=1.0,
-                    vocab_size=None, sampled=None, block_n=32, block_v=128, block_d=64, num_warps=4,
-                    num_stages=2, interpret=False):
-    """``(z_topk [N], z_exact [N])`` as :func:`chunked.obrs_normalizer`. Stop-gradient. With
-    ``sampled = (logp_inf, logp_target, u, valid)`` the kernel also applies the OBRS filter and
-    returns ``accept_prob [N]`` and ``accepted [N]`` (bool) too, as the TPU kernel."""
+                    vocab_size=None, block_n=32, block_v=128, block_d=64, num_warps=4, num_stages=2,
+                    interpret=False):
+    """``(z_topk [N], z_exact [N])`` as :func:`chunked.obrs_normalizer`. Stop-gradient."""
     n = h_inf.shape[0]
     v = w_inf.shape[1]
     kp = _next_pow2(max(k, 16))
     bn, bv, bd = (_next_pow2(b) for b in (block_n, block_v, block_d))
-    with_filter = sampled is not None
     kernel = functools.partial(_normalizer_kernel, n=n, d_inf=h_inf.shape[1], d_tgt=h_tgt.shape[1], v=v,
                                vocab_size=v if vocab_size is None else vocab_size, k=k, kp=kp, bn=bn, bv=bv,
-                               bd=bd, scale_inf=1.0 / temperature_inf, with_filter=with_filter)
+                               bd=bd, scale_inf=1.0 / temperature_inf)
     args = [lax.stop_gradient(x) for x in (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt)]
-    if with_filter:
-        args += [lax.stop_gradient(jnp.asarray(x)).astype(jnp.float32) for x in sampled]
-    outs = pl.pallas_call(
+    return tuple(pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bn),),
-        out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * (4 if with_filter else 2),
+        out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 2,
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-    )(jnp.log(jnp.asarray(lam, jnp.float32)).reshape(1), *args)
-    return tuple(outs) if not with_filter else (outs[0], outs[1], outs[2], outs[3] > 0)
-
-
-def _weights_kernel(scalars_ref, z_ref, logp_inf_ref, logp_old_ref, logp_new_ref, rho_ref, *, n, bn, target_new):
-    i = pl.program_id(0)
-    row_ok = (i * bn + jnp.arange(bn)) < n
-    load_rows = lambda ref: pltr.load(ref.at[pl.ds(i * bn, bn)], mask=row_ok, other=1.0)
-    log_kappa, log_lam, log_c1, log_c2 = (pltr.load(scalars_ref.at[pl.ds(c, 1)]) for c in range(4))
-    z, logp_inf, logp_old, logp_new = (load_rows(ref) for ref in (z_ref, logp_inf_ref, logp_old_ref, logp_new_ref))
-    rho = _filter.rho(z, log_kappa, logp_inf, logp_old, logp_new, log_lam, log_c1, log_c2, target_new)
-    pltr.store(rho_ref.at[pl.ds(i * bn, bn)], rho, mask=row_ok)
-
-
-def obrs_weights(z, kappa, logp_inf, logp_old, logp_new, lam, c1, c2, target="new", *, block_n=1024,
-                 num_warps=4, interpret=False):
-    """rho ``[N]`` with ``kappa`` applied to ``z``, as :func:`pallas_tpu.obrs_weights`."""
-    n = z.shape[0]
-    bn = min(_next_pow2(block_n), _next_pow2(n))
-    scalars = jnp.log(jnp.stack([jnp.asarray(x, jnp.float32) for x in (kappa, lam, c1, c2)]))
-    tokens = [lax.stop_gradient(jnp.asarray(x)).astype(jnp.float32) for x in (z, logp_inf, logp_old, logp_new)]
-    return pl.pallas_call(
-        functools.partial(_weights_kernel, n=n, bn=bn, target_new=target == "new"),
-        grid=(pl.cdiv(n, bn),),
-        out_shape=jax.ShapeDtypeStruct((n,), jnp.float32),
-        compiler_params=pltr.CompilerParams(num_warps=num_warps),
-        interpret=interpret,
-    )(lax.stop_gradient(scalars), *tokens)
+    )(jnp.log(jnp.asarray(lam, jnp.float32)).reshape(1), *args))
 
 
 def _two_model_kernel(targets_ref, h_a_ref, w_a_ref, h_b_ref, w_b_ref, lse_a_ref, lse_b_ref, kl_ref, t_a_ref,

@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import _filter, chunked
+from pallas_kernels import chunked
 from pallas_kernels._online import NEG_INF, merge_topk, online_lse, union_mass
 
 LANES = 128
@@ -107,13 +107,9 @@ def token_stats_forward(h, w, targets, k, *, temperature=1.0, vocab_size=None, b
     return logp[:, 0], lse[:, 0], top_v[:, :k], top_i[:, :k]
 
 
-def _normalizer_kernel(log_lam_ref, h_inf_ref, w_inf_ref, lse_inf_ref, h_tgt_ref, w_tgt_ref, lse_tgt_ref, *refs,
-                       block_v, vocab_size, k, scale_inf, with_filter):
-    if with_filter:  # the sampled tokens [bn, 4]: log p_inf, log p_target, uniform, valid
-        sampled_ref, z_topk_ref, z_exact_ref, filter_ref, *scratch = refs
-    else:
-        z_topk_ref, z_exact_ref, *scratch = refs
-    m_sc, s_sc, inf_v, inf_i, inf_m, tgt_v, tgt_i, tgt_m = scratch
+def _normalizer_kernel(log_lam_ref, h_inf_ref, w_inf_ref, lse_inf_ref, h_tgt_ref, w_tgt_ref, lse_tgt_ref, z_topk_ref,
+                       z_exact_ref, m_sc, s_sc, inf_v, inf_i, inf_m, tgt_v, tgt_i, tgt_m, *, block_v, vocab_size, k,
+                       scale_inf):
     j = pl.program_id(1)
 
     @pl.when(j == 0)
@@ -145,85 +141,34 @@ def _normalizer_kernel(log_lam_ref, h_inf_ref, w_inf_ref, lse_inf_ref, h_tgt_ref
     def _finish():
         z_exact_ref[...] = s_sc[...] * jnp.exp(m_sc[...])
         z_topk_ref[...] = union_mass(inf_i[...], inf_m[...], tgt_i[...], tgt_m[...], lane, k)
-        if with_filter:  # Algorithm 1, lines 18-20, on the sampled tokens
-            sampled = sampled_ref[...]
-            a, accepted = _filter.accept(sampled[:, 0:1], sampled[:, 1:2], log_lam_ref[...], sampled[:, 2:3],
-                                         sampled[:, 3:4])
-            filter_ref[...] = jnp.concatenate([a, accepted], axis=1)
 
 
 def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, *, temperature_inf=1.0,
-                    vocab_size=None, sampled=None, block_n=128, block_v=512, interpret=False):
+                    vocab_size=None, block_n=128, block_v=512, interpret=False):
     """``(z_topk [N], z_exact [N])`` as :func:`chunked.obrs_normalizer` (both always computed: the
-    exact sum costs one reduction per block on top of the two matmuls). Stop-gradient.
-
-    With ``sampled = (logp_inf, logp_target, u, valid)``, the sampled tokens' log-probs, uniforms
-    and validity ``[N]`` each, the kernel's last step also applies the OBRS filter (eq. 3) and the
-    result gains ``accept_prob [N]`` and ``accepted [N]`` (bool).
-    """
+    exact sum costs one reduction per block on top of the two matmuls). Stop-gradient."""
     n = h_inf.shape[0]
     vocab_size, bn, bv, grid = _tiling(n, w_inf.shape[1], vocab_size, k, block_n, block_v)
     column = pl.BlockSpec((bn, 1), _row)
     column_block = lambda d: pl.BlockSpec((d, bv), lambda i, j: (0, j))
-    with_filter = sampled is not None
     kernel = functools.partial(_normalizer_kernel, block_v=bv, vocab_size=vocab_size, k=k,
-                               scale_inf=1.0 / temperature_inf, with_filter=with_filter)
+                               scale_inf=1.0 / temperature_inf)
     state = [pltpu.VMEM((bn, LANES), jnp.float32)] * 6
     args = [lax.stop_gradient(x) for x in (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt)]
-    in_specs = [pl.BlockSpec((1, 1), lambda i, j: (0, 0)),
-                pl.BlockSpec((bn, h_inf.shape[1]), _row), column_block(h_inf.shape[1]), column,
-                pl.BlockSpec((bn, h_tgt.shape[1]), _row), column_block(h_tgt.shape[1]), column]
-    out_specs, out_shape = [column, column], [jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 2
-    inputs = [jnp.log(jnp.asarray(lam, jnp.float32)).reshape(1, 1), args[0], args[1], args[2].reshape(n, 1),
-              args[3], args[4], args[5].reshape(n, 1)]
-    if with_filter:
-        in_specs.append(pl.BlockSpec((bn, 4), _row))
-        out_specs.append(pl.BlockSpec((bn, 2), _row))
-        out_shape.append(jax.ShapeDtypeStruct((n, 2), jnp.float32))
-        inputs.append(_pack_sampled(sampled))
-    outs = pl.pallas_call(
+    z_topk, z_exact = pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
+        in_specs=[pl.BlockSpec((1, 1), lambda i, j: (0, 0)),
+                  pl.BlockSpec((bn, h_inf.shape[1]), _row), column_block(h_inf.shape[1]), column,
+                  pl.BlockSpec((bn, h_tgt.shape[1]), _row), column_block(h_tgt.shape[1]), column],
+        out_specs=[column, column],
+        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 2,
         scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32), pltpu.VMEM((bn, 1), jnp.float32)] + state,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
-    )(*inputs)
-    z = (outs[0][:, 0], outs[1][:, 0])
-    return z if not with_filter else z + (outs[2][:, 0], outs[2][:, 1] > 0)
-
-
-def _pack_sampled(sampled):
-    """The filter's per-token inputs as one ``[N, 4]`` float32 array (one block per token block)."""
-    return jnp.stack([lax.stop_gradient(jnp.asarray(x)).astype(jnp.float32) for x in sampled], axis=1)
-
-
-def _weights_kernel(scalars_ref, tokens_ref, rho_ref, *, target_new):
-    scalars, tokens = scalars_ref[...], tokens_ref[...]
-    rho_ref[...] = _filter.rho(tokens[:, 0:1], scalars[:, 0:1], tokens[:, 1:2], tokens[:, 2:3], tokens[:, 3:4],
-                               scalars[:, 1:2], scalars[:, 2:3], scalars[:, 3:4], target_new)
-
-
-def obrs_weights(z, kappa, logp_inf, logp_old, logp_new, lam, c1, c2, target="new", *, block_n=512,
-                 interpret=False):
-    """rho ``[N]`` of Algorithm 1, lines 23-24, with the calibration ``kappa`` (a scalar computed
-    outside from batch statistics) applied to ``z``: as :func:`jackpot_jax.obrs.jackpot_weights`
-    with ``kappa * z``. Stop-gradient."""
-    n = z.shape[0]
-    bn = min(block_n, _round_up(n, 8))
-    scalars = jnp.log(jnp.stack([jnp.asarray(x, jnp.float32) for x in (kappa, lam, c1, c2)])).reshape(1, 4)
-    rho = pl.pallas_call(
-        functools.partial(_weights_kernel, target_new=target == "new"),
-        grid=(pl.cdiv(n, bn),),
-        in_specs=[pl.BlockSpec((1, 4), lambda i: (0, 0)), pl.BlockSpec((bn, 4), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((bn, 1), lambda i: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((n, 1), jnp.float32),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-        interpret=interpret,
-    )(lax.stop_gradient(scalars), _pack_sampled((z, logp_inf, logp_old, logp_new)))
-    return rho[:, 0]
+    )(jnp.log(jnp.asarray(lam, jnp.float32)).reshape(1, 1), args[0], args[1], args[2].reshape(n, 1), args[3],
+      args[4], args[5].reshape(n, 1))
+    return z_topk[:, 0], z_exact[:, 0]
 
 
 def _two_model_kernel(targets_ref, h_a_ref, w_a_ref, h_b_ref, w_b_ref, lse_a_ref, lse_b_ref, kl_ref, t_a_ref,

@@ -1,7 +1,7 @@
 """Materialized references: the definitions the streaming implementations must match.
 
-They form the full ``[N, V]`` logits, so they cost O(N x V) memory; they are built on
-:mod:`jackpot_jax.obrs` and :mod:`jackpot_jax.losses` and differentiate with plain autodiff.
+They form the full ``[N, V]`` logits, so they cost O(N x V) memory; they are built on the log-space
+definitions of :mod:`pallas_kernels.logspace` and differentiate with plain autodiff.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jackpot_jax import losses, obrs
+from pallas_kernels import logspace
 
 
 class JackpotStats(NamedTuple):
@@ -31,7 +31,7 @@ class JackpotStats(NamedTuple):
     z_exact: jax.Array | None  # [N] exact Z of eq. 4, when asked for
     distill_kl: jax.Array  # [N] eq. 7 (forward) or its reverse, policy teacher, actor student
     vk_logp_actor: jax.Array | None = None  # [N, 2k] both models' log-probs on V_k = topk(actor) U topk(policy),
-    vk_logp_new: jax.Array | None = None  # each token once (-inf on repeats): z_topk = obrs.normalizer of the two
+    vk_logp_new: jax.Array | None = None  # each token once (-inf on repeats): z_topk = logspace.normalizer of the two
 
 
 def _logits(h, w, scale, vocab_size):
@@ -56,15 +56,15 @@ def obrs_normalizer(h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, lam, k, exact,
         lax.stop_gradient(x) for x in (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt))
     logp_inf = _logits(h_inf, w_inf, 1.0 / temperature_inf, vocab_size) - lse_inf[:, None]
     logp_tgt = _logits(h_tgt, w_tgt, 1.0, vocab_size) - lse_tgt[:, None]
-    z_topk = obrs.topk_normalizer(logp_inf, logp_tgt, lam, k)
-    return z_topk, (obrs.normalizer(logp_inf, logp_tgt, lam) if exact else None)
+    z_topk = logspace.topk_normalizer(logp_inf, logp_tgt, lam, k)
+    return z_topk, (logspace.normalizer(logp_inf, logp_tgt, lam) if exact else None)
 
 
 def distill_kl(h_teacher, w_teacher, h_student, w_student, direction="forward", *, vocab_size=None):
     vocab_size = w_teacher.shape[1] if vocab_size is None else vocab_size
     logp_teacher = jax.nn.log_softmax(_logits(h_teacher, w_teacher, 1.0, vocab_size))
     logp_student = jax.nn.log_softmax(_logits(h_student, w_student, 1.0, vocab_size))
-    return losses.distill_kl(logp_teacher, logp_student, direction)
+    return logspace.distill_kl(logp_teacher, logp_student, direction)
 
 
 def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_actor=1.0, exact=False,
@@ -78,8 +78,8 @@ def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_ac
     logp_new_all = jax.nn.log_softmax(_logits(h_pol, w_pol, 1.0, vocab_size))
     logp_act_all = jax.nn.log_softmax(_logits(h_act, w_act, 1.0 / temperature_actor, vocab_size))
     sg = lax.stop_gradient
-    z_exact = obrs.normalizer(sg(logp_act_all), sg(logp_new_all), lam) if exact else None
-    kl = losses.distill_kl(logp_new_all, logp_act_all, direction)
+    z_exact = logspace.normalizer(sg(logp_act_all), sg(logp_new_all), lam) if exact else None
+    kl = logspace.distill_kl(logp_new_all, logp_act_all, direction)
     if not normalizers:
         return JackpotStats(logp_new, lse_new, None, None, logp_act, lse_act, None, None, None, None, kl)
     if inf_topk is not None:
@@ -89,7 +89,7 @@ def jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, *, temperature_ac
         repeated, -jnp.inf, jnp.take_along_axis(logp, ids_new, axis=-1))], axis=-1))
     vk_act = on_vk(logp_act_all, topk_act)
     vk_new = on_vk(logp_new_all, jnp.take_along_axis(logp_new_all, ids_act, axis=-1))
-    z_topk = (obrs.normalizer(vk_act, vk_new, lam) if inf_topk is not None
-              else obrs.topk_normalizer(sg(logp_act_all), sg(logp_new_all), lam, k))
+    z_topk = (logspace.normalizer(vk_act, vk_new, lam) if inf_topk is not None
+              else logspace.topk_normalizer(sg(logp_act_all), sg(logp_new_all), lam, k))
     return JackpotStats(logp_new, lse_new, topk_new, ids_new, logp_act, lse_act, topk_act, ids_act,
                         z_topk, z_exact, kl, vk_act, vk_new)

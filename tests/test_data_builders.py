@@ -12,7 +12,8 @@ import pytest
 
 from jackpot_jax.data import arithmetic
 from jackpot_jax.data import datasets
-from jackpot_jax.data.datasets import load_split, read_manual_split
+from jackpot_jax.data.datasets import load_split
+from jackpot_jax.data.manual_files import read_manual_split
 from jackpot_jax.data.rewards import extract_answer, math_reward
 
 pytest.importorskip("tensorflow_datasets")

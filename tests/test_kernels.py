@@ -507,151 +507,10 @@ def test_pallas_two_model_pass_lowers_for_its_target_at_a_realistic_shape(kernel
     assert custom_call in lowered.as_text()
 
 
-# ----------------------------------------------------------------------------- OBRS filter
-
-
-def obrs_filter(impl, monkeypatch, *args, **opts):
-    """fused_obrs_filter through the public API; ``pallas_gpu`` swaps in the Triton kernels,
-    interpreted (the API picks the TPU ones on a CPU host)."""
-    if impl.startswith("pallas_"):
-        kernel = {"pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}[impl]
-        monkeypatch.setattr(pk, "_pallas_kernel", lambda: (kernel, True))
-        impl = "pallas"
-    return pk.fused_obrs_filter(*args, impl=impl, **opts)
-
-
-def _filter_problem(rng, n, d, v, vocab_size, temperature_inf):
-    """An actor (p_inf, at its temperature) and a wider target model over the same tokens, with
-    p_old a perturbed p_new and the last few tokens padding."""
-    h_inf, w_inf = head(rng, n, d, v)
-    h_tgt, w_tgt = head(rng, n, d + 3, v)
-    targets = jnp.asarray(rng.integers(0, vocab_size, n))
-    logp_inf, lse_inf, _, _ = pk.fused_token_stats(h_inf, w_inf, targets, 1, temperature=temperature_inf,
-                                                   vocab_size=vocab_size, impl="reference")
-    logp_new, lse_tgt, _, _ = pk.fused_token_stats(h_tgt, w_tgt, targets, 1, vocab_size=vocab_size,
-                                                   impl="reference")
-    logp_old = logp_new + jnp.asarray(rng.normal(size=n) * 0.3, jnp.float32)
-    tokens = pk.SampledTokens(logp_inf, logp_old, logp_new, jnp.arange(n) < n - 2)
-    return (h_inf, w_inf, lse_inf, h_tgt, w_tgt, lse_tgt, tokens)
-
-
-@pytest.mark.parametrize("shape", SHAPES[1:])
-@with_impls(("target", "exact"), [("new", False), ("old", False), ("new", True)])
-def test_obrs_filter_matches_reference(rng, monkeypatch, impl, shape, target, exact):
-    n, d, v, vocab_size, k, block_v = shape
-    problem = _filter_problem(rng, n, d, v, vocab_size, 0.8)
-    opts = dict(lam=0.7, c1=4.0, c2=2.0, k=k, target=target, exact=exact, temperature_inf=0.8,
-                vocab_size=vocab_size)
-    key = jax.random.key(n)
-    got = obrs_filter(impl, monkeypatch, key, *problem, block_v=block_v, **opts)
-    want = pk.fused_obrs_filter(key, *problem, impl="reference", **opts)
-    assert (got.z_exact is None) == (want.z_exact is None) == (not exact)
-    for field in ("z_topk", "z_exact", "accept_prob", "kappa", "z", "rho"):
-        if getattr(want, field) is not None:
-            np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=3e-5, atol=1e-7,
-                                       err_msg=field)
-    # the same uniforms: the masks agree wherever a is not within rounding of the draw
-    u = np.asarray(jax.random.uniform(key, (n,), jnp.float32))
-    clear = np.abs(u - np.asarray(want.accept_prob)) > 1e-5
-    np.testing.assert_array_equal(np.asarray(got.accepted)[clear], np.asarray(want.accepted)[clear])
-    assert got.accepted.dtype == jnp.bool_ and not np.any(np.asarray(got.accepted)[~np.asarray(problem[-1].valid)])
-
-
-def test_reference_filter_is_algorithm_1_on_the_materialized_logits(rng):
-    """Lines 18-24 written out with jackpot_jax.obrs on the full distributions."""
-    n, v, k = 11, 40, 4
-    problem = _filter_problem(rng, n, 8, v, v, 1.2)
-    h_inf, w_inf, _, h_tgt, w_tgt, _, tokens = problem
-    key = jax.random.key(7)
-    got = pk.fused_obrs_filter(key, *problem, lam=0.9, c1=5.0, c2=3.0, k=k, temperature_inf=1.2, impl="chunked",
-                               block_v=16)
-    logp_inf_all = jax.nn.log_softmax(h_inf @ w_inf / 1.2)
-    logp_new_all = jax.nn.log_softmax(h_tgt @ w_tgt)
-    z_approx = obrs.topk_normalizer(logp_inf_all, logp_new_all, 0.9, k)
-    want = obrs.obrs_filter(key, tokens.logp_inf, tokens.logp_old, tokens.logp_new, z_approx, tokens.valid,
-                            lam=0.9, c1=5.0, c2=3.0, target="new")
-    np.testing.assert_array_equal(got.accepted, want.accepted)
-    for field in ("accept_prob", "kappa", "z", "rho"):
-        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-5, err_msg=field)
-
-
-def test_obrs_filter_uses_a_given_kappa_and_jits_with_traced_scalars(rng):
-    problem = _filter_problem(rng, 9, 8, 64, 64, 1.0)
-
-    @jax.jit
-    def step(key, lam, kappa):
-        return pk.fused_obrs_filter(key, *problem, lam=lam, c1=10.0, c2=10.0, k=4, kappa=kappa, impl="pallas")
-
-    out = step(jax.random.key(0), 0.5, 2.0)
-    assert float(out.kappa) == 2.0
-    np.testing.assert_allclose(out.z, 2.0 * out.z_topk, rtol=1e-6)
-    want = obrs.jackpot_weights(problem[-1].logp_new, problem[-1].logp_inf, problem[-1].logp_old, out.z, 0.5,
-                                10.0, 10.0)
-    np.testing.assert_allclose(out.rho, want, rtol=1e-5)
-
-
-def test_obrs_filter_mask_rate_is_the_acceptance_probability(rng):
-    """Over many keys each token is accepted at rate a(x_t) (binomial, 6 sigma)."""
-    problem = _filter_problem(rng, 16, 8, 64, 64, 1.0)
-    keys = jax.random.split(jax.random.key(1), 2000)
-    run = jax.vmap(lambda key: pk.fused_obrs_filter(key, *problem, lam=1.5, c1=5.0, c2=5.0, k=4).accepted)
-    rate = np.asarray(run(keys)).mean(0)
-    a = np.asarray(pk.fused_obrs_filter(keys[0], *problem, lam=1.5, c1=5.0, c2=5.0, k=4).accept_prob)
-    valid = np.asarray(problem[-1].valid)
-    assert np.sum((a > 0.05) & (a < 0.95) & valid) >= 3  # a problem with real rejections
-    np.testing.assert_array_less(np.abs(rate - a)[valid], 6 * np.sqrt(a * (1 - a) / 2000)[valid] + 1e-3)
-    assert np.all(rate[~valid] == 0)
-
-
-def _bad_filter_inputs(rng):
-    problem = _filter_problem(rng, 4, 8, 10, 10, 1.0)
-    tokens = problem[-1]
-    key = jax.random.key(0)
-    call = lambda **kw: pk.fused_obrs_filter(key, *kw.pop("problem", problem), **{
-        "lam": 1.0, "c1": 2.0, "c2": 2.0, "k": 2, **kw})
-    return [
-        ("c1=0", lambda: call(c1=0.0)),
-        ("c2=-1", lambda: call(c2=-1.0)),
-        ("kappa=0", lambda: call(kappa=0.0)),
-        ("target='older'", lambda: call(target="older")),
-        ("tokens.logp_old must have shape \\[4\\]",
-         lambda: call(problem=problem[:-1] + (tokens._replace(logp_old=tokens.logp_old[:3]),))),
-        ("lam=0", lambda: call(lam=0.0)),
-    ]
-
-
-@pytest.mark.parametrize("index", range(6))
-def test_bad_filter_input_gives_a_clear_value_error(rng, index):
-    match, call = _bad_filter_inputs(rng)[index]
-    with pytest.raises(ValueError, match=match):
-        call()
-
-
-@pytest.mark.parametrize("kernel,platform,custom_call", [
-    (pallas_tpu, "tpu", "tpu_custom_call"), (pallas_gpu, "cuda", "xla.gpu.triton")])
-def test_pallas_filter_kernels_lower_for_their_targets_at_a_realistic_shape(kernel, platform, custom_call):
-    """The normalizer with the filter fused in, then the rho kernel: actor D=2048, policy D=4096,
-    V=151,936, k=20."""
-    n, v = 8192, 151936
-    s = jax.ShapeDtypeStruct
-
-    def step(hi, wi, li, ht, wt, lt, logp_inf, logp_old, logp_new, u, valid, lam, kappa):
-        z_topk, _, a, accepted = kernel.obrs_normalizer(hi, wi, li, ht, wt, lt, lam, 20, temperature_inf=0.8,
-                                                        sampled=(logp_inf, logp_new, u, valid))
-        return accepted, kernel.obrs_weights(z_topk, kappa, logp_inf, logp_old, logp_new, lam, 5.0, 2.0)
-
-    per_token = s((n,), jnp.float32)
-    lowered = jax.jit(step).trace(
-        s((n, 2048), jnp.bfloat16), s((2048, v), jnp.bfloat16), per_token, s((n, 4096), jnp.bfloat16),
-        s((4096, v), jnp.bfloat16), per_token, per_token, per_token, per_token, per_token, s((n,), jnp.bool_),
-        s((), jnp.float32), s((), jnp.float32)).lower(lowering_platforms=(platform,))
-    assert lowered.as_text().count(custom_call) >= 2
-
-
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
-def test_update_step_with_fused_stats_and_filter_matches_the_materialized_loss(rng, impl):
-    """The trainer's use: fused_jackpot_stats without normalizers, then fused_obrs_filter (Z, mask,
-    rho in one pass), then eq. 5, jitted. Loss and policy gradient equal
+def test_update_step_with_fused_stats_and_normalizer_matches_the_materialized_loss(rng, impl):
+    """An update step's use: fused_jackpot_stats without normalizers, then fused_obrs_normalizer (Z),
+    then the batch-level OBRS filter and eq. 5, jitted. Loss and policy gradient equal
     losses.jackpot_policy_loss on the materialized log-softmax with the same key."""
     n, d, v, k, lam = 24, 8, 200, 6, 0.8
     h_pol, w_pol = head(rng, n, d + 4, v)
@@ -669,9 +528,9 @@ def test_update_step_with_fused_stats_and_filter_matches_the_materialized_loss(r
         stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, temperature_actor=0.9,
                                        normalizers=False, impl=impl, block_v=64)
         assert stats.z_topk is None and stats.topk_ids_new is None
-        f = pk.fused_obrs_filter(key, h_act, w_act, stats.lse_actor, h_pol, w_pol, stats.lse_new,
-                                 pk.SampledTokens(logp_inf, logp_old, stats.logp_new, valid), k=k,
-                                 temperature_inf=0.9, impl=impl, block_v=64, **kw)
+        z_topk, _ = pk.fused_obrs_normalizer(h_act, w_act, stats.lse_actor, h_pol, w_pol, stats.lse_new, lam, k,
+                                             temperature_inf=0.9, impl=impl, block_v=64)
+        f = obrs.obrs_filter(key, logp_inf, logp_old, stats.logp_new, z_topk, valid, **kw)
         ppo, _ = losses.ppo_token_loss(stats.logp_new, logp_old, advantages)
         return losses.masked_mean(f.rho * ppo, f.accepted)
 
@@ -688,3 +547,51 @@ def test_update_step_with_fused_stats_and_filter_matches_the_materialized_loss(r
     np.testing.assert_allclose(got, want, rtol=1e-4)
     for a, b in zip(got_grads, want_grads):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_chunked_ops_under_64_bit_mode_match_the_reference(rng, exact):
+    """With ``jax_enable_x64`` on (as in the float64 tests), column ids default to int64 while the
+    kernels' top-k ids are int32, and lam may be a float64 array: the chunked token stats, both
+    normalizers and the step statistics (with their gradients) still run and match the reference,
+    and return int32 ids."""
+    n, d, v, vocab_size, k, block_v = SHAPES[1]
+    with jax.enable_x64(True):
+        h_pol, w_pol = head(rng, n, d + 4, v)
+        h_act, w_act = head(rng, n, d, v)
+        targets = jnp.asarray(rng.integers(0, vocab_size, n), jnp.int32)
+        opts = dict(vocab_size=vocab_size)
+        got = pk.fused_token_stats(h_act, w_act, targets, k, temperature=0.8, impl="chunked", block_v=block_v, **opts)
+        want = pk.fused_token_stats(h_act, w_act, targets, k, temperature=0.8, impl="reference", **opts)
+        for a, b in zip(got[:2], want[:2]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_topk_equal(got[2], got[3], want[2], want[3], rtol=1e-5)
+        assert got[3].dtype == jnp.int32
+        lse_new = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl="reference", **opts)[1]
+        lam = jnp.array(0.7, jnp.float64)  # a strongly typed float64, as solve_lambda returns here
+        args = (h_act, w_act, want[1], h_pol, w_pol, lse_new, lam, k, exact)
+        z_topk, z_exact = pk.fused_obrs_normalizer(*args, temperature_inf=0.8, impl="chunked", block_v=block_v, **opts)
+        want_topk, want_exact = pk.fused_obrs_normalizer(*args, temperature_inf=0.8, impl="reference", **opts)
+        np.testing.assert_allclose(z_topk, want_topk, rtol=2e-5)
+        assert (z_exact is None) == (not exact)
+        if exact:
+            np.testing.assert_allclose(z_exact, want_exact, rtol=2e-5)
+        cot = {name: jnp.asarray(rng.normal(size=n), jnp.float32)
+               for name in ("logp_new", "lse_new", "logp_actor", "lse_actor", "distill_kl")}
+
+        def run(impl):
+            def f(h_pol, w_pol, h_act, w_act):
+                stats = pk.fused_jackpot_stats(h_pol, w_pol, h_act, w_act, targets, k, lam, temperature_actor=0.8,
+                                               exact=exact, impl=impl, block_v=block_v, **opts)
+                return sum(jnp.sum(c * getattr(stats, name)) for name, c in cot.items()), stats
+            return jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)(h_pol, w_pol, h_act, w_act)
+
+        got_grads, got_stats = run("chunked")
+        want_grads, want_stats = run("reference")
+    for field in ("logp_new", "lse_new", "logp_actor", "lse_actor", "z_topk", "z_exact", "distill_kl"):
+        if getattr(want_stats, field) is not None:
+            np.testing.assert_allclose(getattr(got_stats, field), getattr(want_stats, field), rtol=2e-5, atol=2e-5,
+                                       err_msg=field)
+    assert got_stats.topk_ids_new.dtype == got_stats.topk_ids_actor.dtype == jnp.int32
+    for name, a, b in zip(("h_policy", "w_policy", "h_actor", "w_actor"), got_grads, want_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=name)

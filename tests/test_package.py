@@ -14,3 +14,12 @@ def test_core_modules_do_not_import_heavy_engines():
             "print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def test_kernels_import_nothing_of_jackpot_jax():
+    """pallas_kernels depends on JAX alone (imports run downward: kernels <- models <- ... <- train)."""
+    code = ("import sys, pallas_kernels, pallas_kernels.logspace; "
+            "above = [m for m in sys.modules if m.split('.')[0] == 'jackpot_jax']; "
+            "print(above); sys.exit(1 if above else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]

@@ -12,6 +12,7 @@ from flax import nnx
 
 from jackpot_jax.models import Transformer, hf, preset
 from jackpot_jax.rollout import DecodeCore, SamplingParams, generate, processed_log_probs, sample
+from jackpot_jax.rollout.generate import request_keys
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -153,9 +154,7 @@ def test_slices_of_a_batch_with_first_prompt_draw_the_whole_batchs_samples(rng):
 def test_request_keys_fold_the_prompts_place_then_the_sample():
     """The keys the samples are drawn with (fixed: results recorded in docs/ depend on them):
     sample j of prompt i of a batch whose first prompt has place f folds f + i, then j, into key(seed)."""
-    from jackpot_jax.rollout.generate import _keys  # noqa: PLC0415
-
-    keys = _keys(7, 3, 2, first_prompt=5)
+    keys = request_keys(7, 3, 2, first_prompt=5)
     for i in range(3):
         for j in range(2):
             expected = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), 5 + i), j)

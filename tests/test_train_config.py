@@ -352,15 +352,15 @@ def test_evaluation_needs_eval_problems():
 
 
 def test_warm_start_problems_split_the_train_records():
-    from jackpot_jax.train.loop import _split_warm_start  # noqa: PLC0415 (the split lives in the loop)
+    from jackpot_jax.train.loop import split_warm_start  # noqa: PLC0415 (the split lives in the loop)
 
     records = [{"problem": f"p{i}", "answer": str(i)} for i in range(40)]
-    assert _split_warm_start(records, with_values(warm_start__problems=0)) == (records, records)
-    warm, rl = _split_warm_start(records, with_values(warm_start__problems=10))
+    assert split_warm_start(records, with_values(warm_start__problems=0)) == (records, records)
+    warm, rl = split_warm_start(records, with_values(warm_start__problems=10))
     assert warm == records[:10] and rl == records[10:]
     config = with_values(warm_start__problems=30)  # 40 - 30 < 16 prompts per RL step
     with pytest.raises(ConfigError) as error:
-        _split_warm_start(records, config)
+        split_warm_start(records, config)
     for text in ("config.warm_start.problems=30", "40 problems", "rollout.prompts_per_step=16", "at most 24"):
         assert text in str(error.value), error.value
 

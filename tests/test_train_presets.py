@@ -88,6 +88,7 @@ def test_values_users_rely_on(name):
     assert config.algorithm.mode == "jackpot"
     assert config.algorithm.k == 20
     assert config.algorithm.train_actor  # eq. 8: the actor learns too
+    assert config.algorithm.eps_low == config.algorithm.eps_high == 0.2  # the symmetric clip of eq. 1 / eq. 5
     assert config.rollout.max_new_tokens == 8192
     assert (config.actor.preset, config.policy.preset) == (actor, policy)
     assert config.data.dataset == dataset

@@ -1,4 +1,5 @@
-"""TFDS builders (``GeneratorBasedBuilder``) of the datasets in :mod:`jackpot_jax.data.datasets`.
+"""TFDS builders (``GeneratorBasedBuilder``) of the datasets in :mod:`jackpot_jax.data.datasets`; the file
+datasets read their records with :mod:`jackpot_jax.data.manual_files`.
 
 This module imports TensorFlow Datasets; :func:`jackpot_jax.data.datasets.load_split` imports it
 lazily. The builders are not added to the global TFDS registry (``skip_registration``), so their
@@ -13,7 +14,7 @@ import dataclasses
 import tensorflow_datasets as tfds
 
 from jackpot_jax.data import arithmetic
-from jackpot_jax.data import datasets as _datasets
+from jackpot_jax.data import manual_files
 
 _FEATURES = ("problem", "answer", "solution")
 
@@ -122,7 +123,7 @@ class _ManualBuilder(_Builder, skip_registration=True):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.MANUAL_DOWNLOAD_INSTRUCTIONS = _datasets.manual_instructions(cls.name)
+        cls.MANUAL_DOWNLOAD_INSTRUCTIONS = manual_files.manual_instructions(cls.name)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_features(),
@@ -133,19 +134,19 @@ class _ManualBuilder(_Builder, skip_registration=True):
             manual_dir = dl_manager.manual_dir
         except AssertionError as err:  # TFDS: "Manual directory ... does not exist or is empty."
             raise FileNotFoundError(f"Dataset {self.name!r}: {err}") from None
-        return _datasets.resolve_manual_dir(self.name, manual_dir)
+        return manual_files.resolve_manual_dir(self.name, manual_dir)
 
     def _split_generators(self, dl_manager):
         manual_dir = self._manual_dir(dl_manager)
-        splits = _datasets.available_splits(self.name, manual_dir)
+        splits = manual_files.available_splits(self.name, manual_dir)
         if not splits:
-            expected = ", ".join(f"{manual_dir}/{_datasets.MANUAL_FILES[self.name][split][0]}"
-                                 for split in _datasets.SPLITS[self.name])
+            expected = ", ".join(f"{manual_dir}/{manual_files.MANUAL_FILES[self.name][split][0]}"
+                                 for split in manual_files.MANUAL_SPLITS[self.name])
             raise FileNotFoundError(f"Dataset {self.name!r}: no data file in {manual_dir} (expected "
-                                    f"{expected}).\n" + _datasets.manual_instructions(self.name, manual_dir))
+                                    f"{expected}).\n" + manual_files.manual_instructions(self.name, manual_dir))
         generators, skipped = {}, {}
         for split in splits:
-            records, skipped[split] = _datasets.read_manual_split(
+            records, skipped[split] = manual_files.read_manual_split(
                 self.name, split, manual_dir, skip_bad_lines=self.builder_config.skip_bad_lines)
             generators[split] = self._generate_examples(records)
         self.info.metadata["skipped_records"] = skipped

@@ -1,11 +1,12 @@
 """Is ``jackpot_arithmetic`` learnable by a tiny model? Supervised fine-tuning on CPU, then greedy accuracy.
 
 A tiny Qwen3-style model with a character-level tokenizer (:mod:`jackpot_jax.data.char_tokenizer`)
-is trained from scratch on the train split's worked solutions (``prompt + " " + solution + <eos>``,
-loss on the completion only) and graded on the held-out test split with greedy decoding and
-:func:`jackpot_jax.data.rewards.math_reward`, before and after training. The splits are those of
-the TFDS config ``d{difficulty}`` (same seeds, test problems excluded from train), drawn directly
-with :func:`jackpot_jax.data.arithmetic.make_split` (no TensorFlow needed). Results: ``docs/arithmetic.md``.
+is trained from scratch on the train split's worked solutions (:func:`jackpot_jax.train.sft.sft`:
+``prompt + " " + solution + <eos>``, loss on the completion only) and graded on the held-out test
+split with greedy decoding and :func:`jackpot_jax.data.rewards.math_reward`, before and after training.
+The splits are those of the TFDS config ``d{difficulty}`` (same seeds, test problems excluded from
+train), drawn directly with :func:`jackpot_jax.data.arithmetic.make_split` (no TensorFlow needed).
+Results: ``docs/arithmetic.md``.
 
     python -m jackpot_jax.experiments.arithmetic_sft --difficulty 1 --steps 1500 --out runs/arithmetic_sft
 """
@@ -18,9 +19,7 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jackpot_jax.data.arithmetic import make_split
@@ -31,6 +30,7 @@ from jackpot_jax.files import atomic_write_text
 from jackpot_jax.models import Transformer, preset
 from jackpot_jax.models.hf import save_pretrained
 from jackpot_jax.rollout.generate import generate
+from jackpot_jax.train.sft import sft
 
 INSTRUCTION = ""  # the plain template without its instruction line: shorter sequences for a CPU
 
@@ -46,57 +46,6 @@ def arithmetic_splits(difficulty: int, train_size: int, test_size: int) -> tuple
 def prompt_ids(tokenizer, record: dict) -> list[int]:
     """The token ids of the record's plain prompt (without the instruction line)."""
     return tokenizer.encode(plain_prompt(record["problem"], INSTRUCTION))
-
-
-def encode_examples(tokenizer, records, max_len: int, prompt_fn=None) -> tuple[np.ndarray, np.ndarray]:
-    """``tokens [N, max_len]`` of ``prompt + " " + solution + <eos>`` (right-padded with ``<pad>``)
-    and ``completion [N, max_len]``: 1 on the tokens after the prompt (the solution and ``<eos>``).
-    ``prompt_fn(record)`` gives a record's prompt ids (default :func:`prompt_ids`)."""
-    prompt_fn = prompt_fn or functools.partial(prompt_ids, tokenizer)
-    tokens = np.full((len(records), max_len), tokenizer.pad_token_id, np.int32)
-    completion = np.zeros((len(records), max_len), np.int32)
-    for i, record in enumerate(records):
-        prompt = prompt_fn(record)
-        answer = tokenizer.encode(" " + record["solution"]) + [tokenizer.eos_token_id]
-        if len(prompt) + len(answer) > max_len:
-            raise ValueError(f"example {i} has {len(prompt) + len(answer)} tokens, more than max_len={max_len}.")
-        tokens[i, :len(prompt) + len(answer)] = prompt + answer
-        completion[i, len(prompt):len(prompt) + len(answer)] = 1
-    return tokens, completion
-
-
-def completion_loss(model, tokens, completion):
-    """Mean next-token cross-entropy over the completion tokens (prompt and padding masked). The
-    padding is on the right, so causal attention keeps it out of the real tokens' logits."""
-    logits = model(tokens[:, :-1])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    weights = completion[:, 1:].astype(jnp.float32)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-@nnx.jit
-def _train_step(model, optimizer, tokens, completion):
-    loss, grads = nnx.value_and_grad(completion_loss)(model, tokens, completion)
-    optimizer.update(model, grads)
-    return loss
-
-
-def sft(model, tokenizer, records, *, steps: int, batch_size: int, lr: float, seed: int, max_len: int,
-        warmup: int = 100, weight_decay: float = 0.01, log_every: int = 0, prompt_fn=None) -> list[float]:
-    """Train ``model`` in place for ``steps`` AdamW steps (linear warmup, then cosine decay to 0)
-    on batches drawn uniformly from ``records`` (prompts from ``prompt_fn``, see
-    :func:`encode_examples`); returns the loss of each step."""
-    tokens, completion = encode_examples(tokenizer, records, max_len, prompt_fn)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps // 2), max(steps, 1))
-    optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=weight_decay), wrt=nnx.Param)
-    rng = np.random.default_rng(seed)
-    losses = []
-    for step in range(steps):
-        rows = rng.integers(0, len(records), batch_size)
-        losses.append(float(_train_step(model, optimizer, jnp.asarray(tokens[rows]), jnp.asarray(completion[rows]))))
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps}: loss {np.mean(losses[-log_every:]):.4f}", flush=True)
-    return losses
 
 
 def accuracy(model, tokenizer, records, max_new_tokens: int) -> float:
@@ -124,7 +73,7 @@ def run(difficulty: int = 1, steps: int = 1500, batch_size: int = 64, lr: float 
     print(f"untrained accuracy: {before:.3f} on {len(test)} test problems", flush=True)
     start = time.perf_counter()
     losses = sft(model, tokenizer, train, steps=steps, batch_size=batch_size, lr=lr, seed=seed, max_len=max_len,
-                 log_every=log_every)
+                 prompt_fn=functools.partial(prompt_ids, tokenizer), log_every=log_every)
     train_s = time.perf_counter() - start
     after = accuracy(model, tokenizer, test, max_new_tokens)
     print(f"trained accuracy: {after:.3f} on {len(test)} test problems after {steps} steps "

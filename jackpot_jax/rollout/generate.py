@@ -70,9 +70,15 @@ def _key_grid(base, num_prompts: int, n: int, first_prompt):
     return jax.vmap(lambda i: jax.vmap(lambda j: fold(i, j))(jnp.arange(n)))(jnp.arange(num_prompts))
 
 
-def _keys(seed, num_prompts, n, first_prompt=0):
-    """Each request's key, ``[prompt][sample]``: derived in one compiled call (the same keys as
-    folding them one by one, which dispatched two small programs a request)."""
+def request_keys(seed, num_prompts: int, n: int, first_prompt: int = 0) -> list[list[jax.Array]]:
+    """The PRNG key of each request of :func:`generate`, ``[prompt][sample]``.
+
+    With an int ``seed``, sample j of prompt i folds ``first_prompt + i``, then j, into
+    ``key(seed)``: a prompt draws the same samples whichever slice of a batch it is generated in
+    (``first_prompt`` is the slice's place in the batch). With one seed per prompt, sample j of
+    prompt i folds j into ``key(seed[i])``. The samples recorded in ``docs/`` depend on these keys.
+    An int seed's keys are derived in one compiled call (the same keys as folding them one by one,
+    which dispatched two small programs a request)."""
     if isinstance(seed, (int, np.integer)):
         return [list(row) for row in _key_grid(jax.random.key(seed), num_prompts, n, first_prompt)]
     if len(seed) != num_prompts:
@@ -122,7 +128,7 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
                              f"max_target_length={core.max_target_length}.")
     params = core.params if params is None else params
     sampling = SamplingParams.fill(1, temperature, top_p, top_k)
-    keys = _keys(seed, len(prompts), n, first_prompt)
+    keys = request_keys(seed, len(prompts), n, first_prompt)
     requests = [_Request(i * n + j, i, prompt, keys[i][j]) for i, prompt in enumerate(prompts) for j in range(n)]
     stops = [list(s) for s in stop_sequences if len(s)]
     eos = set(int(t) for t in eos_token_ids)

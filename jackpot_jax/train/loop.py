@@ -63,9 +63,11 @@ def _mean_metrics(rows: list[dict]) -> dict:
     return out
 
 
-def _split_warm_start(records, config):
-    """``(warm-start records, RL records)``: with ``warm_start.problems = n > 0`` the first n train
-    problems and the others (disjoint); with 0, all of them for both."""
+def split_warm_start(records, config):
+    """``(warm-start records, RL records)`` of a run's train ``records``: with ``warm_start.problems =
+    n > 0`` the first n problems and the others (disjoint: RL then never sees a problem whose worked
+    solution the models were fine-tuned on); with 0, all of them for both. Raises ``ConfigError``
+    naming the key when fewer than ``rollout.prompts_per_step`` problems would be left for RL."""
     n = config.warm_start.problems
     if n == 0:
         return records, records
@@ -130,7 +132,7 @@ def _start(config, workdir: str) -> _Start:
     in ``workdir``, warm-started (:func:`warm_start_models`)."""
     tokenizer = build.load_tokenizer(config)
     train_records, eval_records = build.load_records(config)
-    warm_records, rl_records = _split_warm_start(train_records, config)
+    warm_records, rl_records = split_warm_start(train_records, config)
     batcher = _batcher(config, rl_records, tokenizer)
     mesh, actor_mesh = parallel.meshes_from_config(config)
     policy, actor = build.build_models(config, tokenizer, mesh, actor_mesh)

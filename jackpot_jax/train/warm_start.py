@@ -2,7 +2,7 @@
 
 Tiny models trained from scratch (the CPU demo) sample no correct answer at first, so every GRPO
 advantage would be 0. Each model is first fine-tuned on the train split's worked solutions
-(:func:`jackpot_jax.experiments.arithmetic_sft.sft`: next-token loss on the completion only). The
+(:func:`jackpot_jax.train.sft.sft`: next-token loss on the completion only). The
 result is saved under ``directory`` (the trainer's ``WORKDIR/warm_start/<name>``, or
 ``warm_start.dir/<name>``: an Orbax checkpoint of the parameters) with a
 ``spec.json`` of everything that determined it; a later run, or a resumed one, with the same spec
@@ -22,8 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jackpot_jax.experiments.arithmetic_sft import sft
 from jackpot_jax.files import atomic_write_text
+from jackpot_jax.train.sft import sft
 
 logger = logging.getLogger(__name__)
 
