@@ -510,8 +510,8 @@ def test_pallas_two_model_pass_lowers_for_its_target_at_a_realistic_shape(kernel
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
 def test_update_step_with_fused_stats_and_normalizer_matches_the_materialized_loss(rng, impl):
     """An update step's use: fused_jackpot_stats without normalizers, then fused_obrs_normalizer (Z),
-    then the batch-level OBRS filter and eq. 5, jitted. Loss and policy gradient equal
-    losses.jackpot_policy_loss on the materialized log-softmax with the same key."""
+    then the batch-level OBRS filter and eq. 5, jitted. Loss and policy gradient equal those of the
+    materialized log-softmax, with the same draws."""
     n, d, v, k, lam = 24, 8, 200, 6, 0.8
     h_pol, w_pol = head(rng, n, d + 4, v)
     h_act, w_act = head(rng, n, d, v)
@@ -520,7 +520,7 @@ def test_update_step_with_fused_stats_and_normalizer_matches_the_materialized_lo
     advantages = jnp.asarray(rng.normal(size=n), jnp.float32)
     logp_inf = pk.fused_token_stats(h_act, w_act, targets, 1, temperature=0.9, impl="reference")[0]
     logp_old = pk.fused_token_stats(h_pol, w_pol, targets, 1, impl="reference")[0] + 0.05
-    key = jax.random.key(5)
+    u = jax.random.uniform(jax.random.key(5), (n,))
     kw = dict(lam=lam, c1=5.0, c2=2.0)
 
     @jax.jit
@@ -530,8 +530,11 @@ def test_update_step_with_fused_stats_and_normalizer_matches_the_materialized_lo
         assert stats.z_topk is None and stats.topk_ids_new is None
         z_topk, _ = pk.fused_obrs_normalizer(h_act, w_act, stats.lse_actor, h_pol, w_pol, stats.lse_new, lam, k,
                                              temperature_inf=0.9, impl=impl, block_v=64)
-        f = obrs.obrs_filter(key, logp_inf, logp_old, stats.logp_new, z_topk, valid, **kw)
-        ppo, _ = losses.ppo_token_loss(stats.logp_new, logp_old, advantages)
+        return filtered_loss(stats.logp_new, z_topk)
+
+    def filtered_loss(logp_new, z_approx):
+        f = obrs.obrs_filter(u, logp_inf, logp_old, logp_new, z_approx, valid, **kw)
+        ppo, _ = losses.ppo_token_loss(logp_new, logp_old, advantages)
         return losses.masked_mean(f.rho * ppo, f.accepted)
 
     def materialized_loss(h_pol, w_pol):
@@ -539,7 +542,7 @@ def test_update_step_with_fused_stats_and_normalizer_matches_the_materialized_lo
         logp_inf_all = jax.nn.log_softmax(h_act @ w_act / 0.9)
         logp_new = jnp.take_along_axis(logp_new_all, targets[:, None], axis=-1)[:, 0]
         z_approx = obrs.topk_normalizer(logp_inf_all, jax.lax.stop_gradient(logp_new_all), lam, k)
-        return losses.jackpot_policy_loss(logp_new, logp_old, logp_inf, advantages, valid, z_approx, key, **kw)[0]
+        return filtered_loss(logp_new, z_approx)
 
     got, got_grads = jax.value_and_grad(fused_loss, argnums=(0, 1))(h_pol, w_pol)
     want, want_grads = jax.value_and_grad(materialized_loss, argnums=(0, 1))(h_pol, w_pol)

@@ -79,7 +79,7 @@ class StepConfig(NamedTuple):
     def filter_needs_rollout_actor(self) -> bool:
         """The OBRS filter reads p_inf in the update (p_target = new) while the actor is trained, so
         after a rollout's first update p_inf must come from the actor that sampled the batch."""
-        return self.train_actor and self.mode == "jackpot" and self.p_target == "new"
+        return self.train_actor and self.scope_reads_p_new
 
     @property
     def scope_reads_p_new(self) -> bool:
@@ -304,6 +304,7 @@ class Updater:
         return rows.shape[0] // self.cfg.micro_batch_size
 
     def _tokens(self, mb: "MiniBatch", logp_new) -> objective.Tokens:
+        """The sampled tokens of ``mb`` as the scope reads them, 0 off the valid ones."""
         return objective.Tokens(_zero(mb.logp_inf, mb.valid), _zero(mb.logp_old, mb.valid),
                                 _zero(logp_new, mb.valid), mb.valid, mb.u)
 
