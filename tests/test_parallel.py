@@ -145,7 +145,7 @@ def test_per_device_memory_falls_as_fsdp_grows():
         updater, state, batch = _updater(make_mesh(fsdp=fsdp, devices=jax.devices()[:fsdp]), optax.adamw(1e-3))
         old = updater.prepare(state.policy, state.actor, batch, CFG.lam)
         compiled = updater._update_jit[False].lower(state, batch, old, jax.random.key(3), CFG.lam, None,
-                                                    np.float32(CFG.beta)).compile()
+                                                    np.float32(CFG.beta), None).compile()
         analysis = compiled.memory_analysis()
         sizes[fsdp] = (analysis.argument_size_in_bytes, analysis.temp_size_in_bytes)
     arguments = [sizes[f][0] for f in (1, 2, 4)]
