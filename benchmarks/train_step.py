@@ -217,7 +217,8 @@ def update(args):
         spread = {case: (float(np.min(t)), float(np.max(t))) for case, t in times.items()}
         cells = [f"{1e3 * med[c]:.0f} ms ({1e3 * spread[c][0]:.0f}-{1e3 * spread[c][1]:.0f})" for c in cols]
         ratio = lambda x, y: f"{med[x] / med[y]:.2f}x" if x in med and y in med else "-"
-        print(f"| {vocab:,} | " + " | ".join(cells) + f" | {ratio('b', 'a')} | {ratio('c', 'd')} | {ratio('c', 'a')} | {ratio('e', 'c')} |",
+        ratios = " | ".join(ratio(x, y) for x, y in ("ba", "cd", "ca", "ec"))
+        print(f"| {vocab:,} | " + " | ".join(cells) + f" | {ratios} |",
               flush=True)
     print("\nCells: median (min-max) wall time per update.")
     if jax.default_backend() == "gpu":

@@ -107,7 +107,8 @@ class DisaggregatedUpdater(Updater):
         """The policy's final hidden states on micro-batch ``index`` of a :class:`MiniBatch` at its
         token positions (``window``, for the update) or of a rollout batch at every position (``prepare``)."""
         mb = _micro(batch, num_micro, index)
-        return (self._hidden_at("policy", policy_params, mb) if window else self._hidden("policy", policy_params, mb))[0]
+        hidden = self._hidden_at if window else self._hidden
+        return hidden("policy", policy_params, mb)[0]
 
     def _old_impl(self, actor_params, batch, num_micro, index, h_pol, w_pol, lam, normalizers: bool):
         return self._old_stats(h_pol, w_pol, actor_params, _micro(batch, num_micro, index), lam, normalizers)

@@ -479,7 +479,8 @@ class Updater:
             new["actor"] = apply_updates(self.actor_tx, grads["actor"], state.actor_opt, state.actor, actor_lr_scale)
         keep = lambda updated, current: jax.tree.map(lambda u, c: jnp.where(finite, u, c), updated, current)
         policy, policy_opt = keep(new["policy"], (state.policy, state.policy_opt))
-        actor, actor_opt = keep(new["actor"], (state.actor, state.actor_opt)) if cfg.train_actor else (state.actor, None)
+        actor, actor_opt = (keep(new["actor"], (state.actor, state.actor_opt)) if cfg.train_actor
+                             else (state.actor, None))
         metrics.update({f"grad_norm/{name}": n for name, n in norms.items()})
         metrics["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
         if self.policy_lr is not None:
