@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 
 from jackpot_jax import obrs
 from pallas_kernels.logspace import distill_kl, kl_divergence
+
+__all__ = ["AGGREGATIONS", "Aggregation", "distill_kl", "grpo_advantages", "kl_divergence", "masked_mean",
+           "ppo_token_loss", "truncated_is"]
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean"]
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")

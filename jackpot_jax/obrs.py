@@ -27,6 +27,10 @@ import jax.numpy as jnp
 from pallas_kernels.logspace import (check_choice, check_range, log_lam, log_min_mass, log_normalizer, normalizer,
                                    topk_normalizer)
 
+__all__ = ["TARGETS", "ObrsFilter", "Target", "accept_prob", "accepted_log_distribution", "check_choice", "check_range",
+           "jackpot_weights", "kappa", "log_accept_prob", "log_normalizer", "normalizer", "obrs_filter", "sample_mask",
+           "solve_lambda", "topk_normalizer"]
+
 Target = Literal["old", "new"]
 TARGETS = ("old", "new")
 
