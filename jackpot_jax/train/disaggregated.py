@@ -141,10 +141,7 @@ class DisaggregatedUpdater(Updater):
         def loss(policy):
             h, w = self._hidden_at("policy", policy, mb)
             logp_new = pk.fused_token_stats(h, w, mb.targets.reshape(-1), 1, impl=cfg.kernel_impl)[0]
-            logp_new = jnp.where(mb.valid, logp_new.reshape(mb.valid.shape), 0.0)
-            return objective.policy_loss(logp_new, jnp.where(mb.valid, mb.logp_old, 0.0), mb.logp_inf,
-                                         mb.advantages, rho, weight, valid_weight, eps_low=cfg.eps_low,
-                                         eps_high=cfg.eps_high, clip=cfg.clip)
+            return self._policy_loss(logp_new.reshape(mb.valid.shape), mb, rho, weight, valid_weight)
 
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(policy_params)
         return jax.tree.map(jnp.add, grad_sum, grads), metrics
@@ -189,7 +186,7 @@ class DisaggregatedUpdater(Updater):
         lam_old = jax.device_put(jnp.asarray(lam_old, jnp.float32), NamedSharding(self.actor_mesh, PartitionSpec()))
         if not cfg.scope_reads_p_new:
             return self._scope_from_batch_jit(on_actor, lam_old)
-        inf_params = rollout_actor if rollout_actor is not None and cfg.filter_needs_rollout_actor else state.actor
+        inf_params = self._inf_params(state.actor, rollout_actor)
 
         def run(lam):
             parts = [self._statistics_micro(inf_params, on_actor, num_micro, index,

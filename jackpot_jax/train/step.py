@@ -322,6 +322,10 @@ class Updater:
         return pk.fused_obrs_normalizer(*sg(inf_heads), *sg(policy_heads), lam, cfg.k, cfg.z == "exact",
                                         temperature_inf=cfg.temperature, impl=cfg.kernel_impl)
 
+    def _inf_params(self, actor_params, rollout_actor):
+        """The actor whose distribution is p_inf: ``rollout_actor`` once given (and read), else the update's."""
+        return rollout_actor if rollout_actor is not None and self.cfg.filter_needs_rollout_actor else actor_params
+
     def _inf_heads(self, actor_params, mb: "MiniBatch"):
         """``(h, w, lse)`` of p_inf: ``actor_params`` at the rollout temperature (stop-gradient)."""
         h, w = self._hidden_at("actor", jax.lax.stop_gradient(actor_params), mb)
@@ -378,7 +382,7 @@ class Updater:
             return self._scope_from_batch(mini, lam_old)
         if num_micro == 1:
             return None
-        inf_params = rollout_actor if rollout_actor is not None and cfg.filter_needs_rollout_actor else state.actor
+        inf_params = self._inf_params(state.actor, rollout_actor)
         micro = split_micro(mini, num_micro)
 
         def run(lam):
@@ -425,9 +429,7 @@ class Updater:
             scope = objective.policy_scope(cfg, tokens, z_topk.reshape(shape),
                                            None if z_exact is None else z_exact.reshape(shape), lam)
             rho, weight, metrics = scope.rho, scope.weight, dict(scope.metrics)
-        policy_loss, policy_metrics = objective.policy_loss(
-            logp_new, _zero(mb.logp_old, mb.valid), _zero(mb.logp_inf, mb.valid), mb.advantages, rho, weight,
-            valid_weight, eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip)
+        policy_loss, policy_metrics = self._policy_loss(logp_new, mb, rho, weight, valid_weight)
         metrics.update(policy_metrics)
         actor_loss = jnp.zeros((), jnp.float32)
         if cfg.train_actor:
@@ -435,6 +437,14 @@ class Updater:
             metrics.update(actor_metrics)
         metrics["loss/total"] = policy_loss + actor_loss
         return metrics["loss/total"], metrics
+
+    def _policy_loss(self, logp_new, mb: "MiniBatch", rho, weight, valid_weight):
+        """L_policy (eq. 5) of one micro-batch from its sampled tokens' log p_new ``[B, W]`` and the scope's
+        token weights there."""
+        cfg = self.cfg
+        return objective.policy_loss(_zero(logp_new, mb.valid), _zero(mb.logp_old, mb.valid),
+                                     _zero(mb.logp_inf, mb.valid), mb.advantages, rho, weight, valid_weight,
+                                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip=cfg.clip)
 
     def _actor_loss(self, stats, mb: "MiniBatch", valid_weight, beta):
         """L_actor (eq. 6 + beta eq. 7) of one micro-batch from the fused statistics of the actor."""
