@@ -12,6 +12,7 @@ from flax import nnx
 
 from jackpot_jax.models import Transformer, hf, preset
 from jackpot_jax.rollout import DecodeCore, SamplingParams, generate, processed_log_probs, sample
+from jackpot_jax.rollout.decode import Stops
 from jackpot_jax.rollout.generate import request_keys
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -181,10 +182,44 @@ def test_generate_steps_equals_repeated_generate(rng):
     many, steps = core.generate_steps(core.params, started(), 5)
     for t in range(5):
         for field in ("tokens", "logprobs", "topk_ids", "topk_logprobs"):
-            np.testing.assert_allclose(getattr(steps, field)[t], getattr(drawn[t], field), atol=1e-6)
+            np.testing.assert_allclose(getattr(steps.sampled, field)[t], getattr(drawn[t], field), atol=1e-6)
     np.testing.assert_array_equal(many.steps, one.steps)
+    assert steps.valid.all() and (steps.finish == 0).all()  # JetStream's inserts have no length limit
     with pytest.raises(ValueError, match="steps=0 is not allowed"):
         core.generate_steps(core.params, many, 0)
+
+
+def test_a_shared_batched_admission_equals_separate_prefills(rng):
+    """Six requests over three prompts (one bucket of two, one of one), admitted in batched calls
+    where each prompt is prefilled once, decode exactly as one-request prefills inserted one by
+    one; a request limited to one token finishes at admission."""
+    model = Transformer(preset("tiny-qwen3"), rngs=nnx.Rngs(4))
+    core = DecodeCore(model, max_concurrent_decodes=8, max_prefill_length=32, max_target_length=48, logprobs_top_k=3)
+    a, b, c = prompts(rng, (5, 9, 20))
+    batch, slots, limits = [a, b, a, c, b, a], [6, 0, 3, 1, 7, 2], [9, 9, 9, 9, 9, 1]
+    keys = [jax.random.key(10 + r) for r in range(6)]
+    sampling = SamplingParams.fill(6, 1.0, 0.9, 0)
+    stops = Stops.make()
+    state, outputs = core.admit(core.params, core.init_decode_state(), batch, slots,
+                                jax.random.key_data(jnp.stack(keys)), sampling, limits, stops)
+    assert sorted(len(members) for members, _, _ in outputs) == [1, 5]  # the 16 and the 32 bucket
+    one = core.init_decode_state()
+    for r, (prompt, slot) in enumerate(zip(batch, slots)):
+        prefix = core.prefill(core.params, prompt, len(prompt), sampling=SamplingParams.fill(1, 1.0, 0.9, 0),
+                              key=keys[r])
+        for members, first, finish in outputs:
+            if r in members:
+                i = members.index(r)
+                assert int(first.tokens[i]) == int(prefix.first.tokens[0])
+                np.testing.assert_allclose(first.topk_logprobs[i], prefix.first.topk_logprobs[0], atol=1e-6)
+                assert int(finish[i]) == (3 if limits[r] == 1 else 0)
+        one = core.insert(prefix, one, slot)
+    state, drawn = core.generate_steps(core.params, state, 4, stops)
+    one, want = core.generate_steps(core.params, one, 4, stops)
+    used = np.asarray(slots[:5])  # slot 2's request ended at admission: its draws are invalid
+    np.testing.assert_array_equal(drawn.sampled.tokens[:, used], want.sampled.tokens[:, used])
+    np.testing.assert_allclose(drawn.sampled.logprobs[:, used], want.sampled.logprobs[:, used], atol=1e-5)
+    assert drawn.valid[:, used].all() and not drawn.valid[:, 2].any() and not drawn.valid[:, [4, 5]].any()
 
 
 def test_stop_sequences_and_eos_end_a_completion(pair, rng):
@@ -197,6 +232,10 @@ def test_stop_sequences_and_eos_end_a_completion(pair, rng):
     assert rollout.completions[0] == free[:end] and rollout.finish_reasons == ["stop"]
     rollout = generate(model, prompt, 12, temperature=0.0, eos_token_ids=[free[2]])
     assert rollout.completions[0] == free[:free.index(free[2]) + 1] and rollout.finish_reasons == ["eos"]
+    rollout = generate(model, prompt, 12, temperature=0.0, eos_token_ids=[free[0]], stop_sequences=[free[:1]])
+    assert rollout.completions[0] == free[:1] and rollout.finish_reasons == ["eos"]  # EOS before a stop
+    rollout = generate(model, prompt * 2, 1, temperature=0.0, stop_sequences=[free[1:3]])
+    assert rollout.completions == [free[:1]] * 2 and rollout.finish_reasons == ["length"] * 2
 
 
 def test_update_params_changes_what_the_engine_generates(rng):

@@ -1,24 +1,22 @@
-"""The decoding core: fixed decode slots over a KV cache, jitted prefill / insert / generate steps.
+"""The decoding core: fixed decode slots over a KV cache; jitted admission (batched, shared prefill),
+decode steps that stop on the device, and JetStream-style ``prefill`` / ``insert`` for one request.
 
-``DecodeCore`` is what :class:`jackpot_jax.rollout.engine.JackpotEngine` (the JetStream ``Engine``)
-and :func:`jackpot_jax.rollout.generate` drive; it imports nothing from JetStream, so rollouts run
-where JetStream is not installed. Any model of the registry works (the ``CausalLM`` protocol).
+* ``admit(params, state, prompts, slots, keys, ...)`` prefills the distinct prompts of many requests
+  in one call per length bucket (powers of two from 16 up to ``max_prefill_length``), a prompt once
+  for all the requests that share it, copies each prompt's cache into its requests' slots and
+  samples their first tokens.
+* ``generate_steps(params, state, steps, stops)`` advances every slot by ``steps`` tokens in one
+  call (a scan), checking EOS, stop sequences and each request's length on the device: a finished
+  slot stops producing tokens (``valid`` false) until it is refilled, so the host never has to read
+  a call's results before it dispatches the next.
+* ``prefill`` / ``insert`` / ``generate`` are the one-request steps JetStream's ``Engine`` API needs.
 
-* ``prefill(params, tokens, true_length)`` runs a prompt padded to a bucket length (powers of two
-  from 16 up to ``max_prefill_length``, so at most log2 compiled shapes) and samples the first
-  token: a :class:`Prefix`.
-* ``insert(prefix, state, slot)`` writes the prefix's cache into a decode slot.
-* ``generate(params, state)`` advances every slot by one token; ``generate_steps(params, state,
-  steps)`` by ``steps`` tokens in one jitted call (a scan over the same step), returning what each
-  step sampled: one dispatch and one host transfer per ``steps`` tokens instead of per token.
-
-Randomness: each request has a key; its ``t``-th generated token is drawn with
-``fold_in(key, t)``, whatever slot or batch it runs in, so continuous batching gives the same
-samples as one-by-one generation.
+Randomness: each request has a key; its ``t``-th generated token is drawn with ``fold_in(key, t)``,
+whatever slot, batch or call it runs in, so batching gives the samples of one-by-one generation.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +26,10 @@ from flax import nnx
 from jackpot_jax.rollout.sampling import Sampled, SamplingParams, sample
 
 MIN_BUCKET = 16
+NO_TOKEN = -2  # what ``recent`` holds before a slot has generated anything: matches no stop sequence
+NO_LIMIT = np.iinfo(np.int32).max
+RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3  # finish codes
+FINISH_REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 
 
 class Prefix(NamedTuple):
@@ -40,8 +42,29 @@ class Prefix(NamedTuple):
     key: jax.Array  # the request's key
 
 
+class Stops(NamedTuple):
+    """When a completion ends, checked on the device after every token: ``eos [E]`` token ids, and
+    ``sequences [N, W]`` stop sequences right-aligned, their unused leading entries -1."""
+
+    eos: jax.Array
+    sequences: jax.Array
+
+    @classmethod
+    def make(cls, eos_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = ()) -> "Stops":
+        sequences = [list(map(int, s)) for s in stop_sequences if len(s)]
+        width = max([1] + [len(s) for s in sequences])
+        table = np.full((len(sequences), width), -1, np.int32)
+        for i, s in enumerate(sequences):
+            table[i, width - len(s):] = s
+        return cls(np.asarray(sorted(set(map(int, eos_token_ids))), np.int32).reshape(-1), table)
+
+    @property
+    def width(self) -> int:
+        return self.sequences.shape[1]
+
+
 class DecodeState(NamedTuple):
-    """Everything a generate step transforms, per slot ``[slots, ...]``."""
+    """Everything a decode step transforms, per slot ``[slots, ...]``."""
 
     cache: Any
     tokens: jax.Array  # the token each slot feeds next (the last one sampled)
@@ -49,6 +72,19 @@ class DecodeState(NamedTuple):
     keys: jax.Array  # each slot's request key
     sampling: SamplingParams
     last: Sampled  # what the last step sampled, with log-probs
+    limit: jax.Array  # int32: the request's max_new_tokens
+    finish: jax.Array  # int32 finish code (RUNNING, EOS, STOP, LENGTH); an empty slot is LENGTH
+    recent: jax.Array  # int32 [slots, W]: the last W generated tokens, for stop sequences
+
+
+class Drawn(NamedTuple):
+    """What a ``generate_steps`` call produced: ``sampled [steps, slots, ...]``, ``valid [steps,
+    slots]`` (the token belongs to the slot's request: it had not finished before it), and each
+    slot's finish code after the call ``[slots]``."""
+
+    sampled: Sampled
+    valid: jax.Array
+    finish: jax.Array
 
 
 def buckets(max_prefill_length: int) -> tuple[int, ...]:
@@ -68,8 +104,21 @@ def bucket_for(length: int, max_prefill_length: int) -> int:
     raise ValueError(f"a prompt of {length} tokens is longer than max_prefill_length={max_prefill_length}.")
 
 
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def finish_code(token, steps, limit, recent, stops: Stops):
+    """The finish code after a slot generated ``token`` as its ``steps``-th token, ``recent [B, W]``
+    ending with it: EOS, else a stop sequence, else the length limit, else RUNNING (``[B]``)."""
+    is_eos = jnp.any(token[:, None] == stops.eos[None, :], axis=1)
+    seqs = stops.sequences[None]
+    is_stop = jnp.any(jnp.all((seqs < 0) | (recent[:, None, -stops.width:] == seqs), axis=2), axis=1)
+    return jnp.where(is_eos, EOS, jnp.where(is_stop, STOP, jnp.where(steps >= limit, LENGTH, RUNNING)))
+
+
 class DecodeCore:
-    """Jitted prefill / insert / generate for ``model`` (its graph; parameters are passed in)."""
+    """Jitted admission / prefill / insert / decode for ``model`` (its graph; parameters are passed in)."""
 
     def __init__(self, model, *, max_concurrent_decodes: int, max_prefill_length: int, max_target_length: int,
                  logprobs_top_k: int = 0, default_sampling: SamplingParams | None = None):
@@ -88,7 +137,7 @@ class DecodeCore:
         self.default_sampling = default_sampling or SamplingParams.fill(1)
         self._prefill = jax.jit(self._prefill_impl)
         self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
-        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
+        self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
         self._generate_steps = jax.jit(self._generate_steps_impl, donate_argnums=(1,), static_argnums=(2,))
 
     @property
@@ -101,10 +150,23 @@ class DecodeCore:
     def _logits(self, model, h):
         return jnp.dot(h, model.unembedding().astype(h.dtype), preferred_element_type=jnp.float32)
 
-    # ---------------------------------------------------------------- prefill
-
     def bucket(self, length: int) -> int:
         return bucket_for(length, self.prefill_buckets[-1])
+
+    # ---------------------------------------------------------------- prefill
+
+    def _prefill_rows(self, params, tokens, lengths):
+        """The caches ``[P, ...]`` of prompts ``tokens [P, bucket]`` (right-padded) and the logits
+        after each prompt's last token ``[P, V]``."""
+        model = self._model(params)
+        p, size = tokens.shape
+        mask = jnp.arange(size)[None] < lengths[:, None]
+        h, cache = model.hidden_states(tokens, attention_mask=mask, cache=model.init_cache(p, size))
+        return cache, self._logits(model, h[jnp.arange(p), lengths - 1])
+
+    def _draw_first(self, logits, keys, sampling):
+        return sample(jax.vmap(jax.random.fold_in)(keys, jnp.zeros(keys.shape, jnp.int32)), logits, sampling,
+                      self.logprobs_top_k)
 
     def prefill(self, params, tokens, true_length: int, *, sampling: SamplingParams | None = None,
                 key=None) -> Prefix:
@@ -119,79 +181,135 @@ class DecodeCore:
         return self._prefill(params, tokens, np.int32(true_length), sampling or self.default_sampling, key)
 
     def _prefill_impl(self, params, tokens, true_length, sampling, key):
-        model = self._model(params)
-        size = tokens.shape[0]
-        mask = (jnp.arange(size) < true_length)[None]
-        cache = model.init_cache(1, size)
-        h, cache = model.hidden_states(tokens[None], attention_mask=mask, cache=cache)
-        logits = self._logits(model, h[:, true_length - 1])
-        first = sample(jax.random.fold_in(key, 0)[None], logits, sampling, self.logprobs_top_k)
-        return Prefix(cache, true_length, first, sampling, key)
+        cache, logits = self._prefill_rows(params, tokens[None], true_length[None])
+        return Prefix(cache, true_length, self._draw_first(logits, key[None], sampling), sampling, key)
 
     # ---------------------------------------------------------------- decode state
 
-    def init_decode_state(self) -> DecodeState:
-        b = self.slots
-        empty = Sampled(jnp.zeros((b,), jnp.int32), jnp.zeros((b,)), jnp.zeros((b, self.logprobs_top_k), jnp.int32),
-                        jnp.zeros((b, self.logprobs_top_k)))
+    def init_decode_state(self, stop_width: int = 1) -> DecodeState:
+        """Every slot empty; ``stop_width``: the longest stop sequence the state's steps will check."""
+        b, k = self.slots, self.logprobs_top_k
+        empty = Sampled(jnp.zeros((b,), jnp.int32), jnp.zeros((b,)), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k)))
         model = self._model(self.params)
         return DecodeState(model.init_cache(b, self.max_target_length), jnp.zeros((b,), jnp.int32),
                            jnp.zeros((b,), jnp.int32), jax.random.split(jax.random.key(0), b),
-                           SamplingParams.fill(b), empty)
+                           SamplingParams.fill(b), empty, jnp.zeros((b,), jnp.int32), jnp.full((b,), LENGTH, jnp.int32),
+                           jnp.full((b, stop_width), NO_TOKEN, jnp.int32))
+
+    def _write(self, state, cache, rows, slots, first, keys, sampling, limit, stops):
+        """Requests into ``slots [R]`` (an index >= slots is dropped): the cache rows ``rows [R]`` of
+        ``cache`` (any cache pytree, batch first; its other axes may be shorter, e.g. a bucket's
+        length), their first tokens, keys, sampling settings and length limits."""
+        def put(full, part):
+            index = (slots,) + tuple(slice(0, n) for n in part.shape[1:])
+            return full.at[index].set(part[rows].astype(full.dtype), mode="drop")
+
+        def put_rows(full, new):
+            return full.at[slots].set(new.astype(full.dtype), mode="drop")
+
+        recent = jnp.full((slots.shape[0], state.recent.shape[1]), NO_TOKEN, jnp.int32).at[:, -1].set(first.tokens)
+        finish = finish_code(first.tokens, jnp.ones_like(limit), limit, recent, stops)
+        new = DecodeState(cache=jax.tree.map(put, state.cache, cache), tokens=put_rows(state.tokens, first.tokens),
+                          steps=put_rows(state.steps, jnp.ones_like(limit)), keys=put_rows(state.keys, keys),
+                          sampling=jax.tree.map(put_rows, state.sampling, sampling),
+                          last=jax.tree.map(put_rows, state.last, first), limit=put_rows(state.limit, limit),
+                          finish=put_rows(state.finish, finish), recent=put_rows(state.recent, recent))
+        return new, finish
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
-        """``prefix`` into decode slot ``slot`` (the state is donated: use the returned one)."""
+        """``prefix`` into decode slot ``slot``, with no length limit and no stops (JetStream's
+        orchestrator applies them); the state is donated: use the returned one."""
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot={slot} is not allowed: it must be in [0, {self.slots}).")
         return self._insert(prefix, state, np.int32(slot))
 
     def _insert_impl(self, prefix, state, slot):
-        def put(full, part):  # part [1, ...] (its other axes may be shorter, e.g. a bucket's length)
-            index = (slot,) + (0,) * (full.ndim - 1)
-            return jax.lax.dynamic_update_slice(full, part.astype(full.dtype), index)
+        stops = Stops.make()
+        state, _ = self._write(state, prefix.cache, jnp.zeros((1,), jnp.int32), slot[None], prefix.first,
+                               prefix.key[None], prefix.sampling, jnp.full((1,), NO_LIMIT, jnp.int32), stops)
+        return state
 
-        def put_row(full, row):  # row: [1, ...] of one request
-            return full.at[slot].set(row[0])
+    # ---------------------------------------------------------------- admission
 
-        return DecodeState(
-            cache=jax.tree.map(put, state.cache, prefix.cache),  # any cache pytree, batch first
-            tokens=state.tokens.at[slot].set(prefix.first.tokens[0]),
-            steps=state.steps.at[slot].set(1),
-            keys=state.keys.at[slot].set(prefix.key),
-            sampling=jax.tree.map(put_row, state.sampling, prefix.sampling),
-            last=jax.tree.map(put_row, state.last, prefix.first),
-        )
+    def admit(self, params, state: DecodeState, prompts: Sequence[Sequence[int]], slots: Sequence[int], key_data,
+              sampling: SamplingParams, limits: Sequence[int], stops: Stops) -> tuple[DecodeState, list]:
+        """Requests into the decode state: ``prompts[r]`` into ``slots[r]``, drawn with the key of
+        ``key_data[r]`` (``jax.random.key_data``, on the host), ``sampling`` (host arrays ``[R]``),
+        at most ``limits[r]`` new tokens. Requests with the same prompt share one prefill. One
+        call per prefill bucket, its prompts and requests each padded to a power of two (few
+        compiled shapes). Returns the state (the old one is donated) and, per call, ``(request
+        indices, Sampled first tokens, finish codes)``, device arrays the host reads when it needs them."""
+        groups: dict[int, list[int]] = {}
+        for r, prompt in enumerate(prompts):
+            groups.setdefault(self.bucket(len(prompt)), []).append(r)
+        key_data, limits = np.asarray(key_data), np.asarray(limits, np.int32)
+        outputs = []
+        for size, members in sorted(groups.items()):
+            distinct: dict[tuple, int] = {}
+            rows = [distinct.setdefault(tuple(prompts[r]), len(distinct)) for r in members]
+            tokens = np.zeros((pow2_at_least(len(distinct)), size), np.int32)
+            lengths = np.ones((tokens.shape[0],), np.int32)
+            for prompt, row in distinct.items():
+                tokens[row, :len(prompt)] = prompt
+                lengths[row] = len(prompt)
+            pad = pow2_at_least(len(members)) - len(members)
+            index = np.asarray(members + [members[0]] * pad)
+            to = np.asarray([slots[r] for r in members] + [self.slots] * pad, np.int32)
+            state, first, finish = self._admit(
+                params, state, tokens, lengths, np.asarray(rows + [0] * pad, np.int32), to, key_data[index],
+                jax.tree.map(lambda x: np.asarray(x)[index], sampling), limits[index], stops)
+            outputs.append((members, first, finish))
+        return state, outputs
 
-    # ---------------------------------------------------------------- generate
+    def _admit_impl(self, params, state, tokens, lengths, rows, slots, key_data, sampling, limit, stops):
+        keys = jax.random.wrap_key_data(key_data)
+        cache, logits = self._prefill_rows(params, tokens, lengths)
+        first = self._draw_first(logits[rows], keys, sampling)
+        state, finish = self._write(state, cache, rows, slots, first, keys, sampling, limit, stops)
+        return state, first, finish
 
-    def generate(self, params, state: DecodeState) -> DecodeState:
-        """One token for every slot (the state is donated: use the returned one)."""
-        return self._generate(params, state)
+    # ---------------------------------------------------------------- decode
 
-    def _generate_impl(self, params, state):
+    def _step(self, params, state, stops):
         model = self._model(params)
         h, cache = model.hidden_states(state.tokens[:, None], cache=state.cache)
         logits = self._logits(model, h[:, 0])
         keys = jax.vmap(jax.random.fold_in)(state.keys, state.steps)
         drawn = sample(keys, logits, state.sampling, self.logprobs_top_k)
-        return state._replace(cache=cache, tokens=drawn.tokens, steps=state.steps + 1, last=drawn)
+        valid = state.finish == RUNNING
+        steps = state.steps + 1
+        recent = jnp.concatenate([state.recent[:, 1:], drawn.tokens[:, None]], axis=1)
+        finish = jnp.where(valid, finish_code(drawn.tokens, steps, state.limit, recent, stops), state.finish)
+        state = state._replace(cache=cache, tokens=drawn.tokens, steps=steps, last=drawn, finish=finish,
+                               recent=jnp.where(valid[:, None], recent, state.recent))
+        return state, valid
 
-    def generate_steps(self, params, state: DecodeState, steps: int) -> tuple[DecodeState, Sampled]:
+    def generate(self, params, state: DecodeState) -> DecodeState:
+        """One token for every slot, no stops checked (the state is donated: use the returned one)."""
+        state, _ = self.generate_steps(params, state, 1)
+        return state
+
+    def generate_steps(self, params, state: DecodeState, steps: int, stops: Stops | None = None
+                       ) -> tuple[DecodeState, Drawn]:
         """``steps`` tokens for every slot in one call: the new state (the old one is donated) and
-        what each step sampled, ``[steps, slots, ...]`` (``last`` of each step's state). The
-        draws are those of ``steps`` calls of :meth:`generate`. A slot keeps decoding past its
-        request's end within the call (cache writes past ``max_target_length`` are dropped); the
-        caller discards those tokens."""
+        :class:`Drawn`. The draws are those of ``steps`` calls of :meth:`generate`; a slot whose
+        request finishes keeps computing (cache writes past ``max_target_length`` are dropped), its
+        tokens marked invalid."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r} is not allowed: it must be an integer >= 1.")
-        return self._generate_steps(params, state, steps)
+        stops = Stops.make() if stops is None else stops
+        if stops.width != state.recent.shape[1]:
+            raise ValueError(f"stop sequences of up to {stops.width} tokens need a state made with "
+                             f"init_decode_state(stop_width={stops.width}), not {state.recent.shape[1]}.")
+        return self._generate_steps(params, state, steps, stops)
 
-    def _generate_steps_impl(self, params, state, steps):
+    def _generate_steps_impl(self, params, state, steps, stops):
         def step(state, _):
-            state = self._generate_impl(params, state)
-            return state, state.last
+            state, valid = self._step(params, state, stops)
+            return state, (state.last, valid)
 
-        return jax.lax.scan(step, state, None, length=steps)
+        state, (sampled, valid) = jax.lax.scan(step, state, None, length=steps)
+        return state, Drawn(sampled, valid, state.finish)
 
     def update_params(self, params):
         """New parameters (e.g. the actor after an update), moved device to device into this

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jackpot_jax.models import hf
 from jackpot_jax.models import sharding as sharding_lib
-from jackpot_jax.rollout.decode import DecodeCore, DecodeState, Prefix, bucket_for
+from jackpot_jax.rollout.decode import DecodeCore, DecodeState, Prefix, Stops, bucket_for
 from jackpot_jax.rollout.jetstream_compat import engine_api, tokenizer_api, tokenizer_pb2
 from jackpot_jax.rollout.sampling import SamplingParams, check_sampling
 
@@ -154,7 +154,7 @@ class JackpotEngine(DecodeCore, engine_api.Engine):
         data = jnp.stack([state.tokens, jnp.ones_like(state.tokens), state.steps], axis=1)  # int32 [slots, 3]
         result = engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
                                          samples_per_slot=1)
-        return self._generate_impl(params, state), result
+        return self._step(params, state, Stops.make())[0], result
 
     def load_params(self, *args, **kwargs):
         """The engine's parameters (loaded when the engine was built)."""

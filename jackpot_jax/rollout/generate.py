@@ -2,10 +2,11 @@
 
 Every request (prompt i, sample j) gets its own key, ``fold_in(fold_in(key(seed), first_prompt + i), j)``
 (or ``fold_in(key(seed[i]), j)`` with one seed per prompt), and the decode core draws its t-th token
-with ``fold_in(key, t)``: results do not depend on slot assignment, batch size or order. A slot
-whose request finishes is refilled from the queue before the next decode call; each call
-advances every slot by up to ``steps_per_call`` tokens (:meth:`DecodeCore.generate_steps`), so a
-finished slot may idle for the rest of a call, and the tokens it drew past its end are dropped.
+with ``fold_in(key, t)``: results do not depend on slot assignment, batch size or order. The
+driver keeps one decode call in flight: while a call advances every slot by up to ``steps_per_call``
+tokens (:meth:`DecodeCore.generate_steps`, which stops each request on the device), the host reads
+the previous call's tokens and admits queued requests into the slots it freed (one batched, shared
+prefill per length bucket, :meth:`DecodeCore.admit`). A finished slot idles until then.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jackpot_jax.rollout.decode import MIN_BUCKET, DecodeCore
+from jackpot_jax.rollout.decode import FINISH_REASONS, MIN_BUCKET, DecodeCore, Stops
 from jackpot_jax.rollout.sampling import SamplingParams, check_sampling
 
 
@@ -37,19 +38,6 @@ class Rollout:
     topk_ids: list[np.ndarray]
     topk_logprobs: list[np.ndarray]
     finish_reasons: list[str]
-
-
-@dataclasses.dataclass
-class _Request:
-    index: int
-    prompt_index: int
-    prompt: list[int]
-    key: jax.Array
-    tokens: list = dataclasses.field(default_factory=list)
-    logprobs: list = dataclasses.field(default_factory=list)
-    topk_ids: list = dataclasses.field(default_factory=list)
-    topk_logprobs: list = dataclasses.field(default_factory=list)
-    finish: str | None = None
 
 
 def _check_prompts(prompts, vocab_size):
@@ -127,65 +115,91 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
                              f"{len(prompt) + max_new_tokens - 1} cache positions, more than the engine's "
                              f"max_target_length={core.max_target_length}.")
     params = core.params if params is None else params
-    sampling = SamplingParams.fill(1, temperature, top_p, top_k)
-    keys = request_keys(seed, len(prompts), n, first_prompt)
-    requests = [_Request(i * n + j, i, prompt, keys[i][j]) for i, prompt in enumerate(prompts) for j in range(n)]
-    stops = [list(s) for s in stop_sequences if len(s)]
-    eos = set(int(t) for t in eos_token_ids)
+    if isinstance(seed, (int, np.integer)):  # the keys of request_keys, in one transfer
+        grid = _key_grid(jax.random.key(seed), len(prompts), n, first_prompt)
+    else:
+        grid = jnp.stack([jnp.stack(row) for row in request_keys(seed, len(prompts), n)])
+    key_data = np.asarray(jax.device_get(jax.random.key_data(grid))).reshape(len(prompts) * n, -1)
+    stops = Stops.make(eos_token_ids, stop_sequences)
+    driver = _Driver(core, params, [p for p in prompts for _ in range(n)], key_data,
+                     SamplingParams(*(np.full((len(prompts) * n,), v, dtype) for v, dtype in
+                                      ((temperature, np.float32), (top_p, np.float32), (top_k, np.int32)))),
+                     max_new_tokens, stops, int(steps_per_call), _progress(len(prompts) * n) if progress else None)
+    return driver.run([i for i in range(len(prompts)) for _ in range(n)])
 
-    def record(request, token, logprob, top_ids, top_logprobs):
-        request.tokens.append(int(token))
-        request.logprobs.append(float(logprob))
-        request.topk_ids.append(top_ids)
-        request.topk_logprobs.append(top_logprobs)
-        if token in eos:
-            request.finish = "eos"
-        elif any(request.tokens[-len(s):] == s for s in stops):
-            request.finish = "stop"
-        elif len(request.tokens) >= max_new_tokens:
-            request.finish = "length"
-        return request.finish is not None
 
-    bar = _progress(len(requests)) if progress else None
-    queue = collections.deque(requests)
-    free = list(range(core.slots))
-    active: dict[int, _Request] = {}
-    state = core.init_decode_state()
-    while queue or active:
-        while free and queue:
-            request = queue.popleft()
-            prefix = core.prefill(params, request.prompt, len(request.prompt), sampling=sampling, key=request.key)
-            first = jax.device_get(prefix.first)
-            if record(request, first.tokens[0], first.logprobs[0], first.topk_ids[0], first.topk_logprobs[0]):
-                bar and bar.update()
+class _Driver:
+    """Continuous batching over a core's slots with one decode call always in flight: the host reads
+    a call's results (and admits requests into the slots they freed) while the next call runs."""
+
+    def __init__(self, core, params, prompts, key_data, sampling, max_new_tokens, stops, steps_per_call, bar):
+        self.core, self.params, self.prompts, self.key_data = core, params, prompts, key_data
+        self.sampling, self.max_new_tokens, self.stops = sampling, max_new_tokens, stops
+        self.steps_per_call, self.bar = steps_per_call, bar
+        self.chunks: list[list] = [[] for _ in prompts]  # per request: Sampled pieces on the host
+        self.finish: list[str | None] = [None] * len(prompts)
+        self.dispatched = np.zeros(len(prompts), np.int64)  # tokens each request may have drawn so far
+        self.owner: dict[int, int] = {}  # slot -> request
+        self.free = list(range(core.slots))[::-1]
+
+    def run(self, prompt_index) -> Rollout:
+        queue = collections.deque(range(len(self.prompts)))
+        pending = collections.deque()
+        state = self.core.init_decode_state(self.stops.width)
+        while queue or self.owner or pending:
+            if queue and self.free:
+                taken = [queue.popleft() for _ in range(min(len(queue), len(self.free)))]
+                slots = [self.free.pop() for _ in taken]
+                state, outputs = self.core.admit(
+                    self.params, state, [self.prompts[r] for r in taken], slots, self.key_data[taken],
+                    jax.tree.map(lambda x: x[taken], self.sampling), [self.max_new_tokens] * len(taken), self.stops)
+                self.owner.update(zip(slots, taken))
+                self.dispatched[taken] = 1
+                pending.extend(("first", [(taken[i], slots[i]) for i in members], first, finish)
+                               for members, first, finish in outputs)
+            needed = max((self.max_new_tokens - self.dispatched[r] for r in self.owner.values()), default=0)
+            if needed > 0:
+                steps = 1 << (min(self.steps_per_call, int(needed)).bit_length() - 1)
+                state, drawn = self.core.generate_steps(self.params, state, steps, self.stops)
+                pending.append(("steps", dict(self.owner), drawn, None))
+                self.dispatched[list(self.owner.values())] += steps
+            while pending and (len(pending) > 1 or needed <= 0):  # one call left in flight
+                self._read(*pending.popleft())
+        self.bar and self.bar.close()
+        return self._rollout(prompt_index)
+
+    def _end(self, request, slot, code):
+        self.finish[request] = FINISH_REASONS[int(code)]
+        if self.owner.get(slot) == request:
+            del self.owner[slot]
+            self.free.append(slot)
+        self.bar and self.bar.update()
+
+    def _read(self, kind, owners, sampled, finish):
+        if kind == "first":  # owners: (request, slot) pairs; sampled [R] of the padded call
+            sampled, finish = jax.device_get((sampled, finish))
+            for i, (request, slot) in enumerate(owners):
+                self.chunks[request].append(jax.tree.map(lambda x: x[i:i + 1], sampled))
+                if finish[i]:
+                    self._end(request, slot, finish[i])
+            return
+        drawn = jax.device_get(sampled)  # owners: slot -> request when the call was dispatched
+        counts = drawn.valid.sum(axis=0)
+        for slot, request in owners.items():
+            if self.finish[request] is not None or not counts[slot]:
                 continue
-            slot = free.pop()
-            state = core.insert(prefix, state, slot)
-            active[slot] = request
-        if not active:
-            continue
-        needed = max(max_new_tokens - len(request.tokens) for request in active.values())
-        steps = 1 << (min(int(steps_per_call), needed).bit_length() - 1)
-        state, drawn = DecodeCore.generate_steps(core, params, state, steps)  # an engine's own generate is JetStream's
-        drawn = jax.device_get(drawn)
-        for slot, request in list(active.items()):
-            for t in range(steps):
-                if record(request, drawn.tokens[t, slot], drawn.logprobs[t, slot], drawn.topk_ids[t, slot],
-                          drawn.topk_logprobs[t, slot]):
-                    del active[slot]
-                    free.append(slot)
-                    bar and bar.update()
-                    break
-    bar and bar.close()
+            self.chunks[request].append(jax.tree.map(lambda x: x[:counts[slot], slot], drawn.sampled))
+            if drawn.finish[slot]:
+                self._end(request, slot, drawn.finish[slot])
 
-    k = core.logprobs_top_k
-    return Rollout(
-        prompt_index=[r.prompt_index for r in requests], prompts=[r.prompt for r in requests],
-        completions=[r.tokens for r in requests],
-        logprobs=[np.asarray(r.logprobs, np.float32) for r in requests],
-        topk_ids=[np.asarray(r.topk_ids, np.int32).reshape(len(r.tokens), k) for r in requests],
-        topk_logprobs=[np.asarray(r.topk_logprobs, np.float32).reshape(len(r.tokens), k) for r in requests],
-        finish_reasons=[r.finish for r in requests])
+    def _rollout(self, prompt_index) -> Rollout:
+        pieces = [jax.tree.map(lambda *x: np.concatenate(x), *chunks) for chunks in self.chunks]
+        return Rollout(prompt_index=prompt_index, prompts=self.prompts,
+                       completions=[p.tokens.tolist() for p in pieces],
+                       logprobs=[p.logprobs.astype(np.float32) for p in pieces],
+                       topk_ids=[p.topk_ids.astype(np.int32) for p in pieces],
+                       topk_logprobs=[p.topk_logprobs.astype(np.float32) for p in pieces],
+                       finish_reasons=self.finish)
 
 
 def _progress(total):
