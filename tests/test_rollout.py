@@ -200,10 +200,14 @@ def test_a_shared_batched_admission_equals_separate_prefills(rng):
     keys = [jax.random.key(10 + r) for r in range(6)]
     sampling = SamplingParams.fill(6, 1.0, 0.9, 0)
     stops = Stops.make()
-    state, outputs = core.admit(core.params, core.init_decode_state(), batch, slots,
+    state = core.init_decode_state()
+    for prompt, slot in zip(batch, slots):  # pages for the prompt and the 4 steps below
+        assert core.pages.reserve(slot, len(prompt) + 4)
+    state, outputs = core.admit(core.params, state, batch, slots,
                                 jax.random.key_data(jnp.stack(keys)), sampling, limits, stops)
     assert sorted(len(members) for members, _, _ in outputs) == [1, 5]  # the 16 and the 32 bucket
-    one = core.init_decode_state()
+    pages = core.pages
+    one = core.init_decode_state()  # a new pool: insert takes pages for the prompt, generate_steps needs the rest
     for r, (prompt, slot) in enumerate(zip(batch, slots)):
         prefix = core.prefill(core.params, prompt, len(prompt), sampling=SamplingParams.fill(1, 1.0, 0.9, 0),
                               key=keys[r])
@@ -214,12 +218,42 @@ def test_a_shared_batched_admission_equals_separate_prefills(rng):
                 np.testing.assert_allclose(first.topk_logprobs[i], prefix.first.topk_logprobs[0], atol=1e-6)
                 assert int(finish[i]) == (3 if limits[r] == 1 else 0)
         one = core.insert(prefix, one, slot)
-    state, drawn = core.generate_steps(core.params, state, 4, stops)
+    for slot, prompt in zip(slots, batch):
+        assert core.pages.reserve(slot, len(prompt) + 4)
     one, want = core.generate_steps(core.params, one, 4, stops)
+    core.pages = pages
+    state, drawn = core.generate_steps(core.params, state, 4, stops)
     used = np.asarray(slots[:5])  # slot 2's request ended at admission: its draws are invalid
     np.testing.assert_array_equal(drawn.sampled.tokens[:, used], want.sampled.tokens[:, used])
     np.testing.assert_allclose(drawn.sampled.logprobs[:, used], want.sampled.logprobs[:, used], atol=1e-5)
     assert drawn.valid[:, used].all() and not drawn.valid[:, 2].any() and not drawn.valid[:, [4, 5]].any()
+
+
+def test_paged_cache_equals_contiguous_and_a_full_pool_queues_and_preempts(rng):
+    """The same requests (mixed lengths, EOS) through a contiguous cache, a pool as large as it,
+    and a pool of 10 pages of 4 positions for 4 slots: admission waits for pages and a growing
+    request preempts the latest admitted one, which starts over with the same draws."""
+    model = Transformer(preset("tiny-qwen3"), rngs=nnx.Rngs(5))
+    batch = prompts(rng, (3, 9, 5, 12, 2, 7))
+    opts = dict(temperature=1.0, top_p=0.9, logprobs_top_k=2, n=2, seed=3, eos_token_ids=list(range(0, 512, 17)),
+                steps_per_call=2)
+    cores = [DecodeCore(model, max_concurrent_decodes=4, max_prefill_length=16, max_target_length=40,
+                        logprobs_top_k=2, **kwargs)
+             for kwargs in (dict(page_size=None), dict(page_size=4), dict(page_size=4, num_pages=11))]
+    contiguous, paged, small = (generate(core, batch, 24, **opts) for core in cores)
+    assert {"eos", "length"} <= set(contiguous.finish_reasons)
+    assert small.preempted > 0 and paged.preempted == 0
+    for got in (paged, small):
+        assert got.completions == contiguous.completions and got.finish_reasons == contiguous.finish_reasons
+        for a, b in zip(got.logprobs, contiguous.logprobs):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        for a, b in zip(got.topk_logprobs, contiguous.topk_logprobs):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert cores[2].pages.free_pages == 10  # every page back in the pool
+    tiny_pool = DecodeCore(model, max_concurrent_decodes=4, max_prefill_length=16, max_target_length=40, page_size=4,
+                           num_pages=5)
+    with pytest.raises(ValueError, match="needs 6 pages of 4 positions, more than the engine's pool of 4"):
+        generate(tiny_pool, [[1] * 12], 10)  # refused before anything runs
 
 
 def test_stop_sequences_and_eos_end_a_completion(pair, rng):

@@ -4,7 +4,7 @@ checkpoint I/O (:mod:`jackpot_jax.models.hf`), logical-axis sharding
 (:mod:`jackpot_jax.models.registry`)."""
 from jackpot_jax.models.config import PRESETS, ModelConfig, preset
 from jackpot_jax.models.registry import CausalLM, build, check_protocol, register
-from jackpot_jax.models.transformer import KVCache, Transformer
+from jackpot_jax.models.transformer import KVCache, PagedKVCache, Transformer
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "Transformer", "KVCache", "CausalLM", "build", "register",
+__all__ = ["ModelConfig", "PRESETS", "preset", "Transformer", "KVCache", "PagedKVCache", "CausalLM", "build", "register",
            "check_protocol"]

@@ -7,7 +7,8 @@ logical axis names (``logical_axes`` metadata) for :mod:`jackpot_jax.models.shar
 The forward pass exposes the final hidden states and the unembedding separately
 (:meth:`Transformer.hidden_states`, :meth:`Transformer.unembedding`), because the vocabulary
 kernels (:mod:`pallas_kernels`) take ``h`` and ``w`` and never form the logits; ``model(tokens)``
-returns the logits ``[B, T, V]`` for convenience. A :class:`KVCache` serves prefill and decode with
+returns the logits ``[B, T, V]`` for convenience. A :class:`KVCache` (contiguous) or a
+:class:`PagedKVCache` (a pool of pages and a page table) serves prefill and decode with
 per-sequence lengths.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flax import nnx
 
 from jackpot_jax.models.config import ModelConfig
 from jackpot_jax.models.sharding import constrain
+from pallas_kernels import paged
 
 F32 = jnp.float32
 
@@ -143,6 +145,34 @@ class KVCache(NamedTuple):
         return self.k[0].shape[2]
 
 
+class PagedKVCache(NamedTuple):
+    """Keys and values of every layer in a pool of pages, ``[kv_heads, num_pages, page_size,
+    head_dim]`` each, ``page_table [B, W]`` (each sequence's pages in order; see
+    :mod:`pallas_kernels.paged`) and ``lengths [B]``. Attention reads the ``W`` pages of the table,
+    so a step costs what the table spans, not what the pool holds."""
+
+    k: tuple
+    v: tuple
+    page_table: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def init(cls, config: ModelConfig, num_pages: int, page_size: int, batch: int, dtype=None) -> "PagedKVCache":
+        shape = (config.num_key_value_heads, num_pages, page_size, config.head_dim)
+        dtype = dtype or config.jnp_dtype
+        layers = range(config.num_hidden_layers)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   jnp.zeros((batch, 1), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def max_len(self) -> int:
+        return self.page_table.shape[1] * self.page_size
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs):
         c = config
@@ -160,8 +190,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask, kv=None, write_index=None):
         """``mask [B, T, S]`` says which keys each query sees. With ``kv = (k, v)`` (one layer of a
-        :class:`KVCache`) the new keys and values are written at ``write_index [B, T]`` first and
-        attention runs over the cache; returns ``(out, new kv or None)``."""
+        :class:`KVCache`) or ``(k_pool, v_pool, page_table)`` (of a :class:`PagedKVCache`) the new
+        keys and values are written at ``write_index [B, T]`` first and attention runs over the
+        cache; returns ``(out, new kv or None)``."""
         b, t, _ = x.shape
         num_heads, num_kv, head_dim = self.heads
         q = self.q_proj(x).reshape(b, t, num_heads, head_dim)
@@ -171,7 +202,11 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, d]
-        if kv is not None:
+        if kv is not None and len(kv) == 3:
+            table = kv[2]
+            kv = (paged.write(kv[0], k, table, write_index), paged.write(kv[1], v, table, write_index), table)
+            k, v = paged.gather(kv[0], table), paged.gather(kv[1], table)
+        elif kv is not None:
             k, v = _cache_write(kv[0], k, write_index), _cache_write(kv[1], v, write_index)
             kv = (k, v)
         out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
@@ -248,6 +283,10 @@ class Transformer(nnx.Module):
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` positions."""
         return KVCache.init(self.config, batch, max_len)
 
+    def init_paged_cache(self, num_pages: int, page_size: int, batch: int) -> PagedKVCache:
+        """An empty :class:`PagedKVCache`: a pool of ``num_pages`` pages for ``batch`` sequences."""
+        return PagedKVCache.init(self.config, num_pages, page_size, batch)
+
     def unembedding(self):
         """``w [D, V]``: logits are ``h @ w`` (the transposed embedding when tied)."""
         return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
@@ -279,7 +318,8 @@ class Transformer(nnx.Module):
             ends = cache.lengths + jnp.sum(new, axis=1)
             keys = jnp.arange(cache.max_len)[None, None, :]
             mask = (keys <= write_index[:, :, None]) & (keys < ends[:, None, None])
-            caches = list(zip(cache.k, cache.v))
+            paged_cache = isinstance(cache, PagedKVCache)
+            caches = [(k, v, cache.page_table) if paged_cache else (k, v) for k, v in zip(cache.k, cache.v)]
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.jnp_dtype)
         x = constrain(x, ("batch", "length", "embed"))
         forward = _block_forward_remat if self.config.remat else _block_forward
@@ -291,7 +331,8 @@ class Transformer(nnx.Module):
         h = self.norm(x)
         if cache is None:
             return h, None
-        return h, KVCache(tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv), ends.astype(jnp.int32))
+        new_k, new_v = tuple(kv[0] for kv in new_kv), tuple(kv[1] for kv in new_kv)
+        return h, cache._replace(k=new_k, v=new_v, lengths=ends.astype(jnp.int32))
 
     def logits(self, h):
         """``h @ w`` in float32: ``[..., V]``."""

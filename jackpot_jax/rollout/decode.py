@@ -11,6 +11,11 @@ decode steps that stop on the device, and JetStream-style ``prefill`` / ``insert
   a call's results before it dispatches the next.
 * ``prefill`` / ``insert`` / ``generate`` are the one-request steps JetStream's ``Engine`` API needs.
 
+KV cache: a pool of ``num_pages`` pages of ``page_size`` positions (:class:`PagePool` hands them to
+slots as their sequences grow; a step reads the pages its table spans) for models with
+``init_paged_cache``; a contiguous ``[slots, max_target_length]`` cache for other models, or with
+``page_size=None``.
+
 Randomness: each request has a key; its ``t``-th generated token is drawn with ``fold_in(key, t)``,
 whatever slot, batch or call it runs in, so batching gives the samples of one-by-one generation.
 """
@@ -23,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jackpot_jax.rollout.pages import PagePool
 from jackpot_jax.rollout.sampling import Sampled, SamplingParams, sample
+from pallas_kernels import paged
 
 MIN_BUCKET = 16
 NO_TOKEN = -2  # what ``recent`` holds before a slot has generated anything: matches no stop sequence
@@ -121,7 +128,8 @@ class DecodeCore:
     """Jitted admission / prefill / insert / decode for ``model`` (its graph; parameters are passed in)."""
 
     def __init__(self, model, *, max_concurrent_decodes: int, max_prefill_length: int, max_target_length: int,
-                 logprobs_top_k: int = 0, default_sampling: SamplingParams | None = None):
+                 logprobs_top_k: int = 0, default_sampling: SamplingParams | None = None, page_size: int | None = 16,
+                 num_pages: int | None = None):
         if max_prefill_length > max_target_length:
             raise ValueError(f"max_prefill_length={max_prefill_length} is not allowed: it must be <= "
                              f"max_target_length={max_target_length} (the cache length).")
@@ -135,6 +143,17 @@ class DecodeCore:
         self.max_target_length = max_target_length
         self.logprobs_top_k = logprobs_top_k
         self.default_sampling = default_sampling or SamplingParams.fill(1)
+        self.paged = page_size is not None and hasattr(model, "init_paged_cache")
+        if self.paged:
+            if not isinstance(page_size, int) or page_size < 1:
+                raise ValueError(f"page_size={page_size!r} is not allowed: it must be an integer >= 1 (or None).")
+            self.page_size, self.max_pages_per_slot = page_size, -(-max_target_length // page_size)
+            # default: as much memory as a contiguous cache, plus the scratch page
+            self.num_pages = self.slots * self.max_pages_per_slot + 1 if num_pages is None else num_pages
+            if self.num_pages < 2:
+                raise ValueError(f"num_pages={num_pages} is not allowed: it must be >= 2 (page 0 is scratch).")
+        self.pages: PagePool | None = None
+        self._lengths: dict[int, int] = {}  # slot -> cache positions, for the one-request steps
         self._prefill = jax.jit(self._prefill_impl)
         self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
@@ -187,19 +206,27 @@ class DecodeCore:
     # ---------------------------------------------------------------- decode state
 
     def init_decode_state(self, stop_width: int = 1) -> DecodeState:
-        """Every slot empty; ``stop_width``: the longest stop sequence the state's steps will check."""
+        """Every slot empty, every page free (one decode state per core at a time: the pages are
+        the core's); ``stop_width``: the longest stop sequence the state's steps will check."""
         b, k = self.slots, self.logprobs_top_k
         empty = Sampled(jnp.zeros((b,), jnp.int32), jnp.zeros((b,)), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k)))
         model = self._model(self.params)
-        return DecodeState(model.init_cache(b, self.max_target_length), jnp.zeros((b,), jnp.int32),
+        self._lengths = {}
+        if self.paged:
+            self.pages = PagePool(self.num_pages, self.page_size, b, self.max_pages_per_slot)
+            cache = model.init_paged_cache(self.num_pages, self.page_size, b)
+        else:
+            cache = model.init_cache(b, self.max_target_length)
+        return DecodeState(cache, jnp.zeros((b,), jnp.int32),
                            jnp.zeros((b,), jnp.int32), jax.random.split(jax.random.key(0), b),
                            SamplingParams.fill(b), empty, jnp.zeros((b,), jnp.int32), jnp.full((b,), LENGTH, jnp.int32),
                            jnp.full((b, stop_width), NO_TOKEN, jnp.int32))
 
-    def _write(self, state, cache, rows, slots, first, keys, sampling, limit, stops):
+    def _write(self, state, cache, rows, slots, pages, first, keys, sampling, limit, stops):
         """Requests into ``slots [R]`` (an index >= slots is dropped): the cache rows ``rows [R]`` of
         ``cache`` (any cache pytree, batch first; its other axes may be shorter, e.g. a bucket's
-        length), their first tokens, keys, sampling settings and length limits."""
+        length; into the pages ``pages [R, W]`` of a paged cache), their first tokens, keys,
+        sampling settings and length limits."""
         def put(full, part):
             index = (slots,) + tuple(slice(0, n) for n in part.shape[1:])
             return full.at[index].set(part[rows].astype(full.dtype), mode="drop")
@@ -209,7 +236,16 @@ class DecodeCore:
 
         recent = jnp.full((slots.shape[0], state.recent.shape[1]), NO_TOKEN, jnp.int32).at[:, -1].set(first.tokens)
         finish = finish_code(first.tokens, jnp.ones_like(limit), limit, recent, stops)
-        new = DecodeState(cache=jax.tree.map(put, state.cache, cache), tokens=put_rows(state.tokens, first.tokens),
+        if self.paged:
+            into = state.cache
+            new_cache = into._replace(k=tuple(paged.write_prefix(pool, part[rows], pages)
+                                              for pool, part in zip(into.k, cache.k)),
+                                      v=tuple(paged.write_prefix(pool, part[rows], pages)
+                                              for pool, part in zip(into.v, cache.v)),
+                                      lengths=put_rows(into.lengths, cache.lengths[rows]))
+        else:
+            new_cache = jax.tree.map(put, state.cache, cache)
+        new = DecodeState(cache=new_cache, tokens=put_rows(state.tokens, first.tokens),
                           steps=put_rows(state.steps, jnp.ones_like(limit)), keys=put_rows(state.keys, keys),
                           sampling=jax.tree.map(put_rows, state.sampling, sampling),
                           last=jax.tree.map(put_rows, state.last, first), limit=put_rows(state.limit, limit),
@@ -221,11 +257,23 @@ class DecodeCore:
         orchestrator applies them); the state is donated: use the returned one."""
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot={slot} is not allowed: it must be in [0, {self.slots}).")
-        return self._insert(prefix, state, np.int32(slot))
+        length = int(prefix.length)
+        pages = None
+        if self.paged:
+            self.pages.release(slot)
+            self._reserve(slot, length)
+            pages = self.pages.table([slot], self.pages.pages_for(prefix.cache.max_len))
+        self._lengths[slot] = length
+        return self._insert(prefix, state, np.int32(slot), pages)
 
-    def _insert_impl(self, prefix, state, slot):
+    def _reserve(self, slot, positions):
+        if not self.pages.reserve(slot, positions):
+            raise RuntimeError(f"the KV cache's {self.num_pages} pages of {self.page_size} positions are all in use: "
+                               "give the core more num_pages, or fewer slots.")
+
+    def _insert_impl(self, prefix, state, slot, pages):
         stops = Stops.make()
-        state, _ = self._write(state, prefix.cache, jnp.zeros((1,), jnp.int32), slot[None], prefix.first,
+        state, _ = self._write(state, prefix.cache, jnp.zeros((1,), jnp.int32), slot[None], pages, prefix.first,
                                prefix.key[None], prefix.sampling, jnp.full((1,), NO_LIMIT, jnp.int32), stops)
         return state
 
@@ -235,7 +283,8 @@ class DecodeCore:
               sampling: SamplingParams, limits: Sequence[int], stops: Stops) -> tuple[DecodeState, list]:
         """Requests into the decode state: ``prompts[r]`` into ``slots[r]``, drawn with the key of
         ``key_data[r]`` (``jax.random.key_data``, on the host), ``sampling`` (host arrays ``[R]``),
-        at most ``limits[r]`` new tokens. Requests with the same prompt share one prefill. One
+        at most ``limits[r]`` new tokens; with a paged cache, the slots already hold the pages of
+        their prompts (:attr:`pages`). Requests with the same prompt share one prefill. One
         call per prefill bucket, its prompts and requests each padded to a power of two (few
         compiled shapes). Returns the state (the old one is donated) and, per call, ``(request
         indices, Sampled first tokens, finish codes)``, device arrays the host reads when it needs them."""
@@ -255,17 +304,18 @@ class DecodeCore:
             pad = pow2_at_least(len(members)) - len(members)
             index = np.asarray(members + [members[0]] * pad)
             to = np.asarray([slots[r] for r in members] + [self.slots] * pad, np.int32)
+            pages = self.pages.table(to, self.pages.pages_for(size)) if self.paged else None
             state, first, finish = self._admit(
-                params, state, tokens, lengths, np.asarray(rows + [0] * pad, np.int32), to, key_data[index],
+                params, state, tokens, lengths, np.asarray(rows + [0] * pad, np.int32), to, pages, key_data[index],
                 jax.tree.map(lambda x: np.asarray(x)[index], sampling), limits[index], stops)
             outputs.append((members, first, finish))
         return state, outputs
 
-    def _admit_impl(self, params, state, tokens, lengths, rows, slots, key_data, sampling, limit, stops):
+    def _admit_impl(self, params, state, tokens, lengths, rows, slots, pages, key_data, sampling, limit, stops):
         keys = jax.random.wrap_key_data(key_data)
         cache, logits = self._prefill_rows(params, tokens, lengths)
         first = self._draw_first(logits[rows], keys, sampling)
-        state, finish = self._write(state, cache, rows, slots, first, keys, sampling, limit, stops)
+        state, finish = self._write(state, cache, rows, slots, pages, first, keys, sampling, limit, stops)
         return state, first, finish
 
     # ---------------------------------------------------------------- decode
@@ -285,7 +335,12 @@ class DecodeCore:
         return state, valid
 
     def generate(self, params, state: DecodeState) -> DecodeState:
-        """One token for every slot, no stops checked (the state is donated: use the returned one)."""
+        """One token for every slot, no stops checked (the state is donated: use the returned one);
+        the slots :meth:`insert` filled get the page they write next."""
+        for slot in self._lengths:
+            self._lengths[slot] += 1
+            if self.paged:
+                self._reserve(slot, self._lengths[slot])
         state, _ = self.generate_steps(params, state, 1)
         return state
 
@@ -294,16 +349,20 @@ class DecodeCore:
         """``steps`` tokens for every slot in one call: the new state (the old one is donated) and
         :class:`Drawn`. The draws are those of ``steps`` calls of :meth:`generate`; a slot whose
         request finishes keeps computing (cache writes past ``max_target_length`` are dropped), its
-        tokens marked invalid."""
+        tokens marked invalid. With a paged cache, each slot must hold the pages of every position
+        the call writes (:attr:`pages`); writes past them go to the scratch page."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r} is not allowed: it must be an integer >= 1.")
         stops = Stops.make() if stops is None else stops
         if stops.width != state.recent.shape[1]:
             raise ValueError(f"stop sequences of up to {stops.width} tokens need a state made with "
                              f"init_decode_state(stop_width={stops.width}), not {state.recent.shape[1]}.")
-        return self._generate_steps(params, state, steps, stops)
+        return self._generate_steps(params, state, steps, stops, self.pages.table() if self.paged else None)
 
-    def _generate_steps_impl(self, params, state, steps, stops):
+    def _generate_steps_impl(self, params, state, steps, stops, page_table):
+        if page_table is not None:
+            state = state._replace(cache=state.cache._replace(page_table=page_table))
+
         def step(state, _):
             state, valid = self._step(params, state, stops)
             return state, (state.last, valid)

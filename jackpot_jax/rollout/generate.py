@@ -38,6 +38,7 @@ class Rollout:
     topk_ids: list[np.ndarray]
     topk_logprobs: list[np.ndarray]
     finish_reasons: list[str]
+    preempted: int = 0  # requests restarted because the KV pool ran out (their samples are unchanged)
 
 
 def _check_prompts(prompts, vocab_size):
@@ -114,6 +115,11 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
             raise ValueError(f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} it needs "
                              f"{len(prompt) + max_new_tokens - 1} cache positions, more than the engine's "
                              f"max_target_length={core.max_target_length}.")
+        pages = -(-(len(prompt) + max_new_tokens - 1) // core.page_size) if core.paged else 0
+        if core.paged and pages > core.num_pages - 1:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} it needs "
+                             f"{pages} pages of {core.page_size} positions, more than the engine's pool of "
+                             f"{core.num_pages - 1} (num_pages={core.num_pages}, one is scratch).")
     params = core.params if params is None else params
     if isinstance(seed, (int, np.integer)):  # the keys of request_keys, in one transfer
         grid = _key_grid(jax.random.key(seed), len(prompts), n, first_prompt)
@@ -130,7 +136,10 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
 
 class _Driver:
     """Continuous batching over a core's slots with one decode call always in flight: the host reads
-    a call's results (and admits requests into the slots they freed) while the next call runs."""
+    a call's results (and admits requests into the slots it freed) while the next call runs. With a
+    paged cache a request is admitted when the pool holds its prompt and one call's tokens; when
+    the pool runs out, the latest admitted request is preempted (its pages freed, requeued): it
+    later starts over and, its draws being keyed, gives the same tokens."""
 
     def __init__(self, core, params, prompts, key_data, sampling, max_new_tokens, stops, steps_per_call, bar):
         self.core, self.params, self.prompts, self.key_data = core, params, prompts, key_data
@@ -139,54 +148,100 @@ class _Driver:
         self.chunks: list[list] = [[] for _ in prompts]  # per request: Sampled pieces on the host
         self.finish: list[str | None] = [None] * len(prompts)
         self.dispatched = np.zeros(len(prompts), np.int64)  # tokens each request may have drawn so far
-        self.owner: dict[int, int] = {}  # slot -> request
+        self.epoch = np.zeros(len(prompts), np.int64)  # bumped when a request is preempted
+        self.owner: dict[int, int] = {}  # slot -> request, in admission order
         self.free = list(range(core.slots))[::-1]
+        self.queue = collections.deque(range(len(prompts)))
+        self.preempted = 0
 
     def run(self, prompt_index) -> Rollout:
-        queue = collections.deque(range(len(self.prompts)))
         pending = collections.deque()
         state = self.core.init_decode_state(self.stops.width)
-        while queue or self.owner or pending:
-            if queue and self.free:
-                taken = [queue.popleft() for _ in range(min(len(queue), len(self.free)))]
-                slots = [self.free.pop() for _ in taken]
-                state, outputs = self.core.admit(
-                    self.params, state, [self.prompts[r] for r in taken], slots, self.key_data[taken],
-                    jax.tree.map(lambda x: x[taken], self.sampling), [self.max_new_tokens] * len(taken), self.stops)
-                self.owner.update(zip(slots, taken))
-                self.dispatched[taken] = 1
-                pending.extend(("first", [(taken[i], slots[i]) for i in members], first, finish)
-                               for members, first, finish in outputs)
+        while self.queue or self.owner or pending:
+            state = self._admit(state, pending)
             needed = max((self.max_new_tokens - self.dispatched[r] for r in self.owner.values()), default=0)
             if needed > 0:
                 steps = 1 << (min(self.steps_per_call, int(needed)).bit_length() - 1)
+                self._reserve(steps)
                 state, drawn = self.core.generate_steps(self.params, state, steps, self.stops)
-                pending.append(("steps", dict(self.owner), drawn, None))
+                pending.append(("steps", {s: (r, self.epoch[r]) for s, r in self.owner.items()}, drawn, None))
                 self.dispatched[list(self.owner.values())] += steps
             while pending and (len(pending) > 1 or needed <= 0):  # one call left in flight
                 self._read(*pending.popleft())
         self.bar and self.bar.close()
         return self._rollout(prompt_index)
 
+    def _positions(self, request, tokens):
+        """Cache positions a request holds once it has drawn ``tokens`` (the last one is not written)."""
+        return len(self.prompts[request]) + min(tokens, self.max_new_tokens) - 1
+
+    def _admit(self, state, pending):
+        pages, taken = self.core.pages, []
+        while self.queue and len(taken) < len(self.free):
+            request = self.queue[0]
+            if pages is not None:
+                ahead = self._positions(request, 1 + self.steps_per_call) + 1
+                if pages.pages_for(ahead) > pages.free_pages:
+                    break
+                pages.reserve(self.free[-1 - len(taken)], len(self.prompts[request]))
+            taken.append(self.queue.popleft())
+        if not taken:
+            return state
+        slots = [self.free.pop() for _ in taken]
+        state, outputs = self.core.admit(
+            self.params, state, [self.prompts[r] for r in taken], slots, self.key_data[taken],
+            jax.tree.map(lambda x: x[taken], self.sampling), [self.max_new_tokens] * len(taken), self.stops)
+        self.owner.update(zip(slots, taken))
+        self.dispatched[taken] = 1
+        pending.extend(("first", [(taken[i], slots[i], self.epoch[taken[i]]) for i in members], first, finish)
+                       for members, first, finish in outputs)
+        return state
+
+    def _reserve(self, steps):
+        """Pages for the positions the next call writes; preempts the latest admitted requests when
+        the pool runs out."""
+        pages = self.core.pages
+        if pages is None:
+            return
+        for slot, request in list(self.owner.items()):
+            while slot in self.owner and not pages.reserve(slot, self._positions(request, self.dispatched[request] + steps)):
+                self._preempt(next(reversed(self.owner)))
+
+    def _preempt(self, slot):
+        request = self.owner.pop(slot)
+        self.core.pages.release(slot)
+        self.free.append(slot)
+        self.chunks[request], self.dispatched[request] = [], 0
+        self.epoch[request] += 1
+        self.preempted += 1
+        self.queue.appendleft(request)
+
     def _end(self, request, slot, code):
         self.finish[request] = FINISH_REASONS[int(code)]
         if self.owner.get(slot) == request:
             del self.owner[slot]
             self.free.append(slot)
+            if self.core.pages is not None:
+                self.core.pages.release(slot)
         self.bar and self.bar.update()
 
+    def _live(self, request, epoch):
+        return self.finish[request] is None and self.epoch[request] == epoch
+
     def _read(self, kind, owners, sampled, finish):
-        if kind == "first":  # owners: (request, slot) pairs; sampled [R] of the padded call
+        if kind == "first":  # owners: (request, slot, epoch) of each row of the padded call
             sampled, finish = jax.device_get((sampled, finish))
-            for i, (request, slot) in enumerate(owners):
+            for i, (request, slot, epoch) in enumerate(owners):
+                if not self._live(request, epoch):
+                    continue
                 self.chunks[request].append(jax.tree.map(lambda x: x[i:i + 1], sampled))
                 if finish[i]:
                     self._end(request, slot, finish[i])
             return
-        drawn = jax.device_get(sampled)  # owners: slot -> request when the call was dispatched
+        drawn = jax.device_get(sampled)  # owners: slot -> (request, epoch) when the call was dispatched
         counts = drawn.valid.sum(axis=0)
-        for slot, request in owners.items():
-            if self.finish[request] is not None or not counts[slot]:
+        for slot, (request, epoch) in owners.items():
+            if not self._live(request, epoch) or not counts[slot]:
                 continue
             self.chunks[request].append(jax.tree.map(lambda x: x[:counts[slot], slot], drawn.sampled))
             if drawn.finish[slot]:
@@ -199,7 +254,7 @@ class _Driver:
                        logprobs=[p.logprobs.astype(np.float32) for p in pieces],
                        topk_ids=[p.topk_ids.astype(np.int32) for p in pieces],
                        topk_logprobs=[p.topk_logprobs.astype(np.float32) for p in pieces],
-                       finish_reasons=self.finish)
+                       finish_reasons=self.finish, preempted=self.preempted)
 
 
 def _progress(total):
