@@ -16,10 +16,11 @@ random bfloat16 KV cache, at each ``--batches`` size, against the memory-bandwid
 slot's context, over the copy bandwidth measured in the same process (an elementwise pass over
 2 GiB, bytes read plus written). The cache holds ``--cache`` positions; the slots start at
 ``--context`` filled positions and the timed ``--steps`` steps go on from there. Our attention reads
-the whole cache (dense, masked), so a second floor counts all ``--cache`` positions.
+the pages its page table spans (``--page-size 0``: the whole contiguous cache, dense, masked), so a
+second floor counts all ``--cache`` positions.
 
     python benchmarks/rollout.py decode [--preset qwen3-1.7b] [--batches 1 64] [--cache 1024] [--context 512] \
-        [--steps 128] [--steps-per-call 1]
+        [--steps 128] [--steps-per-call 1] [--page-size 16]
 
 Prints Markdown rows for BENCHMARKS.md with the device, versions and date.
 """
@@ -115,8 +116,11 @@ def decode(args):
     print("| batch | ms per step | tokens/s | floor, context KV (ms) | vs floor | floor, whole cache (ms) | vs floor |")
     print("|---|---|---|---|---|---|---|")
     for batch in args.batches:
-        core = DecodeCore(model, max_concurrent_decodes=batch, max_prefill_length=16, max_target_length=args.cache)
+        core = DecodeCore(model, max_concurrent_decodes=batch, max_prefill_length=16, max_target_length=args.cache,
+                          page_size=args.page_size or None)
         state = core.init_decode_state()
+        for slot in range(batch if core.paged else 0):  # the pages of every position the timed steps write
+            core.pages.reserve(slot, args.context + 2 * args.steps_per_call + args.steps + 1)
         keys = iter(jax.random.split(jax.random.key(1), 2 * cfg.num_hidden_layers))
         fill = lambda c: jax.random.normal(next(keys), c.shape, c.dtype)
         cache = state.cache._replace(k=tuple(map(fill, state.cache.k)), v=tuple(map(fill, state.cache.v)),
@@ -152,6 +156,7 @@ def main():
         parser.add_argument("--steps", type=int, default=128)
         parser.add_argument("--steps-per-call", type=int, default=1,
                             help="decode steps per jitted call (DecodeCore.generate_steps); 1: one token per call")
+        parser.add_argument("--page-size", type=int, default=16, help="KV cache page size; 0: a contiguous cache")
         return decode(parser.parse_args())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["30m", "150m"], choices=sorted(SIZES))

@@ -337,12 +337,24 @@ class DecodeCore:
     def generate(self, params, state: DecodeState) -> DecodeState:
         """One token for every slot, no stops checked (the state is donated: use the returned one);
         the slots :meth:`insert` filled get the page they write next."""
-        for slot in self._lengths:
-            self._lengths[slot] += 1
-            if self.paged:
-                self._reserve(slot, self._lengths[slot])
+        self.grow_inserted()
         state, _ = self.generate_steps(params, state, 1)
         return state
+
+    def grow_inserted(self):
+        """One more position for every slot :meth:`insert` filled; the page table of the next step
+        (None for a contiguous cache)."""
+        for slot in self._lengths:  # JetStream steps a finished slot until it refills it: its writes past
+            self._lengths[slot] = min(self._lengths[slot] + 1, self.max_target_length)  # the cache are dropped
+            if self.paged:
+                self._reserve(slot, self._lengths[slot])
+        return self.pages.table() if self.paged else None
+
+    def with_page_table(self, state, page_table):
+        """``state`` whose cache reads ``page_table`` (unchanged for None: a contiguous cache)."""
+        if page_table is None:
+            return state
+        return state._replace(cache=state.cache._replace(page_table=page_table))
 
     def generate_steps(self, params, state: DecodeState, steps: int, stops: Stops | None = None
                        ) -> tuple[DecodeState, Drawn]:
@@ -360,8 +372,7 @@ class DecodeCore:
         return self._generate_steps(params, state, steps, stops, self.pages.table() if self.paged else None)
 
     def _generate_steps_impl(self, params, state, steps, stops, page_table):
-        if page_table is not None:
-            state = state._replace(cache=state.cache._replace(page_table=page_table))
+        state = self.with_page_table(state, page_table)
 
         def step(state, _):
             state, valid = self._step(params, state, stops)

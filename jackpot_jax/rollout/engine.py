@@ -148,9 +148,10 @@ class JackpotEngine(DecodeCore, engine_api.Engine):
     def generate(self, params, decode_state: DecodeState) -> tuple[DecodeState, engine_api.ResultTokens]:
         """One step of every slot (the state is donated: use the returned one) and, per slot, the
         token the step consumed, its validity (always 1) and its 1-based index in the completion."""
-        return self._generate_with_result(params, decode_state)
+        return self._generate_with_result(params, decode_state, self.grow_inserted())
 
-    def _generate_with_result_impl(self, params, state):
+    def _generate_with_result_impl(self, params, state, page_table):
+        state = self.with_page_table(state, page_table)
         data = jnp.stack([state.tokens, jnp.ones_like(state.tokens), state.steps], axis=1)  # int32 [slots, 3]
         result = engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
                                          samples_per_slot=1)
