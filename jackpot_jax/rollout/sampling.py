@@ -184,7 +184,8 @@ def _threshold(x, weight, target, lo, w_lo, hi, w_hi, done):
     done = done | ~(jnp.isfinite(lo) & jnp.isfinite(hi))
     s = _Search(jnp.array(0), lo, hi, w_lo, w_hi, w_lo - target, w_hi - target, jnp.zeros(rows, jnp.int32),
                 jnp.zeros(rows, bool), done, jnp.full((rows,), NEG_INF))
-    s = extract(jax.lax.while_loop(lambda s: unready(s) & (s.passes < MAX_PASSES), step, s))
+    s = jax.lax.while_loop(lambda s: unready(s) & (s.passes < MAX_PASSES), step, s)
+    s = jax.lax.cond(jnp.any(~s.done), extract, lambda s: s, s)
     # rows the extraction left (a tie group of >= BRACKET tokens, or a bracket the bound misjudged): passes only
     end = jax.lax.while_loop(lambda s: jnp.any(~s.done) & (s.passes < MAX_PASSES), step, s)
     return jnp.where(end.done, end.t, end.hi)
@@ -241,8 +242,9 @@ def processed_log_probs(logits, params: SamplingParams):
                        jnp.zeros(scaled.shape[0]), greedy | (params.top_p >= 1))
         return jnp.where(scaled >= t[:, None], scaled, NEG_INF)
 
-    scaled = jax.lax.cond(jnp.any(params.top_k > 0), top_k, lambda s: s, scaled)
-    scaled = jax.lax.cond(jnp.any(params.top_p < 1.0), nucleus, lambda s: s, scaled)
+    # greedy rows are the point mass whatever they ask for
+    scaled = jax.lax.cond(jnp.any((params.top_k > 0) & ~greedy), top_k, lambda s: s, scaled)
+    scaled = jax.lax.cond(jnp.any((params.top_p < 1.0) & ~greedy), nucleus, lambda s: s, scaled)
     return _finish(logits, scaled, greedy)
 
 
