@@ -148,14 +148,18 @@ def decode(args):
         del state, core
 
 
-def median_ms(fn, repeats):
-    jax.block_until_ready(fn())  # compile, warm up
-    times = []
+def interleaved_ms(fns, repeats):
+    """Median ms per call of each of ``fns`` (each returns what to wait for), timed in turns so that all see the
+    same load."""
+    for fn in fns:
+        jax.block_until_ready(fn())  # compile, warm up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            spent.append(time.perf_counter() - start)
+    return [1e3 * float(np.median(spent)) for spent in times]
 
 
 def sampling(argv):
@@ -171,49 +175,54 @@ def sampling(argv):
                        "reference (sort)": sampling_module.processed_log_probs_reference}
     settings = {"top_p = 1": (1.0, 0), "top_p = 0.95": (0.95, 0), "top_k = 50": (1.0, 50)}
     dev = jax.devices()[0]
-    print(f"sample, ms per call (median of {args.repeats}), logits N(0, {args.scale}^2), logprobs_top_k 20; "
-          f"{dev.platform} ({dev.device_kind}), JAX {jax.__version__}, {datetime.date.today().isoformat()}\n")
-    print("| batch | vocabulary | processed_log_probs | " + " | ".join(settings) + " |")
-    print("|---|---|---|" + "---|" * len(settings))
+    print(f"sample, ms per call (median of {args.repeats}, all cells of a row timed in turns), logits "
+          f"N(0, {args.scale}^2), logprobs_top_k 20; {dev.platform} ({dev.device_kind}), JAX {jax.__version__}, "
+          f"{datetime.date.today().isoformat()}\n")
+    print("| batch | vocabulary | " + " | ".join(f"{s}, {i}" for s in settings for i in implementations) + " |")
+    print("|---|---|" + "---|" * len(settings) * len(implementations))
     for batch in args.batches:
         keys = jax.random.split(jax.random.key(1), batch)
         for vocab in args.vocabs:
             logits = args.scale * jax.random.normal(jax.random.key(0), (batch, vocab))
-            for name, impl in implementations.items():
-                sampling_module.processed_log_probs = impl  # what sample calls, looked up when traced
-                step = jax.jit(lambda k, x, p: sample(k, x, p, 20))
-                cells = [median_ms(lambda p=SamplingParams.fill(batch, 1.0, top_p, top_k): step(keys, logits, p),
-                                   args.repeats) for top_p, top_k in settings.values()]
-                print(f"| {batch} | {vocab:,} | {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
+            fns = []
+            for top_p, top_k in settings.values():
+                for impl in implementations.values():
+                    sampling_module.processed_log_probs = impl  # what sample calls, looked up when traced
+                    step = jax.jit(lambda k, x, p: sample(k, x, p, 20))
+                    jax.block_until_ready(step(keys, logits, SamplingParams.fill(batch)))  # traced with impl
+                    fns.append(lambda step=step, p=SamplingParams.fill(batch, 1.0, top_p, top_k): step(keys, logits, p))
+            cells = interleaved_ms(fns, args.repeats)
+            print(f"| {batch} | {vocab:,} | " + " | ".join(f"{c:,.1f}" for c in cells) + " |", flush=True)
     cfg = ModelConfig(vocab_size=151936, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, model_type="qwen3",
                       tie_word_embeddings=True)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     print(f"\nDecode step, Qwen3 hidden 256, 4 layers, tied embeddings, vocabulary 151,936, random weights, float32, "
-          f"batch 32, 64 filled positions, one step per call, ms per step (median of {args.steps})\n")
+          f"batch 32, 64 filled positions, one step per call (the tokens fetched after each), ms per step (median of "
+          f"{args.steps}, the four timed in turns)\n")
     print("| processed_log_probs | top_p = 1 | top_p = 0.95 | ratio |")
     print("|---|---|---|---|")
-    for name, impl in implementations.items():
+    fns = []
+    for impl in implementations.values():
         sampling_module.processed_log_probs = impl
         core = DecodeCore(model, max_concurrent_decodes=32, max_prefill_length=16, max_target_length=256,
                           logprobs_top_k=20)
-        cells = []
         for top_p in (1.0, 0.95):
             state = core.init_decode_state()
             state = state._replace(cache=state.cache._replace(lengths=jnp.full((32,), 64, jnp.int32)),
                                    tokens=jnp.arange(32, dtype=jnp.int32), sampling=SamplingParams.fill(32, 1.0, top_p))
-            for _ in range(2):  # compile, warm up
-                state, drawn = core.generate_steps(core.params, state, 1)
-            jax.device_get(drawn.sampled.tokens)
-            times = []
-            for _ in range(args.steps if name == "sort-free" else max(1, args.steps // 4)):
-                start = time.perf_counter()
-                state, drawn = core.generate_steps(core.params, state, 1)
-                jax.device_get(drawn.sampled.tokens)
-                times.append(time.perf_counter() - start)
-            cells.append(1e3 * float(np.median(times)))
-        print(f"| {name} | {cells[0]:.1f} | {cells[1]:.1f} | {cells[1] / cells[0]:.2f}x |", flush=True)
+            jax.block_until_ready(core.generate_steps(core.params, core.init_decode_state(), 1))  # traced with impl
+            box = [state]
+
+            def decode_step(core=core, box=box):
+                box[0], drawn = core.generate_steps(core.params, box[0], 1)
+                return jax.device_get(drawn.sampled.tokens)  # the host needs the tokens, as generate does
+
+            fns.append(decode_step)
     sampling_module.processed_log_probs = implementations["sort-free"]
+    cells = interleaved_ms(fns, args.steps)
+    for i, name in enumerate(implementations):
+        print(f"| {name} | {cells[2 * i]:.1f} | {cells[2 * i + 1]:.1f} | {cells[2 * i + 1] / cells[2 * i]:.2f}x |")
 
 
 def main():
