@@ -22,6 +22,13 @@ second floor counts all ``--cache`` positions.
     python benchmarks/rollout.py decode [--preset qwen3-1.7b] [--batches 1 64] [--cache 1024] [--context 512] \
         [--steps 128] [--steps-per-call 1] [--page-size 16]
 
+``sampling`` times ``sample`` (jitted, random normal ``[B, V]`` logits times ``--scale``, ``logprobs_top_k`` 20) at
+top_p = 1, top_p = 0.95 and top_k = 50 with the sort-free ``processed_log_probs`` and the sorting
+``processed_log_probs_reference``, then a decode step (``DecodeCore.generate_steps``, one step per call) of a small
+Qwen3 (hidden 256, 4 layers, tied embeddings, vocabulary 151,936, random weights) at top_p = 1 and 0.95.
+
+    python benchmarks/rollout.py sampling [--batches 32 64] [--vocabs 32000 151936] [--repeats 5] [--steps 20]
+
 Prints Markdown rows for BENCHMARKS.md with the device, versions and date.
 """
 from __future__ import annotations
@@ -40,7 +47,7 @@ from flax import nnx
 
 from jackpot_jax.models import ModelConfig, Transformer, preset
 from jackpot_jax.models.hf import save_pretrained
-from jackpot_jax.rollout import DecodeCore, generate
+from jackpot_jax.rollout import DecodeCore, SamplingParams, generate, sample, sampling as sampling_module
 
 SIZES = {
     "30m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
@@ -145,7 +152,86 @@ def decode(args):
         del state, core
 
 
+def interleaved_ms(fns, repeats):
+    """Median ms per call of each of ``fns`` (each returns what to wait for), timed in turns so that all see the
+    same load."""
+    for fn in fns:
+        jax.block_until_ready(fn())  # compile, warm up
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            spent.append(time.perf_counter() - start)
+    return [1e3 * float(np.median(spent)) for spent in times]
+
+
+def sampling(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["sampling"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 151936])
+    parser.add_argument("--scale", type=float, default=1.0, help="the logits' standard deviation")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps")
+    args = parser.parse_args(argv)
+    implementations = {"sort-free": sampling_module.processed_log_probs,
+                       "reference (sort)": sampling_module.processed_log_probs_reference}
+    settings = {"top_p = 1": (1.0, 0), "top_p = 0.95": (0.95, 0), "top_k = 50": (1.0, 50)}
+    dev = jax.devices()[0]
+    print(f"sample, ms per call (median of {args.repeats}, all cells of a row timed in turns), logits "
+          f"N(0, {args.scale}^2), logprobs_top_k 20; {dev.platform} ({dev.device_kind}), JAX {jax.__version__}, "
+          f"{datetime.date.today().isoformat()}\n")
+    print("| batch | vocabulary | " + " | ".join(f"{s}, {i}" for s in settings for i in implementations) + " |")
+    print("|---|---|" + "---|" * len(settings) * len(implementations))
+    for batch in args.batches:
+        keys = jax.random.split(jax.random.key(1), batch)
+        for vocab in args.vocabs:
+            logits = args.scale * jax.random.normal(jax.random.key(0), (batch, vocab))
+            fns = []
+            for top_p, top_k in settings.values():
+                for impl in implementations.values():
+                    sampling_module.processed_log_probs = impl  # what sample calls, looked up when traced
+                    step = jax.jit(lambda k, x, p: sample(k, x, p, 20))
+                    jax.block_until_ready(step(keys, logits, SamplingParams.fill(batch)))  # traced with impl
+                    fns.append(lambda step=step, p=SamplingParams.fill(batch, 1.0, top_p, top_k): step(keys, logits, p))
+            cells = interleaved_ms(fns, args.repeats)
+            print(f"| {batch} | {vocab:,} | " + " | ".join(f"{c:,.1f}" for c in cells) + " |", flush=True)
+    cfg = ModelConfig(vocab_size=151936, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, model_type="qwen3",
+                      tie_word_embeddings=True)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    print(f"\nDecode step, Qwen3 hidden 256, 4 layers, tied embeddings, vocabulary 151,936, random weights, float32, "
+          f"batch 32, 64 filled positions, one step per call (the tokens fetched after each), ms per step (median of "
+          f"{args.steps}, the four timed in turns)\n")
+    print("| processed_log_probs | top_p = 1 | top_p = 0.95 | ratio |")
+    print("|---|---|---|---|")
+    fns = []
+    for impl in implementations.values():
+        sampling_module.processed_log_probs = impl
+        core = DecodeCore(model, max_concurrent_decodes=32, max_prefill_length=16, max_target_length=256,
+                          logprobs_top_k=20)
+        for top_p in (1.0, 0.95):
+            state = core.init_decode_state()
+            state = state._replace(cache=state.cache._replace(lengths=jnp.full((32,), 64, jnp.int32)),
+                                   tokens=jnp.arange(32, dtype=jnp.int32), sampling=SamplingParams.fill(32, 1.0, top_p))
+            jax.block_until_ready(core.generate_steps(core.params, core.init_decode_state(), 1))  # traced with impl
+            box = [state]
+
+            def decode_step(core=core, box=box):
+                box[0], drawn = core.generate_steps(core.params, box[0], 1)
+                return jax.device_get(drawn.sampled.tokens)  # the host needs the tokens, as generate does
+
+            fns.append(decode_step)
+    sampling_module.processed_log_probs = implementations["sort-free"]
+    cells = interleaved_ms(fns, args.steps)
+    for i, name in enumerate(implementations):
+        print(f"| {name} | {cells[2 * i]:.1f} | {cells[2 * i + 1]:.1f} | {cells[2 * i + 1] / cells[2 * i]:.2f}x |")
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "sampling":
+        return sampling(sys.argv[1:])
     if len(sys.argv) > 1 and sys.argv[1] == "decode":
         parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("what", choices=["decode"])

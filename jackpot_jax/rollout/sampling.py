@@ -3,8 +3,10 @@ was actually drawn from, p_inf (Algorithm 1, phase 1).
 
 p_inf is the model's next-token distribution after the processing a request asks for, in this
 order (Hugging Face ``generate``'s order): logits / temperature, then top-k (keep the k largest
-logits and every logit tied with the k-th), then top-p (keep the smallest set of most likely tokens
-whose probability reaches top_p, always at least one), renormalized. Greedy decoding
+logits and every logit tied with the k-th), then top-p (keep a token iff the probability mass of the
+tokens strictly more likely than it is < top_p: always at least one token, and tied tokens together),
+renormalized. :func:`processed_log_probs_reference` computes this by sorting the vocabulary,
+:func:`processed_log_probs` (what :func:`sample` uses) finds the same thresholds without sorting. Greedy decoding
 (temperature 0) is the point mass on the argmax (lowest id among ties): its log-prob is 0.
 The returned ``logprob`` and ``topk_logprobs`` are ``log p_inf``; a token outside the kept set
 has log-prob ``-inf``.
@@ -17,6 +19,11 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
+TOP_K_CANDIDATES = 64  # top-k with k <= this: the k-th largest logit comes from one lax.top_k
+BRACKET = 256  # a search lists the tokens of its brackets with one lax.top_k once each holds fewer than this
+SKETCH = 256  # strided samples per row that place the first two thresholds of a search
+GUESS_MARGIN = 0.02  # share of the weight on either side of the target for those two thresholds
+MAX_PASSES = 512  # a search needs at most ~8 x 33 passes; this only stops a loop over NaN logits
 
 
 class SamplingParams(NamedTuple):
@@ -42,12 +49,28 @@ def check_sampling(temperature, top_p, top_k) -> None:
         raise ValueError(f"top_k={top_k} is not allowed: it must be an integer >= 0 (0 is off).")
 
 
-def processed_log_probs(logits, params: SamplingParams):
-    """log p_inf ``[B, V]`` from raw logits ``[B, V]`` and per-row :class:`SamplingParams`."""
-    logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
+def _scaled(logits, params: SamplingParams):
+    """Logits / temperature ``[B, V]`` float32 (greedy rows: / 1) and the greedy rows ``[B]``."""
     greedy = params.temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, params.temperature)[:, None]
+    return logits.astype(jnp.float32) / jnp.where(greedy, 1.0, params.temperature)[:, None], greedy
+
+
+def _finish(logits, scaled, greedy):
+    """log p_inf from the processed logits: renormalized, greedy rows the point mass on the raw argmax."""
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    argmax = jnp.argmax(logits, axis=-1)
+    point = jnp.where(jnp.arange(scaled.shape[-1])[None, :] == argmax[:, None], 0.0, NEG_INF)
+    return jnp.where(greedy[:, None], point, logp)
+
+
+def processed_log_probs_reference(logits, params: SamplingParams):
+    """log p_inf ``[B, V]`` by sorting the vocabulary: the definition :func:`processed_log_probs` is tested against.
+
+    Top-p keeps a token iff the mass of the tokens strictly more likely than it (the mass before the first
+    token of its tie group in sorted order) is < top_p; a row with top_p = 1 keeps every token.
+    """
+    scaled, greedy = _scaled(logits, params)
+    vocab = scaled.shape[-1]
 
     def top_k(scaled):  # the k-th largest logit of each row is its threshold (k = 0: off)
         k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
@@ -56,22 +79,173 @@ def processed_log_probs(logits, params: SamplingParams):
         return jnp.where(scaled >= kth, scaled, NEG_INF)
 
     def nucleus(scaled):
-        # keep a token if the mass of the tokens strictly more likely than it is < top_p
         logp = jax.nn.log_softmax(scaled, axis=-1)
-        order = jnp.argsort(-logp, axis=-1)
+        order = jnp.argsort(-scaled, axis=-1)
+        ordered = jnp.take_along_axis(scaled, order, axis=-1)
         sorted_p = jnp.exp(jnp.take_along_axis(logp, order, axis=-1))
-        mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
-        keep_sorted = mass_before < params.top_p[:, None]
+        before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+        mass_before = jnp.take_along_axis(before, _group_starts(ordered), axis=-1)
+        keep_sorted = (mass_before < params.top_p[:, None]) | (params.top_p[:, None] >= 1)
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(keep_sorted)
         return jnp.where(keep, scaled, NEG_INF)
 
     # the sorts run only when some row asks for them (a full sort of [B, V] dominates a decode step)
     scaled = jax.lax.cond(jnp.any(params.top_k > 0), top_k, lambda s: s, scaled)
     scaled = jax.lax.cond(jnp.any(params.top_p < 1.0), nucleus, lambda s: s, scaled)
-    logp = jax.nn.log_softmax(scaled, axis=-1)
-    argmax = jnp.argmax(logits, axis=-1)
-    point = jnp.where(jnp.arange(vocab)[None, :] == argmax[:, None], 0.0, NEG_INF)
-    return jnp.where(greedy[:, None], point, logp)
+    return _finish(logits, scaled, greedy)
+
+
+def _group_starts(descending):
+    """For each place of rows sorted in descending order ``[B, n]``, the place of the first value equal to it."""
+    index = jnp.arange(descending.shape[-1])
+    starts = jnp.concatenate([jnp.ones_like(descending[:, :1], bool), descending[:, 1:] != descending[:, :-1]], -1)
+    return jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def _key(value):
+    """The int32 keys of float32 values, in the values' order."""
+    bits = jax.lax.bitcast_convert_type(value, jnp.int32)
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _value(key):
+    """The float32 values of int32 keys (the inverse of :func:`_key`)."""
+    return jax.lax.bitcast_convert_type(jnp.where(key < 0, key ^ 0x7FFFFFFF, key), jnp.float32)
+
+
+class _Search(NamedTuple):
+    passes: jax.Array  # () int32
+    lo: jax.Array  # [B] W(lo) >= target
+    hi: jax.Array  # [B] W(hi) < target
+    w_lo: jax.Array
+    w_hi: jax.Array
+    f_lo: jax.Array  # W - target at lo and at hi for the secant, halved when the other end moved twice running
+    f_hi: jax.Array
+    side: jax.Array  # [B] int32: the end the last pass moved (1: hi, -1: lo, 0: none)
+    probe: jax.Array  # [B] bool: the next pass is just below hi
+    done: jax.Array  # [B] bool
+    t: jax.Array  # [B] the threshold of the rows done
+
+
+def _threshold(x, weight, target, lo, w_lo, hi, w_hi, done):
+    """Per row of ``x [B, V]`` the smallest value t of its tokens with W(t) < ``target [B]``, where W(v) is the
+    sum of ``weight`` over the tokens with value > v, given lo < t <= hi with W(lo) = w_lo >= target > W(hi) = w_hi;
+    -inf for the rows already ``done``.
+
+    Each pass is one sum over ``[B, V]`` at one threshold per row: first at two guesses from a sorted strided
+    sample of each row, then regula falsi (Illinois), every 8th pass a bisection of the float32 key (so at most
+    ~8 x 32 passes); a bracket (lo, hi] of a single value gives t = hi. Once every bracket holds fewer than
+    ``BRACKET`` tokens (at most its weight over weight(lo)), one ``lax.top_k`` over the brackets lists their
+    tokens in order and their cumulative weights give t: exactly the sorted definition's threshold, up to the
+    order the weights are summed in.
+    """
+    rows, vocab = x.shape
+    guesses = _guesses(x, weight, target / w_lo)
+    bracket = min(BRACKET, vocab)
+
+    def step(s):
+        klo, khi = _key(s.lo), _key(s.hi)
+        bisect = _value((klo >> 1) + (khi >> 1) + (klo & khi & 1))
+        secant = s.lo + s.f_lo / (s.f_lo - s.f_hi) * (s.hi - s.lo)
+        secant = jnp.clip(secant, s.lo + (s.hi - s.lo) / 8, s.hi - (s.hi - s.lo) / 8)
+        guess = guesses[:, jnp.minimum(s.passes, guesses.shape[1] - 1)]
+        mid = jnp.where((s.passes < guesses.shape[1]) & (s.lo < guess) & (guess < s.hi), guess, secant)
+        mid = jnp.where((s.passes % 8 == 7) | ~((s.lo < mid) & (mid < s.hi)), bisect, mid)
+        mid = jnp.where(s.probe, jnp.nextafter(s.hi, NEG_INF), mid)
+        w = jnp.sum(jnp.where(x > mid[:, None], weight(x), 0.0), axis=-1)
+        to_hi, to_lo = ~s.done & (w < target), ~s.done & (w >= target)
+        lo, hi = jnp.where(to_lo, mid, s.lo), jnp.where(to_hi, mid, s.hi)
+        single = ~s.done & (_key(lo) >= _key(hi) - 1)  # (lo, hi] holds only the value hi
+        return _Search(s.passes + 1, lo, hi, jnp.where(to_lo, w, s.w_lo), jnp.where(to_hi, w, s.w_hi),
+                       jnp.where(to_lo, w - target, jnp.where(to_hi & (s.side == 1), s.f_lo / 2, s.f_lo)),
+                       jnp.where(to_hi, w - target, jnp.where(to_lo & (s.side == -1), s.f_hi / 2, s.f_hi)),
+                       jnp.where(to_hi, 1, jnp.where(to_lo, -1, s.side)), jnp.zeros_like(s.probe),
+                       s.done | single, jnp.where(single, hi, s.t))
+
+    def extract(s):
+        inside = (x > s.lo[:, None]) & (x <= s.hi[:, None])
+        # the barrier keeps XLA:CPU's TopK a TopK (slices of its output would turn it into a sort of [B, V])
+        tokens = jax.lax.optimization_barrier(jax.lax.top_k(jnp.where(inside, x, NEG_INF), bracket)[0])
+        real = tokens > s.lo[:, None]
+        w = jnp.where(real, weight(tokens), 0.0)
+        above = s.w_hi[:, None] + jnp.take_along_axis(jnp.cumsum(w, axis=-1) - w, _group_starts(tokens), axis=-1)
+        valid = real & (above < target[:, None])
+        resolved = ~s.done & (~real[:, -1] | jnp.any(real & ~valid, axis=-1))
+        moved = ~s.done & ~resolved  # every token listed is valid and more may follow: hi moves to the last
+        w_hi = jnp.where(moved, above[:, -1], s.w_hi)
+        return s._replace(hi=jnp.where(moved, tokens[:, -1], s.hi), w_hi=w_hi,
+                          f_hi=jnp.where(moved, w_hi - target, s.f_hi), side=jnp.where(moved, 0, s.side),
+                          probe=moved, done=s.done | resolved,
+                          t=jnp.where(resolved, jnp.min(jnp.where(valid, tokens, jnp.inf), axis=-1), s.t))
+
+    def unready(s):
+        return ~jnp.all(s.done | ((s.w_lo - s.w_hi) / weight(s.lo[:, None])[:, 0] < bracket))
+
+    done = done | ~(jnp.isfinite(lo) & jnp.isfinite(hi))
+    s = _Search(jnp.array(0), lo, hi, w_lo, w_hi, w_lo - target, w_hi - target, jnp.zeros(rows, jnp.int32),
+                jnp.zeros(rows, bool), done, jnp.full((rows,), NEG_INF))
+    s = jax.lax.while_loop(lambda s: unready(s) & (s.passes < MAX_PASSES), step, s)
+    s = jax.lax.cond(jnp.any(~s.done), extract, lambda s: s, s)
+    # rows the extraction left (a tie group of >= BRACKET tokens, or a bracket the bound misjudged): passes only
+    end = jax.lax.while_loop(lambda s: jnp.any(~s.done) & (s.passes < MAX_PASSES), step, s)
+    return jnp.where(end.done, end.t, end.hi)
+
+
+def _guesses(x, weight, fraction):
+    """Two thresholds per row ``[B, 2]`` from a sorted strided sample of ``x [B, V]``: where the sample puts the
+    share of the weight above at ``fraction - GUESS_MARGIN`` and ``fraction + GUESS_MARGIN``."""
+    sample = -jnp.sort(-x[:, ::max(1, x.shape[-1] // SKETCH)], axis=-1)
+    w = weight(sample)
+    share = (jnp.cumsum(w, axis=-1) - w) / jnp.sum(w, axis=-1, keepdims=True)
+    places = jnp.stack([jnp.sum(share < (fraction + d)[:, None], axis=-1) for d in (-GUESS_MARGIN, GUESS_MARGIN)], 1)
+    return jnp.take_along_axis(sample, jnp.minimum(places, sample.shape[-1] - 1), axis=-1)
+
+
+def _kth_largest(x, k, done):
+    """The k-th largest value of each row of ``x [B, V]`` (ties counted), k ``[B]``, without sorting."""
+    lo = jnp.nextafter(jnp.min(jnp.where(x > NEG_INF, x, jnp.inf), axis=-1), NEG_INF)
+    count = jnp.sum(x > lo[:, None], axis=-1).astype(jnp.float32)  # k > count: the k-th largest is -inf
+    return _threshold(x, jnp.ones_like, k.astype(jnp.float32), lo, count, jnp.max(x, axis=-1),
+                      jnp.zeros(x.shape[0]), done | (count < k))
+
+
+def processed_log_probs(logits, params: SamplingParams):
+    """log p_inf ``[B, V]`` from raw logits ``[B, V]`` and per-row :class:`SamplingParams`, without sorting ``V``.
+
+    The top-k threshold is the k-th of one ``lax.top_k`` of ``TOP_K_CANDIDATES`` when k is at most that, else
+    a search (:func:`_threshold` on counts); the top-p threshold is a search on the probabilities. The kept set
+    and the log-probs are those of :func:`processed_log_probs_reference`, except where the mass of the tokens
+    more likely than a token is within float32 rounding of top_p (the sums are taken in another order).
+    """
+    scaled, greedy = _scaled(logits, params)
+    vocab = scaled.shape[-1]
+
+    def top_k(scaled):
+        k = params.top_k
+        candidates = min(TOP_K_CANDIDATES, vocab)
+        off, wide = (k <= 0) | (k >= vocab), (k > candidates) & (k < vocab)
+        top = jax.lax.top_k(scaled, candidates)[0]
+        kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, candidates - 1)[:, None], axis=-1)[:, 0]
+        far = jax.lax.cond(jnp.any(wide), lambda s: _kth_largest(s, k, ~wide), lambda s: jnp.full_like(kth, NEG_INF),
+                           scaled)
+        kth = jnp.where(off, NEG_INF, jnp.where(wide, far, kth))
+        return jnp.where(scaled >= kth[:, None], scaled, NEG_INF)
+
+    def nucleus(scaled):
+        top = jnp.max(scaled, axis=-1, keepdims=True)
+
+        def weight(v):  # p times the row's normalizer; 0 in float32 below top - 104
+            return jnp.exp(v - top)
+
+        total = jnp.sum(weight(scaled), axis=-1)
+        t = _threshold(scaled, weight, params.top_p * total, top[:, 0] - 104.0, total, top[:, 0],
+                       jnp.zeros(scaled.shape[0]), greedy | (params.top_p >= 1))
+        return jnp.where(scaled >= t[:, None], scaled, NEG_INF)
+
+    # greedy rows are the point mass whatever they ask for
+    scaled = jax.lax.cond(jnp.any((params.top_k > 0) & ~greedy), top_k, lambda s: s, scaled)
+    scaled = jax.lax.cond(jnp.any((params.top_p < 1.0) & ~greedy), nucleus, lambda s: s, scaled)
+    return _finish(logits, scaled, greedy)
 
 
 class Sampled(NamedTuple):
