@@ -136,12 +136,12 @@ def decode(args):
         per_call = args.steps_per_call
         for _ in range(2):  # compile, warm up
             state, drawn = core.generate_steps(core.params, state, per_call)
-        jax.device_get(drawn.tokens)
+        jax.device_get(drawn.sampled.tokens)
         times = []
         for _ in range(max(1, args.steps // per_call)):
             start = time.perf_counter()
             state, drawn = core.generate_steps(core.params, state, per_call)
-            jax.device_get(drawn.tokens)  # the host needs the tokens, as generate does
+            jax.device_get(drawn.sampled.tokens)  # the host needs the tokens, as generate does
             times.append((time.perf_counter() - start) / per_call)
         step = float(np.median(times))
         context = args.context + 2 * per_call + args.steps / 2
