@@ -204,7 +204,8 @@ class _Driver:
         if pages is None:
             return
         for slot, request in list(self.owner.items()):
-            while slot in self.owner and not pages.reserve(slot, self._positions(request, self.dispatched[request] + steps)):
+            positions = self._positions(request, self.dispatched[request] + steps)
+            while slot in self.owner and not pages.reserve(slot, positions):
                 self._preempt(next(reversed(self.owner)))
 
     def _preempt(self, slot):
