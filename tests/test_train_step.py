@@ -179,8 +179,10 @@ def test_the_update_is_the_mini_batch_objective_whatever_the_micro_batches(case,
         for name in want_m:
             np.testing.assert_allclose(float(got_m[name]), float(want_m[name]), rtol=1e-5, atol=1e-6,
                                        err_msg=f"{name}, micro-batches of {micro}")
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7,
+        for (path, a), b, b0 in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                                    jax.tree.leaves(before)):
+            scale = float(np.abs(np.asarray(b0, np.float64) - np.asarray(b)).max())  # float32 sums: scaled by the step
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=max(1e-7, 2e-6 * scale),
                                        err_msg=f"{jax.tree_util.keystr(path)}, micro-batches of {micro}")
     if cfg.mode == "jackpot":  # a real filter: some tokens rejected, kappa away from 1
         assert 0.0 < float(want_m["obrs/accept_rate"]) < 1.0 and float(want_m["obrs/kappa"]) != 1.0
@@ -278,7 +280,8 @@ def test_top_k_z_from_the_first_pass_equals_the_normalizer_pass(case, monkeypatc
     batch = rollout_batch(actor, cfg.temperature)
     calls = []
     fused_obrs_normalizer = pk.fused_obrs_normalizer
-    monkeypatch.setattr(pk, "fused_obrs_normalizer", lambda *args, **kw: calls.append(1) or fused_obrs_normalizer(*args, **kw))
+    monkeypatch.setattr(pk, "fused_obrs_normalizer",
+                        lambda *args, **kw: calls.append(1) or fused_obrs_normalizer(*args, **kw))
     _, got, got_m, _ = _run_step(cfg, policy, actor, batch, jax.random.key(4))
     assert cfg.z_in_first_pass and not calls
     monkeypatch.setattr(StepConfig, "z_in_first_pass", property(lambda self: False))
