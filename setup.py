@@ -37,6 +37,8 @@ EXTRAS_REQUIRE = {
     # JAX's CUDA 12 wheels work with every driver that supports H100/H200 (CUDA 13 needs >= 580).
     "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    # Peers for benchmarks/ (benchmarks/rollout.py grpo), never a runtime dependency.
+    "bench": ["ctranslate2>=4.5", "torch==2.13.0"],
 }
 
 setup(

@@ -29,13 +29,25 @@ Qwen3 (hidden 256, 4 layers, tied embeddings, vocabulary 151,936, random weights
 
     python benchmarks/rollout.py sampling [--batches 32 64] [--vocabs 32000 151936] [--repeats 5] [--steps 20]
 
+``grpo`` times the batch our RL driver generates: 8 prompts of 64-128 tokens x n=8 samples, exactly
+``--new`` tokens each (no EOS), temperature 1, top-k off, at each ``--top-p``, float32, a ~11M-parameter
+Qwen3 with random weights (V=32,000) saved once and run by ``generate`` (64 slots, ``logprobs_top_k=20``),
+CTranslate2 ``generate_batch`` and ``transformers`` ``generate`` (2 threads); then, with every slot
+running, ``generate`` against ``DecodeCore.generate_steps`` alone (the same calls back to back, no host
+work). ``-P``: the script's folder off ``sys.path`` (its ``kernels.py`` shadows the ``kernels`` package
+that ``transformers`` imports when it is installed). Needs the ``bench`` extra (ctranslate2).
+
+    python -P benchmarks/rollout.py grpo [--top-p 1 0.95] [--repeats 3] [--steps-per-call 8]
+
 Prints Markdown rows for BENCHMARKS.md with the device, versions and date.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,9 +128,11 @@ def decode(args):
     weight_bytes = cfg.num_params() * cfg.jnp_param_dtype.itemsize
     kv_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * cfg.jnp_dtype.itemsize
     dev = jax.devices()[0]
-    print(f"Decode step, {args.preset} shape ({cfg.num_params() / 1e9:.2f}B parameters, {weight_bytes / 2**30:.2f} GiB), "
+    print(f"Decode step, {args.preset} shape ({cfg.num_params() / 1e9:.2f}B parameters, "
+          f"{weight_bytes / 2**30:.2f} GiB), "
           f"{cfg.dtype}, cache {args.cache} positions, context {args.context} -> {args.context + args.steps}, "
-          f"{args.steps_per_call} steps per call, median over {args.steps} steps; copy bandwidth measured {bandwidth / 1e12:.2f} TB/s; "
+          f"{args.steps_per_call} steps per call, median over {args.steps} steps; copy bandwidth measured "
+          f"{bandwidth / 1e12:.2f} TB/s; "
           f"{dev.platform} ({dev.device_kind}), JAX {jax.__version__}, {datetime.date.today().isoformat()}\n")
     print("| batch | ms per step | tokens/s | floor, context KV (ms) | vs floor | floor, whole cache (ms) | vs floor |")
     print("|---|---|---|---|---|---|---|")
@@ -229,9 +243,193 @@ def sampling(argv):
         print(f"| {name} | {cells[2 * i]:.1f} | {cells[2 * i + 1]:.1f} | {cells[2 * i + 1] / cells[2 * i]:.2f}x |")
 
 
+GRPO_MODEL = dict(model_type="qwen3", vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
+
+
+class _Vocabulary:
+    """The tokenizer CTranslate2's converter asks for: token i is ``<i>``; EOS is the last token."""
+
+    bos_token, unk_token, pad_token = None, None, "<0>"
+
+    def __init__(self, size):
+        self.size, self.eos_token = size, f"<{size - 1}>"
+
+    def get_vocab(self):
+        return {f"<{i}>": i for i in range(self.size)}
+
+
+def ct2_convert(path, out, vocab_size):
+    """The checkpoint at ``path`` as a float32 CTranslate2 model in ``out``."""
+    from ctranslate2.converters import TransformersConverter  # noqa: PLC0415
+
+    class Converter(TransformersConverter):
+        def load_tokenizer(self, *args, **kwargs):
+            return _Vocabulary(vocab_size)
+
+    return Converter(path).convert(out, quantization="float32", force=True)
+
+
+def grpo_ours(core, prompts, new, n, top_p, steps_per_call):
+    def run():
+        out = generate(core, prompts, new, temperature=1.0, top_p=top_p, n=n, seed=0, steps_per_call=steps_per_call)
+        assert all(t.shape == (new, core.logprobs_top_k) for t in out.topk_logprobs)
+        return out.completions
+
+    return run
+
+
+def grpo_ct2(path, prompts, new, n, top_p, intra, inter):
+    """``generate_batch`` with ``num_hypotheses=n``, the prompts split into ``inter`` batches (one per
+    parallel generation); ``return_scores``: each sample's log-prob (the peer's nearest to ours)."""
+    import ctranslate2  # noqa: PLC0415
+
+    generator = ctranslate2.Generator(path, device="cpu", compute_type="float32", intra_threads=intra,
+                                      inter_threads=inter)
+    tokens = [[f"<{t}>" for t in p] for p in prompts]
+
+    def run():
+        results = generator.generate_batch(tokens, max_batch_size=-(-len(prompts) // inter), num_hypotheses=n,
+                                           max_length=new, min_length=new, include_prompt_in_result=False,
+                                           sampling_topk=0, sampling_topp=top_p, sampling_temperature=1.0,
+                                           return_scores=True)
+        return [[int(t[1:-1]) for t in s] for r in results for s in r.sequences]
+
+    return run
+
+
+def grpo_hf(path, prompts, new, n, top_p):
+    """``generate`` on a left-padded batch, ``num_return_sequences=n``; no scores asked for."""
+    import torch  # noqa: PLC0415
+    from transformers import Qwen3ForCausalLM  # noqa: PLC0415
+
+    hf = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(0)
+
+    def run():
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=top_p, top_k=0,
+                              num_return_sequences=n, max_new_tokens=new, min_new_tokens=new, use_cache=True,
+                              output_scores=False, pad_token_id=0, eos_token_id=None)
+        return out[:, width:].tolist()
+
+    return run
+
+
+def same_weights(path, ct2_path, prompt):
+    """Largest difference of the per-token log-probs of ``prompt`` between transformers and CTranslate2."""
+    import ctranslate2  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from transformers import Qwen3ForCausalLM  # noqa: PLC0415
+
+    hf = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], -1)
+    ref = logp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].numpy()
+    scored = ctranslate2.Generator(ct2_path, device="cpu").score_batch([[f"<{t}>" for t in prompt]])[0].log_probs
+    return float(np.abs(np.asarray(scored) - ref).max())
+
+
+def steps_alone(core, prompts, n, new, top_p, steps_per_call, repeats):
+    """Tokens/s of ``generate_steps`` alone with every slot running: ``new`` steps in calls of
+    ``steps_per_call``, dispatched back to back, waited for at the end; best of ``repeats``."""
+    slots = core.slots
+    lengths = np.asarray([len(p) for p in prompts for _ in range(n)][:slots], np.int32)
+
+    def full():
+        state = core.init_decode_state()
+        return state._replace(cache=state.cache._replace(lengths=jnp.asarray(lengths)),
+                              tokens=jnp.arange(slots, dtype=jnp.int32),
+                              sampling=SamplingParams.fill(slots, 1.0, top_p),
+                              limit=jnp.full((slots,), new + 1, jnp.int32), finish=jnp.zeros((slots,), jnp.int32))
+
+    times = []
+    for _ in range(repeats + 1):  # the first compiles
+        state = jax.block_until_ready(full())
+        start = time.perf_counter()
+        for _ in range(new // steps_per_call):
+            state, drawn = core.generate_steps(core.params, state, steps_per_call)
+        jax.block_until_ready(drawn)
+        times.append(time.perf_counter() - start)
+    return slots * (new // steps_per_call) * steps_per_call / min(times[1:])
+
+
+def grpo_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["grpo"])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--n", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--new", type=int, default=128, help="new tokens per sample (no EOS)")
+    parser.add_argument("--top-p", type=float, nargs="+", default=[1.0, 0.95])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps-per-call", type=int, default=8, help="decode steps per jitted call (generate's)")
+    return parser.parse_args()
+
+
+def grpo(args):
+    import ctranslate2  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    torch.set_num_threads(2)
+    transformers.logging.disable_progress_bar()
+    cfg = ModelConfig(**GRPO_MODEL)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, length).tolist() for length in rng.integers(64, 129, args.prompts)]
+    core = DecodeCore(model, max_concurrent_decodes=args.prompts * args.n, max_prefill_length=128,
+                      max_target_length=128 + args.new, logprobs_top_k=20)
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
+    tokens = args.prompts * args.n * args.new
+    print(f"GRPO-shaped rollout: {args.prompts} prompts ({', '.join(str(len(p)) for p in prompts)} tokens) x "
+          f"n={args.n}, {args.new} new tokens each (no EOS), temperature 1, top-k off, float32, Qwen3 "
+          f"{cfg.num_params() / 1e6:.1f}M parameters (V={cfg.vocab_size:,}, random weights, one checkpoint); "
+          f"ours: {core.slots} slots, logprobs_top_k={core.logprobs_top_k}, {args.steps_per_call} steps per call; "
+          f"best of {args.repeats} after a warm-up. {cpu}, {os.cpu_count()} cores; JAX {jax.__version__}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, ctranslate2 {ctranslate2.__version__}; "
+          f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\n")
+    rows, sustained = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        path, ct2_path = os.path.join(tmp, "hf"), os.path.join(tmp, "ct2")
+        save_pretrained(model, path)
+        ct2_convert(path, ct2_path, cfg.vocab_size)
+        diff = same_weights(path, ct2_path, prompts[0])
+        for top_p in args.top_p:
+            engines = [("jackpot_jax generate", grpo_ours(core, prompts, args.new, args.n, top_p, args.steps_per_call)),
+                       ("CTranslate2, 1 batch of 64 (intra 2, inter 1)",
+                        grpo_ct2(ct2_path, prompts, args.new, args.n, top_p, 2, 1)),
+                       ("CTranslate2, 2 batches of 32 (intra 1, inter 2)",
+                        grpo_ct2(ct2_path, prompts, args.new, args.n, top_p, 1, 2)),
+                       ("transformers generate", grpo_hf(path, prompts, args.new, args.n, top_p))]
+            times = {}
+            for name, run in engines:
+                times[name], out = best(run, args.repeats)
+                lengths = [len(c) for c in out]
+                assert lengths == [args.new] * (args.prompts * args.n), f"{name}: {len(out)} samples, {set(lengths)}"
+            ours = times["jackpot_jax generate"]
+            rows += [f"| {name} | {top_p} | {tokens / t:,.0f} | {t / ours:.2f}x |" for name, t in times.items()]
+            alone = steps_alone(core, prompts, args.n, args.new, top_p, args.steps_per_call, args.repeats)
+            sustained.append(f"| {top_p} | {tokens / ours:,.0f} | {alone:,.0f} | {tokens / ours / alone:.2f}x |")
+    print(f"Every engine produced {args.prompts * args.n} x {args.new} tokens (checked); transformers and "
+          f"CTranslate2 score prompt 0 alike (log-probs within {diff:.1e}).\n")
+    print("| engine | top_p | tokens/s | ours / peer |\n|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\nSustained, {core.slots} slots full: generate (the rows above) vs generate_steps alone ("
+          f"{args.new // args.steps_per_call} calls of {args.steps_per_call} steps back to back, waited for at the "
+          "end)\n")
+    print("| top_p | generate tokens/s | generate_steps alone tokens/s | generate / alone |\n|---|---|---|---|")
+    print("\n".join(sustained))
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "sampling":
         return sampling(sys.argv[1:])
+    if len(sys.argv) > 1 and sys.argv[1] == "grpo":
+        return grpo(grpo_args())
     if len(sys.argv) > 1 and sys.argv[1] == "decode":
         parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("what", choices=["decode"])
@@ -257,7 +455,8 @@ def main():
 
     dev = jax.devices()[0]
     print(f"Generated tokens/s, batch {args.batch}, {args.prompt}-token prompts, {args.new} new tokens, greedy, "
-          f"float32, {args.steps_per_call} decode steps per call, best of {args.repeats}; {dev.platform} ({dev.device_kind}), {platform.machine()}, "
+          f"float32, {args.steps_per_call} decode steps per call, best of {args.repeats}; {dev.platform} "
+          f"({dev.device_kind}), {platform.machine()}, "
           f"JAX {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}, {datetime.date.today().isoformat()}\n")
     print("| model | parameters | jackpot_jax tokens/s | transformers tokens/s | ratio |")
