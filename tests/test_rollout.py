@@ -177,7 +177,9 @@ def test_generate_steps_equals_repeated_generate(rng):
 
     one, drawn = started(), []
     for _ in range(5):
-        one = core.generate(core.params, one)
+        fed = np.asarray(one.tokens)
+        one, consumed = core.generate(core.params, one)  # the token each slot consumed, its 1-based index
+        np.testing.assert_array_equal(consumed, np.stack([fed, np.full(2, len(drawn) + 1)], axis=1))
         drawn.append(jax.device_get(one.last))
     many, steps = core.generate_steps(core.params, started(), 5)
     for t in range(5):
@@ -205,15 +207,15 @@ def test_a_shared_batched_admission_equals_separate_prefills(rng):
         assert core.pages.reserve(slot, len(prompt) + 4)
     state, outputs = core.admit(core.params, state, batch, slots,
                                 jax.random.key_data(jnp.stack(keys)), sampling, limits, stops)
-    assert sorted(len(members) for members, _, _ in outputs) == [1, 5]  # the 16 and the 32 bucket
+    assert sorted(sum(r >= 0 for r in rows) for rows, _, _ in outputs) == [1, 5]  # the 16 and the 32 bucket
     pages = core.pages
     one = core.init_decode_state()  # a new pool: insert takes pages for the prompt, generate_steps needs the rest
     for r, (prompt, slot) in enumerate(zip(batch, slots)):
         prefix = core.prefill(core.params, prompt, len(prompt), sampling=SamplingParams.fill(1, 1.0, 0.9, 0),
                               key=keys[r])
-        for members, first, finish in outputs:
-            if r in members:
-                i = members.index(r)
+        for rows, first, finish in outputs:  # the request of each row, -1 for padding
+            if r in rows:
+                i = rows.index(r)
                 assert int(first.tokens[i]) == int(prefix.first.tokens[0])
                 np.testing.assert_allclose(first.topk_logprobs[i], prefix.first.topk_logprobs[0], atol=1e-6)
                 assert int(finish[i]) == (3 if limits[r] == 1 else 0)
@@ -249,11 +251,44 @@ def test_paged_cache_equals_contiguous_and_a_full_pool_queues_and_preempts(rng):
             np.testing.assert_allclose(a, b, atol=1e-5)
         for a, b in zip(got.topk_logprobs, contiguous.topk_logprobs):
             np.testing.assert_allclose(a, b, atol=1e-5)
-    assert cores[2].pages.free_pages == 10  # every page back in the pool
+    assert cores[2].pages.free_pages() == 10  # every page back in the pool
     tiny_pool = DecodeCore(model, max_concurrent_decodes=4, max_prefill_length=16, max_target_length=40, page_size=4,
                            num_pages=5)
     with pytest.raises(ValueError, match="needs 6 pages of 4 positions, more than the engine's pool of 4"):
         generate(tiny_pool, [[1] * 12], 10)  # refused before anything runs
+
+
+def test_slots_over_devices_hold_a_part_of_the_pool_each_and_sample_as_one_device(rng):
+    """128 slots over the 8 (fake CPU) devices: each device holds 1/8 of the KV pool and decodes its
+    16 slots with the whole model, and the samples are the one-device engine's, through the batch
+    driver and through the one-request prefill / insert / generate steps."""
+    model = Transformer(preset("tiny-qwen3"), rngs=nnx.Rngs(5))
+    devices = jax.devices()
+    assert len(devices) == 8
+    kwargs = dict(max_concurrent_decodes=128, max_prefill_length=16, max_target_length=32, logprobs_top_k=2,
+                  page_size=8)
+    one, spread = DecodeCore(model, **kwargs), DecodeCore(model, devices=devices, **kwargs)
+    batch = prompts(rng, (3, 9, 5, 12, 2, 7))
+    opts = dict(temperature=1.0, top_p=0.9, n=3, seed=3, eos_token_ids=list(range(0, 512, 17)), steps_per_call=4)
+    want, got = generate(one, batch, 12, **opts), generate(spread, batch, 12, **opts)
+    assert got.completions == want.completions and got.finish_reasons == want.finish_reasons
+    for a, b in zip(got.logprobs + got.topk_logprobs, want.logprobs + want.topk_logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    pool = spread.init_decode_state().cache.k[0]  # [K, num_pages, page, d], split along its pages
+    assert pool.shape[1] == spread.num_pages == 128 * 4 + 8
+    assert {shard.device for shard in pool.addressable_shards} == set(devices)
+    assert all(shard.data.shape[1] == pool.shape[1] // 8 for shard in pool.addressable_shards)
+
+    def served(core, slot):  # JetStream's steps: a request into one slot, three generate steps
+        state = core.insert(core.prefill(core.params, batch[1], len(batch[1]), key=jax.random.key(9)),
+                            core.init_decode_state(), slot)
+        tokens = []
+        for _ in range(3):
+            state, consumed = core.generate(core.params, state)
+            tokens.append(int(consumed[slot, 0]))
+        return tokens
+
+    assert served(spread, 37) == served(one, 37)
 
 
 def test_stop_sequences_and_eos_end_a_completion(pair, rng):

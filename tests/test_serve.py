@@ -163,8 +163,11 @@ def test_engine_api_gives_generates_tokens(checkpoint):
             assert slot.valid.tolist() == [[1]] and slot.lengths.tolist() == [n]
             tokens.append(int(slot.tokens[0, 0]))
         assert tokens == generate(model, [prompt], steps, temperature=temperature).completions[0]
-    # the engine is a DecodeCore: the batch driver runs on it too
+    # the batch driver runs through the engine on its core, with the core's samples
     assert generate(engine, [prompt], steps, temperature=1.0).completions == [tokens]
+    assert generate(engine.core, [prompt], steps, temperature=1.0).completions == [tokens]
+    with pytest.raises(TypeError, match="str is not a decoding engine"):
+        generate("engine", [prompt], steps)
 
 
 def test_engine_properties_and_tokenizer(checkpoint):

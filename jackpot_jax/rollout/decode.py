@@ -21,18 +21,21 @@ whatever slot, batch or call it runs in, so batching gives the samples of one-by
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jackpot_jax.rollout.pages import PagePool
 from jackpot_jax.rollout.sampling import Sampled, SamplingParams, sample
 from pallas_kernels import paged
 
 MIN_BUCKET = 16
+SLOTS = "slots"  # the mesh axis a core spreads its slots (and its KV pool) over
 NO_TOKEN = -2  # what ``recent`` holds before a slot has generated anything: matches no stop sequence
 NO_LIMIT = np.iinfo(np.int32).max
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3  # finish codes
@@ -115,6 +118,21 @@ def pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def core_of(engine) -> "DecodeCore":
+    """The decoding core of an engine: a :class:`DecodeCore` itself, or the one an engine that
+    wraps a core (``JackpotEngine``) holds as ``core``; ``TypeError`` for anything else."""
+    core = engine if isinstance(engine, DecodeCore) else getattr(engine, "core", None)
+    if not isinstance(core, DecodeCore):
+        raise TypeError(f"{type(engine).__name__} is not a decoding engine: give a DecodeCore or an engine "
+                        "wrapping one (its .core).")
+    return core
+
+
+def _mine(per_device):
+    """A device's part of arguments laid out ``[devices, ...]`` (under ``shard_map`` it sees ``[1, ...]``)."""
+    return jax.tree.map(lambda x: x[0], per_device)
+
+
 def finish_code(token, steps, limit, recent, stops: Stops):
     """The finish code after a slot generated ``token`` as its ``steps``-th token, ``recent [B, W]``
     ending with it: EOS, else a stop sequence, else the length limit, else RUNNING (``[B]``)."""
@@ -129,7 +147,7 @@ class DecodeCore:
 
     def __init__(self, model, *, max_concurrent_decodes: int, max_prefill_length: int, max_target_length: int,
                  logprobs_top_k: int = 0, default_sampling: SamplingParams | None = None, page_size: int | None = 16,
-                 num_pages: int | None = None):
+                 num_pages: int | None = None, devices: Sequence[jax.Device] | None = None):
         if max_prefill_length > max_target_length:
             raise ValueError(f"max_prefill_length={max_prefill_length} is not allowed: it must be <= "
                              f"max_target_length={max_target_length} (the cache length).")
@@ -139,6 +157,13 @@ class DecodeCore:
         self.graphdef, self._param_state, self._rest = nnx.split(model, nnx.Param, ...)
         self.model_config = model.config
         self.slots = max_concurrent_decodes
+        self.mesh = None if devices is None or len(devices) == 1 else Mesh(np.asarray(devices), (SLOTS,))
+        self.parts = 1 if self.mesh is None else len(devices)
+        if self.slots % self.parts:
+            raise ValueError(f"max_concurrent_decodes={self.slots} is not allowed over {self.parts} devices: it must "
+                             "be a multiple of the number of devices.")
+        if self.mesh is not None:  # every device decodes its slots with all the weights
+            self._param_state = jax.device_put(self._param_state, NamedSharding(self.mesh, P()))
         self.prefill_buckets = buckets(max_prefill_length)
         self.max_target_length = max_target_length
         self.logprobs_top_k = logprobs_top_k
@@ -148,16 +173,26 @@ class DecodeCore:
             if not isinstance(page_size, int) or page_size < 1:
                 raise ValueError(f"page_size={page_size!r} is not allowed: it must be an integer >= 1 (or None).")
             self.page_size, self.max_pages_per_slot = page_size, -(-max_target_length // page_size)
-            # default: as much memory as a contiguous cache, plus the scratch page
-            self.num_pages = self.slots * self.max_pages_per_slot + 1 if num_pages is None else num_pages
-            if self.num_pages < 2:
-                raise ValueError(f"num_pages={num_pages} is not allowed: it must be >= 2 (page 0 is scratch).")
+            # default: as much memory as a contiguous cache, plus a scratch page per device
+            self.num_pages = self.slots * self.max_pages_per_slot + self.parts if num_pages is None else num_pages
+            if self.num_pages % self.parts or self.num_pages < 2 * self.parts:
+                raise ValueError(f"num_pages={num_pages} is not allowed over {self.parts} devices: it must be a "
+                                 "multiple of the number of devices, at least 2 per device (one is scratch).")
+            self.pages_per_device = self.num_pages // self.parts
         self.pages: PagePool | None = None
         self._lengths: dict[int, int] = {}  # slot -> cache positions, for the one-request steps
         self._prefill = jax.jit(self._prefill_impl)
-        self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
-        self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
-        self._generate_steps = jax.jit(self._generate_steps_impl, donate_argnums=(1,), static_argnums=(2,))
+        # over the devices: the state and the per-slot arguments split by slot, the rest replicated
+        self._state_spec, self._init = self._state_specs(model) if self.mesh else None, {}
+        state, by_slot, rep = self._state_spec, P(SLOTS), P()
+        drawn = Drawn(P(None, SLOTS), P(None, SLOTS), by_slot)
+        self._insert = self._over_slots(self._insert_impl, (rep, state, by_slot, by_slot), state, donate=(1,))
+        self._admit = self._over_slots(self._admit_impl, (rep, state) + (by_slot,) * 8 + (rep,),
+                                       (state, by_slot, by_slot), donate=(1,))
+        self._generate_steps = self._over_slots(self._generate_steps_impl, (rep, state, rep, by_slot), (state, drawn),
+                                                donate=(1,), static=(2,))
+        self._generate_one = self._over_slots(self._generate_one_impl, (rep, state, by_slot), (state, by_slot),
+                                              donate=(1,))
 
     @property
     def params(self):
@@ -171,6 +206,40 @@ class DecodeCore:
 
     def bucket(self, length: int) -> int:
         return bucket_for(length, self.prefill_buckets[-1])
+
+    # ---------------------------------------------------------------- devices
+
+    def _state_specs(self, model):
+        """How a :class:`DecodeState` splits over the devices: by slot, a paged cache's pools along
+        their pages (each device holds its slots' part of the pool)."""
+        by_slot = cache = P(SLOTS)
+        if self.paged:
+            shape = jax.eval_shape(lambda: model.init_paged_cache(2, self.page_size, 1))
+            pools = (P(None, SLOTS),) * len(shape.k)
+            cache = shape._replace(k=pools, v=pools, page_table=by_slot, lengths=by_slot)
+        return DecodeState(cache, *(by_slot,) * (len(DecodeState._fields) - 1))
+
+    def _over_slots(self, fn, in_specs, out_specs, donate=(), static=()):
+        """``fn`` jitted; over several devices, each device runs it on its own slots and part of the
+        KV pool (``shard_map``; ``in_specs`` for the arguments that are not ``static``)."""
+        if self.mesh is None:
+            return jax.jit(fn, donate_argnums=donate, static_argnums=static)
+
+        def spmd(*args):
+            fixed = {i: args[i] for i in static}
+
+            def local(*dynamic):
+                rest = iter(dynamic)
+                return fn(*(fixed[i] if i in fixed else next(rest) for i in range(len(args))))
+
+            return jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+                *(a for i, a in enumerate(args) if i not in fixed))
+
+        return jax.jit(spmd, donate_argnums=donate, static_argnums=static)
+
+    def slot_device(self, slot: int) -> int:
+        """The device (index along the core's devices) that decodes ``slot``."""
+        return slot // (self.slots // self.parts)
 
     # ---------------------------------------------------------------- prefill
 
@@ -207,13 +276,24 @@ class DecodeCore:
 
     def init_decode_state(self, stop_width: int = 1) -> DecodeState:
         """Every slot empty, every page free (one decode state per core at a time: the pages are
-        the core's); ``stop_width``: the longest stop sequence the state's steps will check."""
+        the core's); ``stop_width``: the longest stop sequence the state's steps will check. Over
+        several devices, each device's part is made in place."""
+        self._lengths = {}
+        if self.paged:
+            self.pages = PagePool(self.num_pages, self.page_size, self.slots, self.max_pages_per_slot, self.parts)
+        if self.mesh is None:
+            return self._empty_state(stop_width)
+        if stop_width not in self._init:
+            shardings = jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), self._state_spec,
+                                     is_leaf=lambda x: isinstance(x, P))
+            self._init[stop_width] = jax.jit(functools.partial(self._empty_state, stop_width), out_shardings=shardings)
+        return self._init[stop_width]()
+
+    def _empty_state(self, stop_width):
         b, k = self.slots, self.logprobs_top_k
         empty = Sampled(jnp.zeros((b,), jnp.int32), jnp.zeros((b,)), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k)))
         model = self._model(self.params)
-        self._lengths = {}
         if self.paged:
-            self.pages = PagePool(self.num_pages, self.page_size, b, self.max_pages_per_slot)
             cache = model.init_paged_cache(self.num_pages, self.page_size, b)
         else:
             cache = model.init_cache(b, self.max_target_length)
@@ -258,23 +338,28 @@ class DecodeCore:
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot={slot} is not allowed: it must be in [0, {self.slots}).")
         length = int(prefix.length)
+        device, local = self.slot_device(slot), self.slots // self.parts
+        to = np.full((self.parts, 1), local, np.int32)  # per device: its own index of the slot, or a dropped one
+        to[device] = slot % local
         pages = None
         if self.paged:
             self.pages.release(slot)
             self._reserve(slot, length)
-            pages = self.pages.table([slot], self.pages.pages_for(prefix.cache.max_len))
+            table = self.pages.table([slot], self.pages.pages_for(prefix.cache.max_len))
+            pages = np.full((self.parts,) + table.shape, paged.SCRATCH_PAGE, np.int32)  # the others write nowhere
+            pages[device] = table
         self._lengths[slot] = length
-        return self._insert(prefix, state, np.int32(slot), pages)
+        return self._insert(prefix, state, to, pages)
 
     def _reserve(self, slot, positions):
         if not self.pages.reserve(slot, positions):
             raise RuntimeError(f"the KV cache's {self.num_pages} pages of {self.page_size} positions are all in use: "
                                "give the core more num_pages, or fewer slots.")
 
-    def _insert_impl(self, prefix, state, slot, pages):
-        stops = Stops.make()
-        state, _ = self._write(state, prefix.cache, jnp.zeros((1,), jnp.int32), slot[None], pages, prefix.first,
-                               prefix.key[None], prefix.sampling, jnp.full((1,), NO_LIMIT, jnp.int32), stops)
+    def _insert_impl(self, prefix, state, to, pages):
+        to, pages = _mine(to), _mine(pages)
+        state, _ = self._write(state, prefix.cache, jnp.zeros((1,), jnp.int32), to, pages, prefix.first,
+                               prefix.key[None], prefix.sampling, jnp.full((1,), NO_LIMIT, jnp.int32), Stops.make())
         return state
 
     # ---------------------------------------------------------------- admission
@@ -284,34 +369,45 @@ class DecodeCore:
         """Requests into the decode state: ``prompts[r]`` into ``slots[r]``, drawn with the key of
         ``key_data[r]`` (``jax.random.key_data``, on the host), ``sampling`` (host arrays ``[R]``),
         at most ``limits[r]`` new tokens; with a paged cache, the slots already hold the pages of
-        their prompts (:attr:`pages`). Requests with the same prompt share one prefill. One
-        call per prefill bucket, its prompts and requests each padded to a power of two (few
-        compiled shapes). Returns the state (the old one is donated) and, per call, ``(request
-        indices, Sampled first tokens, finish codes)``, device arrays the host reads when it needs them."""
+        their prompts (:attr:`pages`). Requests with the same prompt (on the same device) share one
+        prefill. One call per prefill bucket, each device's prompts and requests padded to a power of
+        two (few compiled shapes). Returns the state (the old one is donated) and, per call, ``(the
+        request of each row, -1 for padding; Sampled first tokens; finish codes)``, device arrays
+        the host reads when it needs them."""
         groups: dict[int, list[int]] = {}
         for r, prompt in enumerate(prompts):
             groups.setdefault(self.bucket(len(prompt)), []).append(r)
         key_data, limits = np.asarray(key_data), np.asarray(limits, np.int32)
+        sampling = jax.tree.map(np.asarray, sampling)
         outputs = []
         for size, members in sorted(groups.items()):
-            distinct: dict[tuple, int] = {}
-            rows = [distinct.setdefault(tuple(prompts[r]), len(distinct)) for r in members]
-            tokens = np.zeros((pow2_at_least(len(distinct)), size), np.int32)
-            lengths = np.ones((tokens.shape[0],), np.int32)
-            for prompt, row in distinct.items():
-                tokens[row, :len(prompt)] = prompt
-                lengths[row] = len(prompt)
-            pad = pow2_at_least(len(members)) - len(members)
-            index = np.asarray(members + [members[0]] * pad)
-            to = np.asarray([slots[r] for r in members] + [self.slots] * pad, np.int32)
-            pages = self.pages.table(to, self.pages.pages_for(size)) if self.paged else None
-            state, first, finish = self._admit(
-                params, state, tokens, lengths, np.asarray(rows + [0] * pad, np.int32), to, pages, key_data[index],
-                jax.tree.map(lambda x: np.asarray(x)[index], sampling), limits[index], stops)
-            outputs.append((members, first, finish))
+            mine = [[r for r in members if self.slot_device(slots[r]) == d] for d in range(self.parts)]
+            distinct = [dict.fromkeys(tuple(prompts[r]) for r in rs) for rs in mine]
+            row_of = [{prompt: i for i, prompt in enumerate(d)} for d in distinct]
+            tokens = np.zeros((self.parts, pow2_at_least(max(map(len, distinct))), size), np.int32)
+            lengths = np.ones(tokens.shape[:2], np.int32)
+            width = pow2_at_least(max(map(len, mine)))
+            order = np.full((self.parts, width), -1)  # the request of each row, -1: padding
+            rows = np.zeros((self.parts, width), np.int32)
+            for d, rs in enumerate(mine):
+                for prompt, i in row_of[d].items():
+                    tokens[d, i, :len(prompt)], lengths[d, i] = prompt, len(prompt)
+                order[d, :len(rs)] = rs
+                rows[d, :len(rs)] = [row_of[d][tuple(prompts[r])] for r in rs]
+            local = self.slots // self.parts
+            slot_of = np.where(order >= 0, np.asarray(slots)[np.maximum(order, 0)], -1)
+            to = np.where(order >= 0, slot_of % local, local).astype(np.int32)
+            index = np.where(order >= 0, order, members[0])
+            pages = (self.pages.table(slot_of.reshape(-1), self.pages.pages_for(size)).reshape(self.parts, width, -1)
+                     if self.paged else None)
+            state, first, finish = self._admit(params, state, tokens, lengths, rows, to, pages, key_data[index],
+                                               jax.tree.map(lambda x: x[index], sampling), limits[index], stops)
+            outputs.append((order.reshape(-1).tolist(), first, finish))
         return state, outputs
 
     def _admit_impl(self, params, state, tokens, lengths, rows, slots, pages, key_data, sampling, limit, stops):
+        tokens, lengths, rows, slots, pages, key_data, sampling, limit = _mine(
+            (tokens, lengths, rows, slots, pages, key_data, sampling, limit))
         keys = jax.random.wrap_key_data(key_data)
         cache, logits = self._prefill_rows(params, tokens, lengths)
         first = self._draw_first(logits[rows], keys, sampling)
@@ -334,12 +430,17 @@ class DecodeCore:
                                recent=jnp.where(valid[:, None], recent, state.recent))
         return state, valid
 
-    def generate(self, params, state: DecodeState) -> DecodeState:
-        """One token for every slot, no stops checked (the state is donated: use the returned one);
-        the slots :meth:`insert` filled get the page they write next."""
-        self.grow_inserted()
-        state, _ = self.generate_steps(params, state, 1)
-        return state
+    def generate(self, params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        """One token for every slot, no stops checked (the state is donated: use the returned one),
+        and per slot the token the step consumed (the one sampled before it) and its 1-based index
+        in the completion, ``int32 [slots, 2]``; the slots :meth:`insert` filled get the page they
+        write next."""
+        return self._generate_one(params, state, self.grow_inserted())
+
+    def _generate_one_impl(self, params, state, page_table):
+        state = self.with_page_table(state, page_table)
+        consumed = jnp.stack([state.tokens, state.steps], axis=1)
+        return self._step(params, state, Stops.make())[0], consumed
 
     def grow_inserted(self):
         """One more position for every slot :meth:`insert` filled; the page table of the next step

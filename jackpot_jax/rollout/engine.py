@@ -1,10 +1,10 @@
-"""``JackpotEngine``: the decoding core behind JetStream's ``Engine`` API, and ``HFTokenizer``, a
+"""``JackpotEngine``: JetStream's ``Engine`` API over a decoding core, and ``HFTokenizer``, a
 JetStream ``Tokenizer`` over a Hugging Face tokenizer.
 
-The engine is a :class:`~jackpot_jax.rollout.decode.DecodeCore` (so :func:`jackpot_jax.rollout.generate`
-drives it too) whose ``prefill``, ``insert``, ``init_decode_state`` are JetStream's as well, and whose
-``generate(params, state)`` returns ``(state, ResultTokens)`` as JetStream's orchestrator expects
-(the core's one-step ``DecodeCore.generate(engine, params, state)`` returns only the state).
+The engine wraps a :class:`~jackpot_jax.rollout.decode.DecodeCore` (``engine.core``): JetStream's
+orchestrator calls the engine's one-request ``prefill`` / ``insert`` / ``generate``, and the batch
+driver :func:`jackpot_jax.rollout.generate` calls the core's batched admission and decode steps
+through it, with the same samples.
 
 Which token a step reports: JetStream 0.2.2's orchestrator streams the tokens of ``generate``
 steps only, never the one prefill samples. So each step reports the token it *consumes* (the one
@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jackpot_jax.models import hf
 from jackpot_jax.models import sharding as sharding_lib
-from jackpot_jax.rollout.decode import DecodeCore, DecodeState, Prefix, Stops, bucket_for
+from jackpot_jax.rollout.decode import DecodeCore, DecodeState, Prefix, bucket_for
 from jackpot_jax.rollout.jetstream_compat import engine_api, tokenizer_api, tokenizer_pb2
 from jackpot_jax.rollout.sampling import SamplingParams, check_sampling
 
@@ -101,12 +101,13 @@ class HFTokenizer(tokenizer_api.Tokenizer):
         return {self.eos_id, self.pad_id}
 
 
-class JackpotEngine(DecodeCore, engine_api.Engine):
+class JackpotEngine(engine_api.Engine):
     """A JetStream ``Engine`` over any model of the registry (see the module docstring).
 
     ``tokenizer_path``: the local Hugging Face tokenizer directory that ``get_tokenizer`` names
     (needed for serving text, not for token ids). ``temperature`` / ``top_p`` / ``top_k`` are the
-    sampling settings of every request that brings none (JetStream requests bring none).
+    sampling settings of every request that brings none (JetStream requests bring none); the other
+    arguments go to the :class:`DecodeCore`.
 
     JetStream's orchestrator keeps the parameters ``load_params`` gave it when it started:
     ``update_params`` changes what later ``load_params`` calls and the batch driver
@@ -115,15 +116,15 @@ class JackpotEngine(DecodeCore, engine_api.Engine):
 
     def __init__(self, model, *, max_concurrent_decodes: int, max_prefill_length: int, max_target_length: int,
                  tokenizer_path=None, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 logprobs_top_k: int = 0, seed: int = 0):
+                 logprobs_top_k: int = 0, seed: int = 0, **core_kwargs):
         check_sampling(temperature, top_p, top_k)
-        super().__init__(model, max_concurrent_decodes=max_concurrent_decodes, max_prefill_length=max_prefill_length,
-                         max_target_length=max_target_length, logprobs_top_k=logprobs_top_k,
-                         default_sampling=SamplingParams.fill(1, temperature, top_p, top_k))
+        self.core = DecodeCore(model, max_concurrent_decodes=max_concurrent_decodes,
+                               max_prefill_length=max_prefill_length, max_target_length=max_target_length,
+                               logprobs_top_k=logprobs_top_k,
+                               default_sampling=SamplingParams.fill(1, temperature, top_p, top_k), **core_kwargs)
         self.tokenizer_path = None if tokenizer_path is None else str(tokenizer_path)
         self._base_key = jax.random.key(seed)
         self._requests = itertools.count()
-        self._generate_with_result = jax.jit(self._generate_with_result_impl, donate_argnums=(1,))
 
     @classmethod
     def from_pretrained(cls, path, tokenizer_path=None, *, dtype=None, mesh=None, **engine_kwargs) -> "JackpotEngine":
@@ -136,30 +137,40 @@ class JackpotEngine(DecodeCore, engine_api.Engine):
 
     def prefill(self, params, padded_tokens, true_length: int, *, existing_prefix=None,
                 sampling: SamplingParams | None = None, key=None) -> Prefix:
-        """JetStream's ``prefill(params=, padded_tokens=, true_length=)``, or the core's (with
-        ``sampling`` and ``key``). The prefix's arrays are all new (JetStream deletes them after
+        """JetStream's ``prefill(params=, padded_tokens=, true_length=)``, with the core's optional
+        ``sampling`` and ``key``. The prefix's arrays are all new (JetStream deletes them after
         ``insert``)."""
         if existing_prefix is not None:
             raise NotImplementedError("existing_prefix is not supported: prefill runs whole prompts.")
         if key is None:
             key = jax.random.fold_in(self._base_key, next(self._requests))
-        return super().prefill(params, padded_tokens, true_length, sampling=sampling, key=key)
+        return self.core.prefill(params, padded_tokens, true_length, sampling=sampling, key=key)
+
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
+        return self.core.insert(prefix, decode_state, slot)
+
+    def init_decode_state(self, *args, **kwargs) -> DecodeState:
+        return self.core.init_decode_state()
 
     def generate(self, params, decode_state: DecodeState) -> tuple[DecodeState, engine_api.ResultTokens]:
         """One step of every slot (the state is donated: use the returned one) and, per slot, the
         token the step consumed, its validity (always 1) and its 1-based index in the completion."""
-        return self._generate_with_result(params, decode_state, self.grow_inserted())
-
-    def _generate_with_result_impl(self, params, state, page_table):
-        state = self.with_page_table(state, page_table)
-        data = jnp.stack([state.tokens, jnp.ones_like(state.tokens), state.steps], axis=1)  # int32 [slots, 3]
-        result = engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
-                                         samples_per_slot=1)
-        return self._step(params, state, Stops.make())[0], result
+        state, consumed = self.core.generate(params, decode_state)
+        data = jnp.concatenate([consumed[:, :1], jnp.ones_like(consumed[:, :1]), consumed[:, 1:]], axis=1)
+        return state, engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
+                                              samples_per_slot=1)
 
     def load_params(self, *args, **kwargs):
         """The engine's parameters (loaded when the engine was built)."""
-        return self.params
+        return self.core.params
+
+    @property
+    def params(self):
+        return self.core.params
+
+    def update_params(self, params):
+        """New parameters for later ``load_params`` calls and the batch driver (see the class)."""
+        return self.core.update_params(params)
 
     def get_prefix_destination_sharding(self):
         """Replicated over the engine's mesh. Used only when prefill and generate run on separate
@@ -176,7 +187,7 @@ class JackpotEngine(DecodeCore, engine_api.Engine):
 
     @property
     def max_concurrent_decodes(self) -> int:
-        return self.slots
+        return self.core.slots
 
     @property
     def samples_per_slot(self) -> int:
@@ -184,7 +195,7 @@ class JackpotEngine(DecodeCore, engine_api.Engine):
 
     @property
     def max_prefill_length(self) -> int:
-        return self.prefill_buckets[-1]
+        return self.core.prefill_buckets[-1]
 
     @property
     def mesh(self) -> jax.sharding.Mesh:

@@ -18,8 +18,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jackpot_jax.rollout.decode import FINISH_REASONS, MIN_BUCKET, DecodeCore, Stops
+from jackpot_jax.rollout.decode import FINISH_REASONS, MIN_BUCKET, DecodeCore, Stops, core_of
 from jackpot_jax.rollout.sampling import SamplingParams, check_sampling
 
 
@@ -81,8 +82,8 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
              params=None,
              max_concurrent_decodes: int = 32, steps_per_call: int = 8, progress: bool = False) -> Rollout:
     """Sample ``n`` completions of each prompt (token-id lists) with a model of the registry or an
-    engine (a :class:`DecodeCore`, e.g. a :class:`~jackpot_jax.rollout.engine.JackpotEngine`;
-    then ``logprobs_top_k`` is the engine's). ``params`` default to the engine's / model's.
+    engine (a :class:`DecodeCore`, or a :class:`~jackpot_jax.rollout.engine.JackpotEngine` over
+    one; then ``logprobs_top_k`` is the engine's). ``params`` default to the engine's / model's.
 
     Up to ``steps_per_call`` decode steps run per jitted call and host transfer: the largest power
     of two no larger than it or than what the longest remaining request needs (few compiled
@@ -98,12 +99,10 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
         raise ValueError(f"n={n} is not allowed: it must be >= 1.")
     if not isinstance(steps_per_call, (int, np.integer)) or steps_per_call < 1:
         raise ValueError(f"steps_per_call={steps_per_call!r} is not allowed: it must be an integer >= 1.")
-    is_core = isinstance(model_or_engine, DecodeCore)
-    _check_prompts(prompts, (model_or_engine.model_config if is_core else model_or_engine.config).vocab_size)
+    core = None if isinstance(model_or_engine, nnx.Module) else core_of(model_or_engine)
+    _check_prompts(prompts, (model_or_engine.config if core is None else core.model_config).vocab_size)
     prompts = [list(map(int, p)) for p in prompts]
-    if is_core:
-        core = model_or_engine
-    else:
+    if core is None:
         longest = max(MIN_BUCKET, max(len(p) for p in prompts))
         prefill = 1 << (longest - 1).bit_length()
         core = DecodeCore(model_or_engine, max_concurrent_decodes=min(max_concurrent_decodes, len(prompts) * n),
@@ -116,10 +115,11 @@ def generate(model_or_engine, prompts: Sequence[Sequence[int]], max_new_tokens: 
                              f"{len(prompt) + max_new_tokens - 1} cache positions, more than the engine's "
                              f"max_target_length={core.max_target_length}.")
         pages = -(-(len(prompt) + max_new_tokens - 1) // core.page_size) if core.paged else 0
-        if core.paged and pages > core.num_pages - 1:
+        if core.paged and pages > core.pages_per_device - 1:
             raise ValueError(f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} it needs "
                              f"{pages} pages of {core.page_size} positions, more than the engine's pool of "
-                             f"{core.num_pages - 1} (num_pages={core.num_pages}, one is scratch).")
+                             f"{core.pages_per_device - 1} per device (num_pages={core.num_pages} over "
+                             f"{core.parts} devices, one scratch page each).")
     params = core.params if params is None else params
     if isinstance(seed, (int, np.integer)):  # the keys of request_keys, in one transfer
         grid = _key_grid(jax.random.key(seed), len(prompts), n, first_prompt)
@@ -176,25 +176,27 @@ class _Driver:
         return len(self.prompts[request]) + min(tokens, self.max_new_tokens) - 1
 
     def _admit(self, state, pending):
-        pages, taken = self.core.pages, []
-        while self.queue and len(taken) < len(self.free):
+        pages, taken, slots = self.core.pages, [], []
+        while self.queue and self.free:
             request = self.queue[0]
-            if pages is not None:
-                ahead = self._positions(request, 1 + self.steps_per_call) + 1
-                if pages.pages_for(ahead) > pages.free_pages:
+            slot = self.free[-1]
+            if pages is not None:  # the slot whose device has the most free pages, if it holds the request
+                slot = pages.roomiest(self.free, self._positions(request, 1 + self.steps_per_call) + 1)
+                if slot is None:
                     break
-                pages.reserve(self.free[-1 - len(taken)], len(self.prompts[request]))
+                pages.reserve(slot, len(self.prompts[request]))
+            self.free.remove(slot)
+            slots.append(slot)
             taken.append(self.queue.popleft())
         if not taken:
             return state
-        slots = [self.free.pop() for _ in taken]
         state, outputs = self.core.admit(
             self.params, state, [self.prompts[r] for r in taken], slots, self.key_data[taken],
             jax.tree.map(lambda x: x[taken], self.sampling), [self.max_new_tokens] * len(taken), self.stops)
         self.owner.update(zip(slots, taken))
         self.dispatched[taken] = 1
-        pending.extend(("first", [(taken[i], slots[i], self.epoch[taken[i]]) for i in members], first, finish)
-                       for members, first, finish in outputs)
+        pending.extend(("first", [(taken[i], slots[i], self.epoch[taken[i]]) if i >= 0 else None for i in rows],
+                        first, finish) for rows, first, finish in outputs)
         return state
 
     def _reserve(self, steps):
@@ -205,8 +207,8 @@ class _Driver:
             return
         for slot, request in list(self.owner.items()):
             positions = self._positions(request, self.dispatched[request] + steps)
-            while slot in self.owner and not pages.reserve(slot, positions):
-                self._preempt(next(reversed(self.owner)))
+            while slot in self.owner and not pages.reserve(slot, positions):  # the latest on the same device
+                self._preempt(next(s for s in reversed(self.owner) if pages.part_of(s) == pages.part_of(slot)))
 
     def _preempt(self, slot):
         request = self.owner.pop(slot)
@@ -230,11 +232,12 @@ class _Driver:
         return self.finish[request] is None and self.epoch[request] == epoch
 
     def _read(self, kind, owners, sampled, finish):
-        if kind == "first":  # owners: (request, slot, epoch) of each row of the padded call
+        if kind == "first":  # owners: (request, slot, epoch) of each row of the padded call, None: padding
             sampled, finish = jax.device_get((sampled, finish))
-            for i, (request, slot, epoch) in enumerate(owners):
-                if not self._live(request, epoch):
+            for i, owner in enumerate(owners):
+                if owner is None or not self._live(*owner[::2]):
                     continue
+                request, slot, _ = owner
                 self.chunks[request].append(jax.tree.map(lambda x: x[i:i + 1], sampled))
                 if finish[i]:
                     self._end(request, slot, finish[i])

@@ -73,13 +73,13 @@ def check_request(request, tokenizer, engine: JackpotEngine) -> None:
     if len(ids) > engine.max_prefill_length:
         raise ValueError(f"the prompt has {len(ids)} tokens, more than the server's "
                          f"max_prefill_length={engine.max_prefill_length}.")
-    vocab = engine.model_config.vocab_size
+    vocab = engine.core.model_config.vocab_size
     if min(ids) < 0 or max(ids) >= vocab:
         raise ValueError(f"the prompt's token ids must be in [0, {vocab}) (the model's vocabulary).")
     needed = len(ids) + request.max_tokens - 1
-    if needed > engine.max_target_length:
+    if needed > engine.core.max_target_length:
         raise ValueError(f"a prompt of {len(ids)} tokens with max_tokens={request.max_tokens} needs {needed} cache "
-                         f"positions, more than the server's max_target_length={engine.max_target_length}.")
+                         f"positions, more than the server's max_target_length={engine.core.max_target_length}.")
 
 
 class JackpotOrchestrator(orchestrator.LLMOrchestrator):

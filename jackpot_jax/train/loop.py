@@ -38,7 +38,7 @@ from jackpot_jax.controller import KLController
 from jackpot_jax.data.batching import PromptBatcher
 from jackpot_jax.data.evaluate import evaluate
 from jackpot_jax.data.rewards import get_reward
-from jackpot_jax.rollout.decode import DecodeCore
+from jackpot_jax.rollout.decode import DecodeCore, core_of
 from jackpot_jax.rollout.generate import generate
 from jackpot_jax.train import build
 from jackpot_jax.train.batch import make_batch, select
@@ -322,9 +322,10 @@ class Trainer:
         if self.step_config.has_actor:
             if self.eval_core is None:  # the policy's own decoding core; the actor's is the rollout engine
                 policy = nnx.merge(self.updater.policy_def, self._local(self.state.policy), self.updater.policy_rest)
-                self.eval_core = DecodeCore(policy, max_concurrent_decodes=self.engine.slots,
-                                            max_prefill_length=self.engine.prefill_buckets[-1],
-                                            max_target_length=self.engine.max_target_length)
+                engine = core_of(self.engine)
+                self.eval_core = DecodeCore(policy, max_concurrent_decodes=engine.slots,
+                                            max_prefill_length=engine.prefill_buckets[-1],
+                                            max_target_length=engine.max_target_length)
             self.eval_core.update_params(self._local(self.state.policy))
             cores = {"policy": self.eval_core, "actor": self.engine}
         out = {}
