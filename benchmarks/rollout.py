@@ -334,13 +334,16 @@ def same_weights(path, ct2_path, prompt):
 
 
 def steps_alone(core, prompts, n, new, top_p, steps_per_call, repeats):
-    """Tokens/s of ``generate_steps`` alone with every slot running: ``new`` steps in calls of
-    ``steps_per_call``, dispatched back to back, waited for at the end; best of ``repeats``."""
+    """Tokens/s of ``generate_steps`` alone with every slot running (its prompt's length filled, the
+    pages of all its tokens held): ``new`` steps in calls of ``steps_per_call``, dispatched back to
+    back, waited for at the end; best of ``repeats``."""
     slots = core.slots
     lengths = np.asarray([len(p) for p in prompts for _ in range(n)][:slots], np.int32)
 
     def full():
         state = core.init_decode_state()
+        for slot, length in enumerate(lengths):  # each slot's pages, as generate's would hold them
+            core.pages is None or core.pages.reserve(slot, int(length) + new)
         return state._replace(cache=state.cache._replace(lengths=jnp.asarray(lengths)),
                               tokens=jnp.arange(slots, dtype=jnp.int32),
                               sampling=SamplingParams.fill(slots, 1.0, top_p),

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jackpot_jax.rollout import SamplingParams, processed_log_probs, processed_log_probs_reference, sample
-from jackpot_jax.rollout.sampling import BRACKET, TOP_K_CANDIDATES
+from jackpot_jax.rollout.sampling import BRACKET, TOP_K_CANDIDATES, inverse_cdf, top_k
 
 fast = jax.jit(processed_log_probs)
 reference = jax.jit(processed_log_probs_reference)
@@ -112,6 +112,27 @@ def test_sample_draws_what_the_reference_distribution_gives(rng):
     u = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys), np.float64)
     np.testing.assert_array_equal(drawn.tokens, np.minimum(np.sum(cdf < (u * cdf[:, -1])[:, None], -1), 499))
     np.testing.assert_array_equal(drawn.logprobs, np.asarray(logp)[np.arange(16), drawn.tokens])
+
+
+def test_two_level_top_k_and_inverse_cdf_equal_the_one_level_definitions(rng):
+    """top_k is lax.top_k (values and ids; rounded rows full of ties, rows mostly -inf, V not a
+    multiple of the blocks); inverse_cdf is the float64 inverse CDF, and never draws a token of
+    probability 0, even at u -> 1."""
+    v, k = 2003, 5  # 32 blocks of TOP_BLOCK: the two-level path
+    x = np.round(rng.standard_normal((6, v)) * 2, 1).astype(np.float32)
+    x[4, 7:] = -np.inf  # 7 tokens left, fewer than one block
+    x[5, :] = -np.inf
+    x[5, [3, 1900, 2002]] = 0.5
+    values, ids = jax.jit(top_k, static_argnums=1)(jnp.asarray(x), k)
+    want_values, want_ids = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(ids, want_ids)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    u = np.asarray(list(rng.uniform(size=4)) + [1 - 2.0 ** -24, 1 - 2.0 ** -24], np.float32)
+    drawn = np.asarray(jax.jit(inverse_cdf)(jnp.asarray(p), jnp.asarray(u)))
+    cdf = np.cumsum(p.astype(np.float64), -1)
+    np.testing.assert_array_equal(drawn[:4], np.sum(cdf[:4] < (u[:4] * cdf[:4, -1])[:, None], -1))
+    assert p[np.arange(6), drawn].min() > 0 and drawn[5] == 2002
 
 
 @given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.05, 8.0), decimals=st.sampled_from([None, 0, 1]),

