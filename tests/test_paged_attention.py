@@ -1,10 +1,13 @@
 """Decode attention over a paged KV cache: every implementation against a float64 NumPy reference,
-and JAX's Pallas TPU kernel interpreted on this CPU and lowered for TPU."""
+JAX's Pallas TPU kernel interpreted on this CPU and lowered for TPU, and the model's decode step
+through each implementation against the contiguous cache."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from jackpot_jax.models import KVCache, ModelConfig, PagedKVCache, Transformer
 from pallas_kernels import paged_attention as pa
 
 # B=4 sequences, H=4 query heads over K=2 key-value heads, head_dim 128 and pages of 16 (what the TPU
@@ -91,3 +94,30 @@ def test_pallas_rejects_shapes_the_kernel_does_not_allow_and_auto_falls_back():
         pa.paged_attention(q, pool, pool, table, lengths, impl="flash")
     with pytest.raises(ValueError, match="H must be a multiple of K"):
         pa.paged_attention(jnp.zeros((2, 3, 128)), pool, pool, table, lengths)
+    with pytest.raises(ValueError, match=r"ModelConfig.paged_attention_impl='flash' is not allowed: .* one of \("):
+        ModelConfig(64, 64, 64, 1, 4, 2, paged_attention_impl="flash")
+
+
+def test_the_model_decodes_through_xla_and_pallas_as_through_the_contiguous_cache():
+    """Prefill (gathered pages) then one decode step (paged_attention) of a one-layer model with
+    head_dim 128, bfloat16 caches (the TPU kernel's K / V exactly), scattered pages, lengths 5, 16
+    (the step opens a page) and 9: the hidden states of the contiguous cache's."""
+    config = ModelConfig(64, 64, 64, 1, 4, 2, head_dim=128)
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, 64, (3, 16)), jnp.int32)
+    mask = jnp.asarray(np.arange(16)[None] < np.array([5, 16, 9])[:, None], jnp.int32)
+    step = jnp.asarray(rng.integers(0, 64, (3, 1)), jnp.int32)
+
+    @nnx.jit
+    def decode(model, cache):
+        _, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
+        return model.hidden_states(step, cache=cache)[0]
+
+    contiguous = Transformer(config, rngs=nnx.Rngs(0))
+    want = decode(contiguous, KVCache.init(config, 3, 32, jnp.bfloat16))
+    table = jnp.asarray([[5, 2], [7, 1], [3, 6]], jnp.int32)
+    for impl in ("xla", "pallas"):
+        model = Transformer(config.replace(paged_attention_impl=impl), rngs=nnx.Rngs(0))
+        cache = PagedKVCache.init(model.config, 8, 16, 3, jnp.bfloat16)._replace(page_table=table)
+        np.testing.assert_allclose(np.asarray(decode(model, cache)), np.asarray(want), rtol=1e-5, atol=1e-5,
+                                   err_msg=impl)
