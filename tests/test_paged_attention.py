@@ -15,6 +15,8 @@ from pallas_kernels import paged_attention as pa
 # multiple, 0, one page, and past the table (a finished slot that keeps decoding: clipped to 64).
 B, H, K, D, P, W, NUM_PAGES = 4, 4, 2, 128, 16, 4, 20
 LENGTHS = np.array([37, 0, 16, 70], np.int32)
+# The Pallas kernel runs interpreted here and compiled on a TPU; a GPU has none (impl="pallas" raises there).
+NOT_ON_GPU = pytest.mark.skipif(jax.default_backend() == "gpu", reason="the Pallas paged attention kernel is TPU only")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def run(impl, arrays, dtype=jnp.float32):
     return jax.jit(lambda *args: pa.paged_attention(*args, impl=impl))(q, k_pool, v_pool, table, jnp.asarray(LENGTHS))
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "auto", "pallas"])  # pallas: the TPU kernel, interpreted
+@pytest.mark.parametrize("impl", ["reference", "xla", "auto", pytest.param("pallas", marks=NOT_ON_GPU)])
 def test_every_impl_equals_the_float64_reference(case, impl):
     arrays, want = case
     got = run(impl, arrays)
@@ -58,7 +60,7 @@ def test_every_impl_equals_the_float64_reference(case, impl):
     assert np.all(np.asarray(got)[1] == 0)  # length 0: zeros
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", pytest.param("pallas", marks=NOT_ON_GPU)])
 def test_bfloat16_inputs_give_bfloat16_within_its_rounding(case, impl):
     arrays, want = case
     got = run(impl, arrays, jnp.bfloat16)
@@ -82,6 +84,7 @@ def test_pages_per_block_divides_the_table():
     assert [pa.pages_per_block(w, p) for w, p in ((64, 16), (63, 16), (7, 128), (1, 1024))] == [32, 21, 1, 1]
 
 
+@NOT_ON_GPU
 def test_pallas_rejects_shapes_the_kernel_does_not_allow_and_auto_falls_back():
     q, table, lengths = jnp.zeros((2, 4, 64)), jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)
     pool = jnp.zeros((2, 5, 16, 64))
@@ -98,6 +101,7 @@ def test_pallas_rejects_shapes_the_kernel_does_not_allow_and_auto_falls_back():
         ModelConfig(64, 64, 64, 1, 4, 2, paged_attention_impl="flash")
 
 
+@NOT_ON_GPU
 def test_the_model_decodes_through_xla_and_pallas_as_through_the_contiguous_cache():
     """Prefill (gathered pages) then one decode step (paged_attention) of a one-layer model with
     head_dim 128, bfloat16 caches (the TPU kernel's K / V exactly), scattered pages, lengths 5, 16
