@@ -37,6 +37,9 @@ Implementations, chosen by ``impl``:
   * ``"auto"``: ``"chunked"`` on every backend: on an H100 the chunked step statistics take 0.075 s
     against 0.119 s with the Triton forward (N=8192, D=2048, V=151,936, bfloat16; BENCHMARKS.md),
     and TPU is unmeasured.
+
+Attention over a paged KV cache (decode) is :func:`pallas_kernels.paged_attention.paged_attention`,
+with its own ``impl`` choices; the cache's memory operations are :mod:`pallas_kernels.paged`.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from pallas_kernels.paged_attention import IMPLS as PAGED_ATTENTION_IMPLS
+
 # model_type -> (attention projections carry a bias, q/k RMSNorm per head)
 FAMILIES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -26,7 +28,8 @@ class ModelConfig:
     type's keys: ``factor`` (linear, llama3), ``low_freq_factor``, ``high_freq_factor``,
     ``original_max_position_embeddings`` (llama3). ``dtype`` is the computation dtype and
     ``param_dtype`` the storage dtype of the weights; ``remat`` recomputes each layer's activations
-    in the backward pass.
+    in the backward pass; ``paged_attention_impl`` is the ``impl`` of decode attention over a paged
+    KV cache (:func:`pallas_kernels.paged_attention.paged_attention`).
     """
 
     vocab_size: int
@@ -47,6 +50,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    paged_attention_impl: str = "auto"
 
     def __post_init__(self):
         def fail(key, allowed):
@@ -76,6 +80,8 @@ class ModelConfig:
                 fail(key, f"one of {DTYPES}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
+        if self.paged_attention_impl not in PAGED_ATTENTION_IMPLS:
+            fail("paged_attention_impl", f"one of {PAGED_ATTENTION_IMPLS}")
 
     @property
     def jnp_dtype(self):

@@ -24,6 +24,7 @@ from flax import nnx
 from jackpot_jax.models.config import ModelConfig
 from jackpot_jax.models.sharding import constrain
 from pallas_kernels import paged
+from pallas_kernels.paged_attention import paged_attention
 
 F32 = jnp.float32
 
@@ -173,6 +174,16 @@ class PagedKVCache(NamedTuple):
         return self.page_table.shape[1] * self.page_size
 
 
+class PagedLayer(NamedTuple):
+    """One layer's part of a :class:`PagedKVCache` in a forward pass: its pools, the page table and
+    ``lengths [B]``, the positions each sequence holds once this pass's tokens are written."""
+
+    k: jax.Array
+    v: jax.Array
+    page_table: jax.Array
+    lengths: jax.Array
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs):
         c = config
@@ -187,12 +198,15 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **norm) if c.qk_norm else None
         self.heads = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(c))  # static
+        self.paged_attention_impl = c.paged_attention_impl
 
     def __call__(self, x, positions, mask, kv=None, write_index=None):
         """``mask [B, T, S]`` says which keys each query sees. With ``kv = (k, v)`` (one layer of a
-        :class:`KVCache`) or ``(k_pool, v_pool, page_table)`` (of a :class:`PagedKVCache`) the new
-        keys and values are written at ``write_index [B, T]`` first and attention runs over the
-        cache; returns ``(out, new kv or None)``."""
+        :class:`KVCache`) or a :class:`PagedLayer` the new keys and values are written at
+        ``write_index [B, T]`` first and attention runs over the cache; returns ``(out, new kv or
+        None)``. A decode step (a paged cache, T == 1) runs :func:`pallas_kernels.paged_attention.
+        paged_attention` over each sequence's ``kv.lengths`` keys (the mask's ``keys < ends``);
+        prefill gathers the table's pages for dense attention."""
         b, t, _ = x.shape
         num_heads, num_kv, head_dim = self.heads
         q = self.q_proj(x).reshape(b, t, num_heads, head_dim)
@@ -202,10 +216,13 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, d]
-        if kv is not None and len(kv) == 3:
-            table = kv[2]
-            kv = (paged.write(kv[0], k, table, write_index), paged.write(kv[1], v, table, write_index), table)
-            k, v = paged.gather(kv[0], table), paged.gather(kv[1], table)
+        if isinstance(kv, PagedLayer):
+            table = kv.page_table
+            kv = kv._replace(k=paged.write(kv.k, k, table, write_index), v=paged.write(kv.v, v, table, write_index))
+            if t == 1:
+                out = paged_attention(q[:, 0], kv.k, kv.v, table, kv.lengths, impl=self.paged_attention_impl)
+                return self.o_proj(out.reshape(b, t, num_heads * head_dim)), kv
+            k, v = paged.gather(kv.k, table), paged.gather(kv.v, table)
         elif kv is not None:
             k, v = _cache_write(kv[0], k, write_index), _cache_write(kv[1], v, write_index)
             kv = (k, v)
@@ -319,7 +336,8 @@ class Transformer(nnx.Module):
             keys = jnp.arange(cache.max_len)[None, None, :]
             mask = (keys <= write_index[:, :, None]) & (keys < ends[:, None, None])
             paged_cache = isinstance(cache, PagedKVCache)
-            caches = [(k, v, cache.page_table) if paged_cache else (k, v) for k, v in zip(cache.k, cache.v)]
+            caches = [PagedLayer(k, v, cache.page_table, ends) if paged_cache else (k, v)
+                      for k, v in zip(cache.k, cache.v)]
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.jnp_dtype)
         x = constrain(x, ("batch", "length", "embed"))
         forward = _block_forward_remat if self.config.remat else _block_forward

@@ -1,0 +1,150 @@
+"""Decode attention over a paged KV cache: one query per sequence against the keys its page table
+holds (the layout of :mod:`pallas_kernels.paged`).
+
+``q [B, H, d]`` is each sequence's newest position; the pools are ``[K, num_pages, page_size, d]``
+(H a multiple of K: grouped-query attention), ``page_table [B, W]`` and ``lengths [B]`` the keys
+each sequence holds, the one just written included. Query ``b`` sees positions ``< lengths[b]``
+(clipped to the ``W * page_size`` the table spans): softmax(q k^T / sqrt(d)) v with probabilities
+in float32. A sequence of length 0 sees nothing and gets zeros.
+
+Implementations, chosen by ``impl``:
+  * ``"reference"``: the definition, in float32: the table's pages gathered dense, each query head
+    against its key-value head's keys, masked softmax.
+  * ``"xla"``: the table's ``W`` pages gathered (never the whole pool), each key-value head's query
+    group as one matrix (two batched products, as the model's dense attention), products in q's
+    dtype with float32 accumulation.
+  * ``"pallas"``: JAX's Pallas TPU kernel (``jax.experimental.pallas.ops.tpu.paged_attention``),
+    which reads each sequence's pages straight from the pool by DMA and skips the blocks past its
+    length; interpreted on CPU (for tests); no GPU kernel (a ValueError on GPU). Its constraints
+    (:func:`tpu_unsupported`): head_dim a multiple of 128, page_size a multiple of 16; it does not
+    scale q (we pass q / sqrt(d) in float32) and rounds K and V to bfloat16 inside (exact only for
+    bfloat16 pools). Lowered from a CPU host and run interpreted; not yet run on TPU hardware
+    (JAX's own TPU test of it is skipped upstream for "data races"; the interpreter's race detector
+    finds none at this package's test shapes).
+  * ``"auto"``: "pallas" on TPU where the kernel is exact and allowed (bfloat16 pools,
+    :func:`tpu_unsupported` None), else "xla". An explicit "pallas" on a shape the kernel does not
+    allow raises a ValueError naming what is allowed.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged_attention
+
+from pallas_kernels import paged
+from pallas_kernels.logspace import check_choice
+
+IMPLS = ("auto", "reference", "xla", "pallas")
+F32 = jnp.float32
+TPU_BLOCK_KEYS = 512  # keys per compute block of the TPU kernel at most (its own test's block)
+
+
+def paged_attention(q, k_pool, v_pool, page_table, lengths, *, impl="auto"):
+    """Each sequence's query ``q [B, H, d]`` against its first ``lengths[b]`` keys of the pools
+    ``[K, num_pages, page_size, d]`` under ``page_table [B, W]``: ``[B, H, d]`` in q's dtype."""
+    check_choice("impl", impl, IMPLS)
+    _check_shapes(q, k_pool, v_pool, page_table, lengths)
+    width, page_size = page_table.shape[1], k_pool.shape[2]
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, width * page_size)
+    backend = jax.default_backend()
+    if impl == "auto":
+        exact = k_pool.dtype == v_pool.dtype == jnp.bfloat16
+        impl = "pallas" if backend == "tpu" and exact and tpu_unsupported(q, k_pool, page_table) is None else "xla"
+    if impl == "reference":
+        return reference(q, k_pool, v_pool, page_table, lengths)
+    if impl == "xla":
+        return xla(q, k_pool, v_pool, page_table, lengths)
+    if backend == "gpu":
+        raise ValueError("impl='pallas' is not allowed on GPU: the paged attention kernel is Mosaic TPU only; "
+                         "use impl 'xla' or 'auto'.")
+    reason = tpu_unsupported(q, k_pool, page_table)
+    if reason is not None:
+        raise ValueError(f"impl='pallas' is not allowed here: {reason}; use impl 'xla' or 'auto'.")
+    return tpu_kernel(q, k_pool, v_pool, page_table, lengths, interpret=backend != "tpu")
+
+
+def _check_shapes(q, k_pool, v_pool, page_table, lengths):
+    if q.ndim != 3 or k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"q {q.shape}, k_pool {k_pool.shape} and v_pool {v_pool.shape} are not allowed: q must be "
+                         "[B, H, d] and both pools [K, num_pages, page_size, d].")
+    (b, h, d), (kv_heads, head_dim) = q.shape, (k_pool.shape[0], k_pool.shape[3])
+    if d != head_dim or h % kv_heads:
+        raise ValueError(f"q {q.shape} and pools {k_pool.shape} are not allowed: they must share head_dim and H "
+                         "must be a multiple of K.")
+    if page_table.ndim != 2 or page_table.shape[0] != b or lengths.shape != (b,):
+        raise ValueError(f"page_table {page_table.shape} and lengths {lengths.shape} are not allowed: they must be "
+                         f"[B, W] and [B] with B={b}.")
+    if not jnp.issubdtype(page_table.dtype, jnp.integer) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"page_table ({page_table.dtype}) and lengths ({lengths.dtype}) must be integers.")
+
+
+def _length_mask(lengths, width, page_size):
+    """``[B, W * P]``: key ``j`` of sequence ``b`` is one of its ``lengths[b]``."""
+    return jnp.arange(width * page_size)[None, :] < lengths[:, None]
+
+
+def _masked_softmax(scores, mask):
+    """softmax over the last axis where ``mask``; a row with no key gets all zeros (no NaN)."""
+    scores = jnp.where(mask, scores, -jnp.inf)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    return weights / jnp.where(total > 0, total, 1.0)
+
+
+def reference(q, k_pool, v_pool, page_table, lengths):
+    """The definition, in float32 (lengths in ``[0, W * P]``)."""
+    b, h, d = q.shape
+    group = h // k_pool.shape[0]
+    k = jnp.repeat(paged.gather(k_pool, page_table).astype(F32), group, axis=1)  # [B, H, S, d]
+    v = jnp.repeat(paged.gather(v_pool, page_table).astype(F32), group, axis=1)
+    scores = jnp.einsum("bhd,bhsd->bhs", q.astype(F32), k) / math.sqrt(d)
+    mask = _length_mask(lengths, page_table.shape[1], k_pool.shape[2])[:, None, :]
+    return jnp.einsum("bhs,bhsd->bhd", _masked_softmax(scores, mask), v).astype(q.dtype)
+
+
+def xla(q, k_pool, v_pool, page_table, lengths):
+    """The table's pages gathered, one ``[G, d]`` query matrix per key-value head; products in q's
+    dtype, accumulation and probabilities in float32 (lengths in ``[0, W * P]``)."""
+    b, h, d = q.shape
+    kv_heads = k_pool.shape[0]
+    k = paged.gather(k_pool, page_table).astype(q.dtype)  # [B, K, S, d]
+    v = paged.gather(v_pool, page_table).astype(q.dtype)
+    q = q.reshape(b, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("bkgd,bksd->bkgs", q, k, preferred_element_type=F32) * (1.0 / math.sqrt(d))
+    mask = _length_mask(lengths, page_table.shape[1], k_pool.shape[2])[:, None, None, :]
+    out = jnp.einsum("bkgs,bksd->bkgd", _masked_softmax(scores, mask).astype(v.dtype), v)
+    return out.reshape(b, h, d)
+
+
+def tpu_unsupported(q, k_pool, page_table) -> str | None:
+    """Why the TPU kernel cannot take this shape (None: it can). Its blocks tile ``[keys, head_dim]``
+    in (sublane, lane) = (16 for bfloat16, 128) units, as JAX's own tests use it."""
+    head_dim, page_size = q.shape[-1], k_pool.shape[2]
+    if head_dim % 128:
+        return f"the Pallas TPU kernel needs head_dim a multiple of 128, got {head_dim}"
+    if page_size % 16:
+        return f"the Pallas TPU kernel needs page_size a multiple of 16, got {page_size}"
+    return None
+
+
+def pages_per_block(width: int, page_size: int) -> int:
+    """The TPU kernel's pages per compute block: the largest divisor of the table's ``width`` (the
+    kernel requires one) whose block holds at most :data:`TPU_BLOCK_KEYS` keys, or 1."""
+    return max([n for n in range(1, width + 1) if width % n == 0 and n * page_size <= TPU_BLOCK_KEYS] or [1])
+
+
+def tpu_kernel(q, k_pool, v_pool, page_table, lengths, *, interpret: bool = False):
+    """JAX's Pallas TPU paged attention (``interpret``: simulated on CPU). The kernel does not scale
+    q: it gets q / sqrt(d) in float32 (the model's scaling). Lengths must be in ``[0, W * P]``: the
+    kernel reads a sequence's table entries up to its length, into the next row past ``W``."""
+    scaled = q.astype(F32) * (1.0 / math.sqrt(q.shape[-1]))
+    block = pages_per_block(page_table.shape[1], k_pool.shape[2])
+    with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
+        out = tpu_paged_attention(scaled, k_pool, v_pool, lengths.astype(jnp.int32), page_table.astype(jnp.int32),
+                                  pages_per_compute_block=block)
+    return out.astype(q.dtype)
