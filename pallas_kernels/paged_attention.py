@@ -1,29 +1,13 @@
-"""Decode attention over a paged KV cache: one query per sequence against the keys its page table
-holds (the layout of :mod:`pallas_kernels.paged`).
+"""Decode attention over a paged KV cache (the layout of :mod:`pallas_kernels.paged`): ``q [B, H, d]``,
+each sequence's newest position, against its first ``lengths[b]`` keys (clipped to the table's
+``W * page_size``), softmax(q k^T / sqrt(d)) v with float32 probabilities; length 0 gives zeros.
 
-``q [B, H, d]`` is each sequence's newest position; the pools are ``[K, num_pages, page_size, d]``
-(H a multiple of K: grouped-query attention), ``page_table [B, W]`` and ``lengths [B]`` the keys
-each sequence holds, the one just written included. Query ``b`` sees positions ``< lengths[b]``
-(clipped to the ``W * page_size`` the table spans): softmax(q k^T / sqrt(d)) v with probabilities
-in float32. A sequence of length 0 sees nothing and gets zeros.
-
-Implementations, chosen by ``impl``:
-  * ``"reference"``: the definition, in float32: the table's pages gathered dense, each query head
-    against its key-value head's keys, masked softmax.
-  * ``"xla"``: the table's ``W`` pages gathered (never the whole pool), each key-value head's query
-    group as one matrix (two batched products, as the model's dense attention), products in q's
-    dtype with float32 accumulation.
-  * ``"pallas"``: JAX's Pallas TPU kernel (``jax.experimental.pallas.ops.tpu.paged_attention``),
-    which reads each sequence's pages straight from the pool by DMA and skips the blocks past its
-    length; interpreted on CPU (for tests); no GPU kernel (a ValueError on GPU). Its constraints
-    (:func:`tpu_unsupported`): head_dim a multiple of 128, page_size a multiple of 16; it does not
-    scale q (we pass q / sqrt(d) in float32) and rounds K and V to bfloat16 inside (exact only for
-    bfloat16 pools). Lowered from a CPU host and run interpreted; not yet run on TPU hardware
-    (JAX's own TPU test of it is skipped upstream for "data races"; the interpreter's race detector
-    finds none at this package's test shapes).
-  * ``"auto"``: "pallas" on TPU where the kernel is exact and allowed (bfloat16 pools,
-    :func:`tpu_unsupported` None), else "xla". An explicit "pallas" on a shape the kernel does not
-    allow raises a ValueError naming what is allowed.
+``impl``: ``"reference"`` (the definition in float32), ``"xla"`` (the table's W pages gathered, one
+query matrix per key-value head), ``"pallas"`` (JAX's Pallas TPU ``paged_attention``, which reads the
+pages from the pool by DMA and skips blocks past a sequence's length; interpreted on CPU, none on
+GPU; head_dim a multiple of 128 and page_size of 16, see :func:`tpu_unsupported`; it rounds K and V
+to bfloat16, so it is exact for bfloat16 pools only; lowered for TPU, not yet run on TPU hardware),
+``"auto"`` ("pallas" on TPU where it is exact and allowed, else "xla").
 """
 from __future__ import annotations
 
