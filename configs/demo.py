@@ -66,7 +66,9 @@ def get_config():
         # (the demo's) read p_inf from the rollout actor's copy with a pass of their own, so the
         # demo stores none.
         logprobs_top_k=0,
-        max_concurrent_decodes=128))
+        max_concurrent_decodes=128,
+        # the process's devices the engine spreads its slots (and KV pool) over; 0: all of them
+        engine_devices=1))
 
     config.algorithm = ml_collections.ConfigDict(dict(
         mode="jackpot",  # on_policy | off_policy | tis | tis_distill | jackpot

@@ -208,3 +208,19 @@ def test_registry_errors_name_the_problem():
 
     with pytest.raises(TypeError, match=r"lacks \['init_cache'\]"):
         check_protocol(NoCache(config, rngs=nnx.Rngs(0)))
+
+
+def test_the_engine_spreads_over_the_devices_the_config_names():
+    """rollout.engine_devices of the devices that hold the model (all of the process's for a model on
+    one device); more than there are is refused, naming the key."""
+    from configs.demo import get_config  # noqa: PLC0415
+    from jackpot_jax.config import ConfigError  # noqa: PLC0415
+    from jackpot_jax.train import build as train_build  # noqa: PLC0415
+
+    model, config = Transformer(preset("tiny-qwen3"), rngs=nnx.Rngs(0)), get_config()
+    for wanted, count in ((1, 1), (3, 3), (0, 8)):
+        config.rollout.engine_devices = wanted
+        assert train_build.engine_devices(config, model) == jax.local_devices()[:count]
+    config.rollout.engine_devices = 9
+    with pytest.raises(ConfigError, match="engine_devices=9 is not allowed: the engine has 8 devices"):
+        train_build.engine_devices(config, model)

@@ -152,6 +152,19 @@ def make_updater(config, policy, actor, total_updates: int, mesh=None, actor_mes
     return Updater(*args, mesh=mesh)
 
 
+def engine_devices(config, model) -> list:
+    """The devices an engine spreads its slots over: ``rollout.engine_devices`` (0: all) of those of
+    this process that hold the model's parameters (all of its devices when one does)."""
+    held = {d for x in jax.tree.leaves(nnx.state(model, nnx.Param)) for d in x.sharding.device_set
+            if d.process_index == jax.process_index()}
+    local = sorted(held, key=lambda d: d.id) if len(held) > 1 else jax.local_devices()
+    wanted = config.rollout.engine_devices or len(local)
+    if wanted > len(local):
+        raise ConfigError(f"config.rollout.engine_devices={wanted} is not allowed: the engine has {len(local)} "
+                          "devices in this process.")
+    return local[:wanted]
+
+
 def rollout_engine(model, config):
     """The engine that generates rollouts: JetStream's (:class:`~jackpot_jax.rollout.engine.JackpotEngine`)
     when google-jetstream is installed, else its decoding core (same code, same samples)."""
@@ -161,7 +174,7 @@ def rollout_engine(model, config):
         logger.warning("google-jetstream is not importable (%s): rollouts use the decoding core directly.", error)
         Engine = DecodeCore  # noqa: N806
     rollout = config.rollout
-    return Engine(model, max_concurrent_decodes=rollout.max_concurrent_decodes,
+    return Engine(model, devices=engine_devices(config, model), max_concurrent_decodes=rollout.max_concurrent_decodes,
                   max_prefill_length=config.data.max_prompt_tokens,
                   max_target_length=config.data.max_prompt_tokens + rollout.max_new_tokens,
                   logprobs_top_k=rollout.logprobs_top_k)

@@ -323,7 +323,8 @@ class Trainer:
             if self.eval_core is None:  # the policy's own decoding core; the actor's is the rollout engine
                 policy = nnx.merge(self.updater.policy_def, self._local(self.state.policy), self.updater.policy_rest)
                 engine = core_of(self.engine)
-                self.eval_core = DecodeCore(policy, max_concurrent_decodes=engine.slots,
+                self.eval_core = DecodeCore(policy, devices=build.engine_devices(self.config, policy),
+                                            max_concurrent_decodes=engine.slots,
                                             max_prefill_length=engine.prefill_buckets[-1],
                                             max_target_length=engine.max_target_length)
             self.eval_core.update_params(self._local(self.state.policy))
