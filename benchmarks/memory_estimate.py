@@ -67,8 +67,8 @@ Parameters are in the config's ``param_dtype`` (the presets: float32), p bytes e
   policy's: each process generates for its own prompts with ``rollout.max_concurrent_decodes``
   slots. The engine decodes where its parameters are, one device per process, so all of a
   process's slots sit on that device: L = 1, the default. ``--engine-devices L`` shows what an
-  engine that spread its slots over L devices of a process (data-parallel decoding; not built)
-  would need. The eval KV gets the same placement (an assumption: its decode state's sharding is
+  engine that spreads its slots over L devices of a process needs (``rollout.engine_devices``:
+  data-parallel decoding, the whole actor on each of them). The eval KV gets the same placement (an assumption: its decode state's sharding is
   left to XLA).
 - peak = trained states + engine copy + eval copy + max(rollout KV, eval KV, update), on the device
   that holds the engine (the other devices hold less); it fits when it is at most 90% of the
@@ -437,7 +437,7 @@ def table_main(args):
         print(f"**{_describe(name, config, args.param_dtype)}**\n")
         print("| hardware | recommended mesh (data, fsdp, tensor) | micro | trained states | engine actor "
               "| eval policy | update | rollout KV | eval KV | peak | of memory | decode slots per process "
-              "| slots if spread over a process's devices (not built) |")
+              "| slots spread over a process's devices (rollout.engine_devices=0) |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
         for device, chips in TARGETS:
             kind = DEVICE_KINDS[device]
