@@ -16,6 +16,9 @@ slots as their sequences grow; a step reads the pages its table spans) for model
 ``init_paged_cache``; a contiguous ``[slots, max_target_length]`` cache for other models, or with
 ``page_size=None``.
 
+Over several ``devices`` each device runs the same jitted calls on its own slots and part of the
+KV pool (``shard_map``), with a whole copy of the model.
+
 Randomness: each request has a key; its ``t``-th generated token is drawn with ``fold_in(key, t)``,
 whatever slot, batch or call it runs in, so batching gives the samples of one-by-one generation.
 """
@@ -143,7 +146,12 @@ def finish_code(token, steps, limit, recent, stops: Stops):
 
 
 class DecodeCore:
-    """Jitted admission / prefill / insert / decode for ``model`` (its graph; parameters are passed in)."""
+    """Jitted admission / prefill / insert / decode for ``model`` (its graph; parameters are passed in).
+
+    ``devices``: several devices (of this process) to spread the slots over, data-parallel: each
+    decodes ``slots / len(devices)`` of them with a whole copy of the parameters and holds their
+    part of the KV pool; None (or one device): everything where the parameters are (sharded or not).
+    """
 
     def __init__(self, model, *, max_concurrent_decodes: int, max_prefill_length: int, max_target_length: int,
                  logprobs_top_k: int = 0, default_sampling: SamplingParams | None = None, page_size: int | None = 16,
