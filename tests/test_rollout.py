@@ -25,7 +25,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", params=[pytest.param("llama", marks=pytest.mark.slow), "qwen3"])  # llama: make test-slow
+@pytest.fixture(scope="module", params=[pytest.param("llama", marks=pytest.mark.slow), "qwen3"])  # llama: test-slow
 def pair(request, tmp_path_factory):
     """A transformers model with random, fairly peaked weights and ours loaded from its checkpoint."""
     torch.manual_seed(0)
