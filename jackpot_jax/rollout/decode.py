@@ -167,6 +167,7 @@ class DecodeCore:
         self.slots = max_concurrent_decodes
         self.mesh = None if devices is None or len(devices) == 1 else Mesh(np.asarray(devices), (SLOTS,))
         self.parts = 1 if self.mesh is None else len(devices)
+        self.slots_per_device = self.slots // self.parts
         if self.slots % self.parts:
             raise ValueError(f"max_concurrent_decodes={self.slots} is not allowed over {self.parts} devices: it must "
                              "be a multiple of the number of devices.")
@@ -247,7 +248,7 @@ class DecodeCore:
 
     def slot_device(self, slot: int) -> int:
         """The device (index along the core's devices) that decodes ``slot``."""
-        return slot // (self.slots // self.parts)
+        return slot // self.slots_per_device
 
     # ---------------------------------------------------------------- prefill
 
@@ -346,7 +347,7 @@ class DecodeCore:
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot={slot} is not allowed: it must be in [0, {self.slots}).")
         length = int(prefix.length)
-        device, local = self.slot_device(slot), self.slots // self.parts
+        device, local = self.slot_device(slot), self.slots_per_device
         to = np.full((self.parts, 1), local, np.int32)  # per device: its own index of the slot, or a dropped one
         to[device] = slot % local
         pages = None
@@ -402,7 +403,7 @@ class DecodeCore:
                     tokens[d, i, :len(prompt)], lengths[d, i] = prompt, len(prompt)
                 order[d, :len(rs)] = rs
                 rows[d, :len(rs)] = [row_of[d][tuple(prompts[r])] for r in rs]
-            local = self.slots // self.parts
+            local = self.slots_per_device
             slot_of = np.where(order >= 0, np.asarray(slots)[np.maximum(order, 0)], -1)
             to = np.where(order >= 0, slot_of % local, local).astype(np.int32)
             index = np.where(order >= 0, order, members[0])
