@@ -35,10 +35,15 @@ def write(pool, new, page_table, positions):
 def gather(pool, page_table):
     """The pages of ``page_table [B, W]`` as ``[B, K, W * P, d]``: position ``j`` of sequence
     ``b`` is row ``j % P`` of its page ``j // P``."""
+    return gather_by_head(pool, page_table).transpose(1, 0, 2, 3)
+
+
+def gather_by_head(pool, page_table):
+    """:func:`gather` in the pool's head-major order, ``[K, B, W * P, d]``: whole pages copied,
+    nothing transposed."""
     kv_heads, _, page_size, head_dim = pool.shape
     b, width = page_table.shape
-    pages = jnp.take(pool, page_table.reshape(-1), axis=1).reshape(kv_heads, b, width * page_size, head_dim)
-    return pages.transpose(1, 0, 2, 3)
+    return jnp.take(pool, page_table.reshape(-1), axis=1).reshape(kv_heads, b, width * page_size, head_dim)
 
 
 def write_prefix(pool, part, pages):

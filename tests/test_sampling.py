@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jackpot_jax.rollout import SamplingParams, processed_log_probs, processed_log_probs_reference, sample
-from jackpot_jax.rollout.sampling import BRACKET, TOP_K_CANDIDATES, inverse_cdf, top_k
+from jackpot_jax.rollout.sampling import BRACKET, TOP_K_CANDIDATES, argmax, block_maxima, inverse_cdf, top_k
 
 fast = jax.jit(processed_log_probs)
 reference = jax.jit(processed_log_probs_reference)
@@ -102,7 +102,8 @@ def test_greedy_rows_are_the_point_mass_on_the_argmax(rng):
 
 
 def test_sample_draws_what_the_reference_distribution_gives(rng):
-    """Same keys, same kept set: the same tokens as sampling from the reference log-probs."""
+    """Same keys, same kept set: the same tokens as sampling from the reference log-probs, and their
+    log-probs and top-k (the normalizer summed in another order: within float32 rounding)."""
     logits = jnp.asarray(rng.standard_normal((16, 500)) * 2, jnp.float32)
     p = params([1.0] * 16, [0.9] * 8 + [1.0] * 8, [0] * 4 + [20] * 4 + [0] * 4 + [20] * 4)
     keys = jax.random.split(jax.random.key(3), 16)
@@ -111,7 +112,9 @@ def test_sample_draws_what_the_reference_distribution_gives(rng):
     cdf = np.cumsum(np.exp(np.asarray(logp, np.float64)), -1)
     u = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys), np.float64)
     np.testing.assert_array_equal(drawn.tokens, np.minimum(np.sum(cdf < (u * cdf[:, -1])[:, None], -1), 499))
-    np.testing.assert_array_equal(drawn.logprobs, np.asarray(logp)[np.arange(16), drawn.tokens])
+    np.testing.assert_allclose(drawn.logprobs, np.asarray(logp)[np.arange(16), drawn.tokens], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(drawn.topk_ids, jax.lax.top_k(logp, 5)[1])
+    np.testing.assert_allclose(drawn.topk_logprobs, jax.lax.top_k(logp, 5)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_two_level_top_k_and_inverse_cdf_equal_the_one_level_definitions(rng):
@@ -129,10 +132,16 @@ def test_two_level_top_k_and_inverse_cdf_equal_the_one_level_definitions(rng):
     np.testing.assert_array_equal(ids, want_ids)
     p = np.exp(x - x.max(-1, keepdims=True))
     u = np.asarray(list(rng.uniform(size=4)) + [1 - 2.0 ** -24, 1 - 2.0 ** -24], np.float32)
-    drawn = np.asarray(jax.jit(inverse_cdf)(jnp.asarray(p), jnp.asarray(u)))
+    drawn, total = jax.jit(inverse_cdf)(jnp.asarray(p), jnp.asarray(u))
+    drawn = np.asarray(drawn)
     cdf = np.cumsum(p.astype(np.float64), -1)
     np.testing.assert_array_equal(drawn[:4], np.sum(cdf[:4] < (u[:4] * cdf[:4, -1])[:, None], -1))
     assert p[np.arange(6), drawn].min() > 0 and drawn[5] == 2002
+    np.testing.assert_allclose(total, cdf[:, -1], rtol=1e-6)
+    given = jax.jit(lambda x: top_k(x, k, block_maxima(x)))(jnp.asarray(x))  # the maxima passed in
+    np.testing.assert_array_equal(given[1], want_ids)
+    x[1, [5, 900]] = np.nan  # argmax: the first maximum, the first NaN as numpy's
+    np.testing.assert_array_equal(jax.jit(argmax)(jnp.asarray(x)), np.argmax(x, -1))
 
 
 @given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.05, 8.0), decimals=st.sampled_from([None, 0, 1]),
