@@ -23,8 +23,8 @@ second floor counts all ``--cache`` positions.
         [--steps 128] [--steps-per-call 1] [--page-size 16]
 
 ``sampling`` times ``sample`` (jitted, random normal ``[B, V]`` logits times ``--scale``, ``logprobs_top_k`` 20) at
-top_p = 1, top_p = 0.95 and top_k = 50 with the sort-free ``processed_log_probs`` and the sorting
-``processed_log_probs_reference``, then a decode step (``DecodeCore.generate_steps``, one step per call) of a small
+top_p = 1, top_p = 0.95 and top_k = 50 with the sort-free ``processed_logits`` and the sorting
+``processed_logits_reference``, then a decode step (``DecodeCore.generate_steps``, one step per call) of a small
 Qwen3 (hidden 256, 4 layers, tied embeddings, vocabulary 151,936, random weights) at top_p = 1 and 0.95.
 
     python benchmarks/rollout.py sampling [--batches 32 64] [--vocabs 32000 151936] [--repeats 5] [--steps 20]
@@ -189,8 +189,8 @@ def sampling(argv):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps")
     args = parser.parse_args(argv)
-    implementations = {"sort-free": sampling_module.processed_log_probs,
-                       "reference (sort)": sampling_module.processed_log_probs_reference}
+    implementations = {"sort-free": sampling_module.processed_logits,
+                       "reference (sort)": sampling_module.processed_logits_reference}
     settings = {"top_p = 1": (1.0, 0), "top_p = 0.95": (0.95, 0), "top_k = 50": (1.0, 50)}
     dev = jax.devices()[0]
     print(f"sample, ms per call (median of {args.repeats}, all cells of a row timed in turns), logits "
@@ -205,7 +205,7 @@ def sampling(argv):
             fns = []
             for top_p, top_k in settings.values():
                 for impl in implementations.values():
-                    sampling_module.processed_log_probs = impl  # what sample calls, looked up when traced
+                    sampling_module.processed_logits = impl  # what sample calls, looked up when traced
                     step = jax.jit(lambda k, x, p: sample(k, x, p, 20))
                     jax.block_until_ready(step(keys, logits, SamplingParams.fill(batch)))  # traced with impl
                     fns.append(lambda step=step, p=SamplingParams.fill(batch, 1.0, top_p, top_k): step(keys, logits, p))
@@ -218,11 +218,11 @@ def sampling(argv):
     print(f"\nDecode step, Qwen3 hidden 256, 4 layers, tied embeddings, vocabulary 151,936, random weights, float32, "
           f"batch 32, 64 filled positions, one step per call (the tokens fetched after each), ms per step (median of "
           f"{args.steps}, the four timed in turns)\n")
-    print("| processed_log_probs | top_p = 1 | top_p = 0.95 | ratio |")
+    print("| processed_logits | top_p = 1 | top_p = 0.95 | ratio |")
     print("|---|---|---|---|")
     fns = []
     for impl in implementations.values():
-        sampling_module.processed_log_probs = impl
+        sampling_module.processed_logits = impl
         core = DecodeCore(model, max_concurrent_decodes=32, max_prefill_length=16, max_target_length=256,
                           logprobs_top_k=20)
         for top_p in (1.0, 0.95):
@@ -237,7 +237,7 @@ def sampling(argv):
                 return jax.device_get(drawn.sampled.tokens)  # the host needs the tokens, as generate does
 
             fns.append(decode_step)
-    sampling_module.processed_log_probs = implementations["sort-free"]
+    sampling_module.processed_logits = implementations["sort-free"]
     cells = interleaved_ms(fns, args.steps)
     for i, name in enumerate(implementations):
         print(f"| {name} | {cells[2 * i]:.1f} | {cells[2 * i + 1]:.1f} | {cells[2 * i + 1] / cells[2 * i]:.2f}x |")

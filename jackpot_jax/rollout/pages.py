@@ -13,6 +13,16 @@ import numpy as np
 from pallas_kernels.paged import SCRATCH_PAGE
 
 
+def table_width(pages: int, most: int) -> int:
+    """The page-table width (one compiled decode step each) for ``pages`` pages: the smallest of 1,
+    2, 4, 8, 12, 16, 24, 32, 48, ... (powers of two, and from 8 up 1.5 times them: attention reads
+    at most a third more than it needs) that holds them, at most ``most``."""
+    width = 1 << (max(1, pages) - 1).bit_length()
+    if width >= 16 and pages <= 3 * width // 4:
+        width = 3 * width // 4
+    return min(width, most)
+
+
 class PagePool:
     def __init__(self, num_pages: int, page_size: int, slots: int, max_pages_per_slot: int, parts: int = 1):
         if num_pages % parts or slots % parts:
@@ -56,12 +66,11 @@ class PagePool:
     def table(self, rows=None, width: int | None = None) -> np.ndarray:
         """The page table ``[len(rows), width]`` of slots ``rows`` (default: all; an index past the
         slots gets an empty row), unowned entries the scratch page; ``width`` defaults to the
-        smallest power of two (at most ``max_pages_per_slot``) that holds every slot's pages."""
+        :func:`table_width` of the slot holding the most pages."""
         rows = range(len(self._owned)) if rows is None else rows
         owned = [self._owned[r] if 0 <= r < len(self._owned) else [] for r in rows]
         if width is None:
-            longest = max([1] + [len(pages) for pages in self._owned])
-            width = min(1 << (longest - 1).bit_length(), self.max_pages_per_slot)
+            width = table_width(max([1] + [len(pages) for pages in self._owned]), self.max_pages_per_slot)
         table = np.full((len(owned), width), SCRATCH_PAGE, np.int32)
         for i, pages in enumerate(owned):
             table[i, :min(len(pages), width)] = pages[:width]

@@ -6,7 +6,8 @@ order (Hugging Face ``generate``'s order): logits / temperature, then top-k (kee
 logits and every logit tied with the k-th), then top-p (keep a token iff the probability mass of the
 tokens strictly more likely than it is < top_p: always at least one token, and tied tokens together),
 renormalized. :func:`processed_log_probs_reference` computes this by sorting the vocabulary,
-:func:`processed_log_probs` (what :func:`sample` uses) finds the same thresholds without sorting. Greedy decoding
+:func:`processed_log_probs` finds the same thresholds without sorting (:func:`sample` draws from
+its logits, :func:`processed_logits`). Greedy decoding
 (temperature 0) is the point mass on the argmax (lowest id among ties): its log-prob is 0.
 The returned ``logprob`` and ``topk_logprobs`` are ``log p_inf``; a token outside the kept set
 has log-prob ``-inf``.
@@ -342,7 +343,7 @@ def sample(key, logits, params: SamplingParams, logprobs_top_k: int = 0) -> Samp
     three passes over ``[B, V]`` where a log-softmax first takes five.
     """
     kept = processed_logits(logits, params)
-    maxima = block_maxima(kept)
+    maxima = jax.lax.optimization_barrier(block_maxima(kept))  # else XLA takes the row maxima in a pass of their own
     top = jnp.max(maxima, axis=-1, keepdims=True)  # finite: p_inf keeps at least one token
     shifted = kept - top
     u = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(key)
