@@ -40,6 +40,8 @@ class Rollout:
     topk_logprobs: list[np.ndarray]
     finish_reasons: list[str]
     preempted: int = 0  # requests restarted because the KV pool ran out (their samples are unchanged)
+    mean_concurrent: float = 0.0  # requests holding a slot per decode step, on average over the steps
+    peak_concurrent: int = 0  # and at most
 
 
 def _check_prompts(prompts, vocab_size):
@@ -153,6 +155,7 @@ class _Driver:
         self.free = list(range(core.slots))[::-1]
         self.queue = collections.deque(range(len(prompts)))
         self.preempted = 0
+        self.slot_steps, self.steps, self.peak = 0, 0, 0  # requests in slots x decode steps; steps; the most
 
     def run(self, prompt_index) -> Rollout:
         pending = collections.deque()
@@ -163,6 +166,8 @@ class _Driver:
             if needed > 0:
                 steps = 1 << (min(self.steps_per_call, int(needed)).bit_length() - 1)
                 self._reserve(steps)
+                self.slot_steps, self.steps = self.slot_steps + steps * len(self.owner), self.steps + steps
+                self.peak = max(self.peak, len(self.owner))
                 state, drawn = self.core.generate_steps(self.params, state, steps, self.stops)
                 pending.append(("steps", {s: (r, self.epoch[r]) for s, r in self.owner.items()}, drawn, None))
                 self.dispatched[list(self.owner.values())] += steps
@@ -258,7 +263,8 @@ class _Driver:
                        logprobs=[p.logprobs.astype(np.float32) for p in pieces],
                        topk_ids=[p.topk_ids.astype(np.int32) for p in pieces],
                        topk_logprobs=[p.topk_logprobs.astype(np.float32) for p in pieces],
-                       finish_reasons=self.finish, preempted=self.preempted)
+                       finish_reasons=self.finish, preempted=self.preempted,
+                       mean_concurrent=self.slot_steps / max(1, self.steps), peak_concurrent=self.peak)
 
 
 def _progress(total):

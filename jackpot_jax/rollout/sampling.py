@@ -53,12 +53,9 @@ def check_sampling(temperature, top_p, top_k) -> None:
 
 
 def _scaled(logits, params: SamplingParams):
-    """Logits / temperature ``[B, V]`` float32 (greedy rows: / 1; no division when every divisor is 1,
-    the RL setting) and the greedy rows ``[B]``."""
+    """Logits / temperature ``[B, V]`` float32 (greedy rows: / 1) and the greedy rows ``[B]``."""
     greedy = params.temperature <= 0
-    divisor = jnp.where(greedy, 1.0, params.temperature)
-    logits = logits.astype(jnp.float32)
-    return jax.lax.cond(jnp.all(divisor == 1.0), lambda x: x, lambda x: x / divisor[:, None], logits), greedy
+    return logits.astype(jnp.float32) / jnp.where(greedy, 1.0, params.temperature)[:, None], greedy
 
 
 def argmax(x):
@@ -74,11 +71,9 @@ def argmax(x):
 
 def _point_mass(logits, scaled, greedy):
     """``scaled`` with each greedy row the point mass on its raw argmax (0 there, -inf elsewhere)."""
-    def point(scaled):
-        at = jnp.arange(scaled.shape[-1])[None, :] == argmax(logits)[:, None]
-        return jnp.where(greedy[:, None], jnp.where(at, 0.0, NEG_INF), scaled)
-
-    return jax.lax.cond(jnp.any(greedy), point, lambda s: s, scaled)
+    at = jax.lax.cond(jnp.any(greedy), argmax, lambda x: jnp.full(x.shape[:1], -1, jnp.int32), logits)
+    point = jnp.where(jnp.arange(scaled.shape[-1])[None, :] == at[:, None], 0.0, NEG_INF)
+    return jnp.where(greedy[:, None], point, scaled)
 
 
 def processed_log_probs_reference(logits, params: SamplingParams):
@@ -247,7 +242,7 @@ def processed_logits(logits, params: SamplingParams):
     more likely than a token is within float32 rounding of top_p (the sums are taken in another order).
     """
     scaled, greedy = _scaled(logits, params)
-    vocab = scaled.shape[-1]
+    vocab, rows = scaled.shape[-1], scaled.shape[0]
 
     def top_k(scaled):
         k = params.top_k
@@ -257,24 +252,25 @@ def processed_logits(logits, params: SamplingParams):
         kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, candidates - 1)[:, None], axis=-1)[:, 0]
         far = jax.lax.cond(jnp.any(wide), lambda s: _kth_largest(s, k, ~wide), lambda s: jnp.full_like(kth, NEG_INF),
                            scaled)
-        kth = jnp.where(off, NEG_INF, jnp.where(wide, far, kth))
-        return jnp.where(scaled >= kth[:, None], scaled, NEG_INF)
+        return jnp.where(off, NEG_INF, jnp.where(wide, far, kth))
 
-    def nucleus(scaled):
+    def nucleus(scaled, t_k):
+        scaled = jnp.where(scaled >= t_k[:, None], scaled, NEG_INF)
         top = jnp.max(scaled, axis=-1, keepdims=True)
 
         def weight(v):  # p times the row's normalizer; 0 in float32 below top - 104
             return jnp.exp(v - top)
 
         total = jnp.sum(weight(scaled), axis=-1)
-        t = _threshold(scaled, weight, params.top_p * total, top[:, 0] - 104.0, total, top[:, 0],
-                       jnp.zeros(scaled.shape[0]), greedy | (params.top_p >= 1))
-        return jnp.where(scaled >= t[:, None], scaled, NEG_INF)
+        return _threshold(scaled, weight, params.top_p * total, top[:, 0] - 104.0, total, top[:, 0],
+                          jnp.zeros(rows), greedy | (params.top_p >= 1))
 
-    # greedy rows are the point mass whatever they ask for
-    scaled = jax.lax.cond(jnp.any((params.top_k > 0) & ~greedy), top_k, lambda s: s, scaled)
-    scaled = jax.lax.cond(jnp.any((params.top_p < 1.0) & ~greedy), nucleus, lambda s: s, scaled)
-    return _point_mass(logits, scaled, greedy)
+    # the conditions give per-row thresholds (-inf: off), applied in one mask the consumers fuse
+    off = lambda *_: jnp.full((rows,), NEG_INF)  # noqa: E731
+    t_k = jax.lax.cond(jnp.any((params.top_k > 0) & ~greedy), top_k, off, scaled)
+    t_p = jax.lax.cond(jnp.any((params.top_p < 1.0) & ~greedy), nucleus, off, scaled, t_k)
+    kept = jnp.where((scaled >= t_k[:, None]) & (scaled >= t_p[:, None]), scaled, NEG_INF)
+    return _point_mass(logits, kept, greedy)  # greedy rows are the point mass whatever they ask for
 
 
 class Sampled(NamedTuple):
@@ -282,6 +278,12 @@ class Sampled(NamedTuple):
     logprobs: jax.Array  # [B] log p_inf(token)
     topk_ids: jax.Array  # [B, K] int32, most likely first (K = 0: empty)
     topk_logprobs: jax.Array  # [B, K] log p_inf of those
+
+
+def _block_size(vocab: int, size: int) -> int:
+    """The largest divisor of ``vocab`` in [size / 4, size] (no padding: XLA:CPU pads a [B, V] array in a
+    pass of its own, and a gather from padded blocks costs 25x one from whole ones at V = 151,936), else size."""
+    return next((b for b in range(size, size // 4 - 1, -1) if vocab % b == 0), size)
 
 
 def _blocks(x, size, fill):
@@ -302,7 +304,8 @@ def inverse_cdf(p, u):
     ``p [B, V]`` (unnormalized) and ``u [B]`` in [0, 1), and that total ``[B]``: a cumulative sum
     over blocks of ``CDF_BLOCK`` tokens, then one within the block it falls in (two short scans,
     not one over V: 8x faster on XLA:CPU at V = 32,000). A token of probability 0 is never drawn."""
-    blocks = _blocks(p, CDF_BLOCK, 0.0)
+    size = _block_size(p.shape[1], CDF_BLOCK)
+    blocks = _blocks(p, size, 0.0)
     sums = jnp.sum(blocks, axis=-1)
     cdf = jnp.cumsum(sums, axis=-1)
     target = u * cdf[:, -1]
@@ -311,7 +314,7 @@ def inverse_cdf(p, u):
     inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
     offset = jnp.minimum(jnp.sum(jnp.cumsum(inside, axis=-1) + before[:, None] < target[:, None], axis=-1),
                          _last_positive(inside))
-    return (block * CDF_BLOCK + offset).astype(jnp.int32), cdf[:, -1]
+    return (block * size + offset).astype(jnp.int32), cdf[:, -1]
 
 
 def block_maxima(x):
