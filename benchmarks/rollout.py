@@ -451,7 +451,8 @@ def kv_budget(argv):
                       num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(args.eos, cfg.vocab_size, length).tolist() for length in rng.integers(64, 129, args.prompts)]
+    lengths = rng.integers(64, 129, args.prompts)
+    prompts = [rng.integers(args.eos, cfg.vocab_size, length).tolist() for length in lengths]
     target, page = 128 + args.new, 16
     budget = args.budget_slots * target  # KV positions
     engines = [("contiguous", args.budget_slots, DecodeCore(model, max_concurrent_decodes=args.budget_slots,

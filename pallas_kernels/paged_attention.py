@@ -3,8 +3,8 @@ each sequence's newest position, against its first ``lengths[b]`` keys (clipped 
 ``W * page_size``), softmax(q k^T / sqrt(d)) v with float32 probabilities; length 0 gives zeros.
 
 ``impl``: ``"reference"`` (the definition in float32), ``"xla"`` (the table's W pages gathered, the
-queries of each key-value head in one product), ``"pallas"`` (JAX's Pallas TPU ``paged_attention``, which reads the
-pages from the pool by DMA and skips blocks past a sequence's length; interpreted on CPU, none on
+queries of each key-value head in one product), ``"pallas"`` (JAX's Pallas TPU ``paged_attention``,
+which reads the pages from the pool by DMA and skips blocks past a sequence's length; interpreted on CPU, none on
 GPU; head_dim a multiple of 128 and page_size of 16, see :func:`tpu_unsupported`; it rounds K and V
 to bfloat16, so it is exact for bfloat16 pools only; lowered for TPU, not yet run on TPU hardware),
 ``"auto"`` ("pallas" on TPU where it is exact and allowed, else "xla").

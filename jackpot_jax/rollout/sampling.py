@@ -302,8 +302,9 @@ def _last_positive(x):
 def inverse_cdf(p, u):
     """The first token whose cumulative probability exceeds ``u`` times the row's total, for
     ``p [B, V]`` (unnormalized) and ``u [B]`` in [0, 1), and that total ``[B]``: a cumulative sum
-    over blocks of ``CDF_BLOCK`` tokens, then one within the block it falls in (two short scans,
-    not one over V: 8x faster on XLA:CPU at V = 32,000). A token of probability 0 is never drawn."""
+    over blocks of about ``CDF_BLOCK`` tokens (:func:`_block_size`), then one within the block it
+    falls in (two short scans, not one over V: 8x faster on XLA:CPU at V = 32,000). A token of
+    probability 0 is never drawn."""
     size = _block_size(p.shape[1], CDF_BLOCK)
     blocks = _blocks(p, size, 0.0)
     sums = jnp.sum(blocks, axis=-1)
