@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jackpot_jax.rollout import SamplingParams, processed_log_probs, processed_log_probs_reference, sample
+from jackpot_jax.rollout import sampling
 from jackpot_jax.rollout.sampling import BRACKET, TOP_K_CANDIDATES, argmax, block_maxima, inverse_cdf, top_k
 
 fast = jax.jit(processed_log_probs)
@@ -41,9 +42,9 @@ def definition(logits, temperature, top_p, top_k):
     return out, margins
 
 
-def assert_same(logits, temperature, top_p, top_k, *, truth=True):
+def assert_same(logits, temperature, top_p, top_k, *, truth=True, fn=fast):
     p = params(temperature, top_p, top_k)
-    got, want = np.asarray(fast(logits, p)), np.asarray(reference(logits, p))
+    got, want = np.asarray(fn(logits, p)), np.asarray(reference(logits, p))
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
     np.testing.assert_array_equal(got, want)  # the same kept set gives the same log-probs bit for bit
     if truth:
@@ -65,6 +66,43 @@ def test_mixed_rows_equal_the_reference_and_the_definition(rng, vocab, scale):
     got = assert_same(logits, temperature, top_p, top_k, truth=vocab <= 1000)
     nucleus = np.isfinite(got).sum(-1)[(temperature > 0) & (top_p == 0.9) & (top_k == 0)]
     assert nucleus.size and (nucleus < vocab).all()  # the nucleus really truncates
+
+
+def test_block_wise_extraction_and_the_listed_fast_path(rng):
+    """Traced with a bracket of 4 tokens and 8 listed tokens, V = 2,000 (40 blocks of 50) takes every path of
+    the search: the exact answer from the listed tokens, brackets listed from the blocks whose sums differ,
+    blocks whose large sums could hide a token in rounding, and the whole-row listing when those are too many."""
+    rows, vocab = 32, 2000
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling, "BRACKET", 4)
+        patch.setattr(sampling, "TOP_K_CANDIDATES", 8)
+        narrow = jax.jit(processed_log_probs)
+        narrow.lower(jnp.zeros((rows, vocab)), params(*np.zeros((3, rows)))).compile()  # traced while patched
+        narrow(jnp.zeros((rows, vocab)), params(*np.zeros((3, rows))))
+    logits = rng.standard_normal((rows, vocab)) * rng.choice([0.3, 1.0, 3.0], (rows, 1))
+    logits[8:12] = np.round(logits[8:12], 0)  # ties everywhere
+    logits[12:16] = -13.0 + 0.5 * rng.standard_normal((4, vocab))  # tokens the block sums could hide ...
+    logits[12:16, ::50] = 0.0  # ... beside 40 large ones, one per block: the whole-row listing
+    logits = jnp.asarray(logits, jnp.float32)
+    temperature = np.where(np.arange(rows) % 9 == 8, 0.0, 1.0)
+    top_p = np.array([0.9, 0.5, 0.99, 1e-3])[np.arange(rows) % 4]
+    top_p[12:16] = 1 - 5e-5  # the threshold among the small ones
+    top_k = np.array([0, 0, 3, 0, 500, 20, 0, 0])[np.arange(rows) // 4 % 8]
+    # against the sorted reference (at V = 2,000 many masses lie within 1e-5 of top_p for the float64 check)
+    rest = np.r_[0:12, 16:rows]
+    got = assert_same(logits[rest], temperature[rest], top_p[rest], top_k[rest], truth=False,
+                      fn=lambda x, p: narrow(logits, params(temperature, top_p, top_k))[rest])
+    assert (np.isfinite(got[:8]).sum(-1) < vocab).all()
+    # a small token's share of the mass is ~4 float32 roundings of the sums: the kept sets may differ from the
+    # reference only in tokens whose float64 mass before them is that close to top_p
+    deep = slice(12, 16)
+    ours = np.isfinite(np.asarray(narrow(logits, params(temperature, top_p, top_k))[deep]))
+    theirs = np.isfinite(np.asarray(reference(logits[deep], params(temperature[deep], top_p[deep], top_k[deep]))))
+    x = np.asarray(logits[deep], np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    before = np.array([[row_p[row > v].sum() for v in row] for row, row_p in zip(x, p)])
+    assert (ours.sum(-1) > 40).all() and (np.abs(before - top_p[deep, None])[ours != theirs] < 1e-6).all()
 
 
 def test_ties_at_the_top_k_boundary_are_kept():

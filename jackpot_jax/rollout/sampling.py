@@ -126,6 +126,12 @@ def _key(value):
     return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+def _below(v):
+    """The largest float32 that compares below ``v`` on hardware that reads subnormals as 0 (XLA:CPU does)."""
+    tiny = jnp.finfo(jnp.float32).tiny
+    return jnp.where(jnp.abs(v) < tiny, -tiny, jnp.nextafter(v, NEG_INF))
+
+
 def _value(key):
     """The float32 values of int32 keys (the inverse of :func:`_key`)."""
     return jax.lax.bitcast_convert_type(jnp.where(key < 0, key ^ 0x7FFFFFFF, key), jnp.float32)
@@ -137,6 +143,8 @@ class _Search(NamedTuple):
     hi: jax.Array  # [B] W(hi) < target
     w_lo: jax.Array
     w_hi: jax.Array
+    part_lo: jax.Array  # [B, V / block] W(lo) and W(hi) summed per block of tokens (their sums: w_lo, w_hi)
+    part_hi: jax.Array
     f_lo: jax.Array  # W - target at lo and at hi for the secant, halved when the other end moved twice running
     f_hi: jax.Array
     side: jax.Array  # [B] int32: the end the last pass moved (1: hi, -1: lo, 0: none)
@@ -145,21 +153,38 @@ class _Search(NamedTuple):
     t: jax.Array  # [B] the threshold of the rows done
 
 
-def _threshold(x, weight, target, lo, w_lo, hi, w_hi, done):
+def _search_block(vocab: int) -> int:
+    """Tokens per block of a search's partial sums: the largest divisor of ``vocab`` in [16, 64], else ``vocab``."""
+    return next((b for b in range(64, 15, -1) if vocab % b == 0), vocab)
+
+
+def _partial_sums(x, weight, mid, size):
+    """W(mid) per block of ``size`` tokens ``[B, V / size]``: the sum of ``weight`` over the tokens > ``mid [B]``
+    (``weight(-inf)`` is 0). Weighing the masked values keeps XLA from hoisting a [B, V] ``weight(x)`` out of a
+    search's loop (which doubles what each pass reads); a product with ones, where XLA:CPU fuses the weights
+    into one pass, is 1.8x faster than a sum (which it materializes first)."""
+    rows, vocab = x.shape
+    return weight(jnp.where(x > mid[:, None], x, NEG_INF)).reshape(rows, vocab // size, size) @ jnp.ones(size)
+
+
+def _threshold(x, weight, target, lo, part_lo, hi, part_hi, done, t):
     """Per row of ``x [B, V]`` the smallest value t of its tokens with W(t) < ``target [B]``, where W(v) is the
-    sum of ``weight`` over the tokens with value > v, given lo < t <= hi with W(lo) = w_lo >= target > W(hi) = w_hi;
-    -inf for the rows already ``done``.
+    sum of ``weight`` over the tokens with value > v, given lo < t <= hi, W(lo) >= target > W(hi) and their
+    sums per block of :func:`_search_block` tokens ``part_lo``, ``part_hi`` ``[B, V / block]``; the rows already
+    ``done`` keep ``t``.
 
     Each pass is one sum over ``[B, V]`` at one threshold per row: first at two guesses from a sorted strided
     sample of each row, then regula falsi (Illinois), every 8th pass a bisection of the float32 key (so at most
     ~8 x 32 passes); a bracket (lo, hi] of a single value gives t = hi. Once every bracket holds fewer than
-    ``BRACKET`` tokens (at most its weight over weight(lo)), one ``lax.top_k`` over the brackets lists their
-    tokens in order and their cumulative weights give t: exactly the sorted definition's threshold, up to the
-    order the weights are summed in.
+    ``BRACKET`` tokens (at most its weight over weight(lo)), its tokens are listed in order by one ``lax.top_k``
+    over the blocks whose sums at lo and hi differ (where rounding could hide a token: over the whole row) and
+    their cumulative weights give t: exactly the sorted definition's threshold, up to the order of the sums.
     """
     rows, vocab = x.shape
-    guesses = _guesses(x, weight, target / w_lo)
+    size = _search_block(vocab)
+    blocks = vocab // size
     bracket = min(BRACKET, vocab)
+    guesses = _guesses(x, weight, target / jnp.sum(part_lo, axis=-1))
 
     def step(s):
         klo, khi = _key(s.lo), _key(s.hi)
@@ -169,21 +194,44 @@ def _threshold(x, weight, target, lo, w_lo, hi, w_hi, done):
         guess = guesses[:, jnp.minimum(s.passes, guesses.shape[1] - 1)]
         mid = jnp.where((s.passes < guesses.shape[1]) & (s.lo < guess) & (guess < s.hi), guess, secant)
         mid = jnp.where((s.passes % 8 == 7) | ~((s.lo < mid) & (mid < s.hi)), bisect, mid)
-        mid = jnp.where(s.probe, jnp.nextafter(s.hi, NEG_INF), mid)
-        w = jnp.sum(jnp.where(x > mid[:, None], weight(x), 0.0), axis=-1)
+        mid = jnp.where(s.probe, _below(s.hi), mid)
+        part = _partial_sums(x, weight, mid, size)
+        w = jnp.sum(jax.lax.optimization_barrier(part), axis=-1)  # else XLA sums [B, V] a second time
         to_hi, to_lo = ~s.done & (w < target), ~s.done & (w >= target)
         lo, hi = jnp.where(to_lo, mid, s.lo), jnp.where(to_hi, mid, s.hi)
         single = ~s.done & (_key(lo) >= _key(hi) - 1)  # (lo, hi] holds only the value hi
         return _Search(s.passes + 1, lo, hi, jnp.where(to_lo, w, s.w_lo), jnp.where(to_hi, w, s.w_hi),
+                       jnp.where(to_lo[:, None], part, s.part_lo), jnp.where(to_hi[:, None], part, s.part_hi),
                        jnp.where(to_lo, w - target, jnp.where(to_hi & (s.side == 1), s.f_lo / 2, s.f_lo)),
                        jnp.where(to_hi, w - target, jnp.where(to_lo & (s.side == -1), s.f_hi / 2, s.f_hi)),
                        jnp.where(to_hi, 1, jnp.where(to_lo, -1, s.side)), jnp.zeros_like(s.probe),
                        s.done | single, jnp.where(single, hi, s.t))
 
+    def listed(s):
+        """The tokens of each bracket in descending order ``[B, bracket]``, -inf after the last."""
+        def inside(v):
+            return jnp.where((v > s.lo[:, None]) & (v <= s.hi[:, None]), v, NEG_INF)
+
+        def whole(_):  # the barrier keeps XLA:CPU's TopK a TopK (slices of its output turn it into a sort)
+            return jax.lax.optimization_barrier(jax.lax.top_k(inside(x), bracket)[0])
+
+        if blocks <= bracket:
+            return whole(None)
+        # a block holds a token of the bracket iff its sums differ, unless its sum at lo is so large that
+        # float32 rounding could hide a token of weight(lo) (an error bound of `size` roundings, doubled)
+        held = (s.part_lo > s.part_hi) | (s.part_lo * (size * 2.0 ** -22) >= weight(s.lo[:, None]))
+        crowded = jnp.any(~s.done & (jnp.sum(held, axis=-1) > bracket))
+
+        def by_block(_):  # the first `bracket` blocks holding tokens (in id order: TopK keeps few candidates)
+            score = jnp.where(held, blocks - jnp.arange(blocks), 0).astype(jnp.float32)  # XLA:CPU's TopK: floats
+            chosen = jax.lax.optimization_barrier(jax.lax.top_k(score, bracket)[1])
+            gathered = jnp.take_along_axis(x.reshape(rows, blocks, size), chosen[:, :, None], axis=1)
+            return jax.lax.optimization_barrier(jax.lax.top_k(inside(gathered.reshape(rows, -1)), bracket)[0])
+
+        return jax.lax.cond(crowded, whole, by_block, None)
+
     def extract(s):
-        inside = (x > s.lo[:, None]) & (x <= s.hi[:, None])
-        # the barrier keeps XLA:CPU's TopK a TopK (slices of its output would turn it into a sort of [B, V])
-        tokens = jax.lax.optimization_barrier(jax.lax.top_k(jnp.where(inside, x, NEG_INF), bracket)[0])
+        tokens = listed(s)
         real = tokens > s.lo[:, None]
         w = jnp.where(real, weight(tokens), 0.0)
         above = s.w_hi[:, None] + jnp.take_along_axis(jnp.cumsum(w, axis=-1) - w, _group_starts(tokens), axis=-1)
@@ -200,8 +248,9 @@ def _threshold(x, weight, target, lo, w_lo, hi, w_hi, done):
         return ~jnp.all(s.done | ((s.w_lo - s.w_hi) / weight(s.lo[:, None])[:, 0] < bracket))
 
     done = done | ~(jnp.isfinite(lo) & jnp.isfinite(hi))
-    s = _Search(jnp.array(0), lo, hi, w_lo, w_hi, w_lo - target, w_hi - target, jnp.zeros(rows, jnp.int32),
-                jnp.zeros(rows, bool), done, jnp.full((rows,), NEG_INF))
+    w_lo, w_hi = jnp.sum(part_lo, axis=-1), jnp.sum(part_hi, axis=-1)
+    s = _Search(jnp.array(0), lo, hi, w_lo, w_hi, part_lo, part_hi, w_lo - target, w_hi - target,
+                jnp.zeros(rows, jnp.int32), jnp.zeros(rows, bool), done, t)
     s = jax.lax.while_loop(lambda s: unready(s) & (s.passes < MAX_PASSES), step, s)
     s = jax.lax.cond(jnp.any(~s.done), extract, lambda s: s, s)
     # rows the extraction left (a tie group of >= BRACKET tokens, or a bracket the bound misjudged): passes only
@@ -212,7 +261,8 @@ def _threshold(x, weight, target, lo, w_lo, hi, w_hi, done):
 def _guesses(x, weight, fraction):
     """Two thresholds per row ``[B, 2]`` from a sorted strided sample of ``x [B, V]``: where the sample puts the
     share of the weight above at ``fraction - GUESS_MARGIN`` and ``fraction + GUESS_MARGIN``."""
-    sample = -jnp.sort(-x[:, ::max(1, x.shape[-1] // SKETCH)], axis=-1)
+    # the barrier: else XLA computes weight(x) over [B, V] once for the sample and the passes
+    sample = -jnp.sort(-jax.lax.optimization_barrier(x[:, ::max(1, x.shape[-1] // SKETCH)]), axis=-1)
     w = weight(sample)
     share = (jnp.cumsum(w, axis=-1) - w) / jnp.sum(w, axis=-1, keepdims=True)
     places = jnp.stack([jnp.sum(share < (fraction + d)[:, None], axis=-1) for d in (-GUESS_MARGIN, GUESS_MARGIN)], 1)
@@ -221,10 +271,15 @@ def _guesses(x, weight, fraction):
 
 def _kth_largest(x, k, done):
     """The k-th largest value of each row of ``x [B, V]`` (ties counted), k ``[B]``, without sorting."""
-    lo = jnp.nextafter(jnp.min(jnp.where(x > NEG_INF, x, jnp.inf), axis=-1), NEG_INF)
-    count = jnp.sum(x > lo[:, None], axis=-1).astype(jnp.float32)  # k > count: the k-th largest is -inf
-    return _threshold(x, jnp.ones_like, k.astype(jnp.float32), lo, count, jnp.max(x, axis=-1),
-                      jnp.zeros(x.shape[0]), done | (count < k))
+    size = _search_block(x.shape[-1])
+    lo = _below(jnp.min(jnp.where(x > NEG_INF, x, jnp.inf), axis=-1))
+    def one(v):
+        return jnp.where(v > NEG_INF, 1.0, 0.0)
+
+    part_lo = _partial_sums(x, one, lo, size)
+    count = jnp.sum(part_lo, axis=-1)  # k > count: the k-th largest is -inf
+    return _threshold(x, one, k.astype(jnp.float32), lo, part_lo, jnp.max(x, axis=-1),
+                      jnp.zeros_like(part_lo), done | (count < k), jnp.full(x.shape[:1], NEG_INF))
 
 
 def processed_log_probs(logits, params: SamplingParams):
@@ -244,7 +299,7 @@ def processed_logits(logits, params: SamplingParams):
     scaled, greedy = _scaled(logits, params)
     vocab, rows = scaled.shape[-1], scaled.shape[0]
 
-    def top_k(scaled):
+    def kth(scaled):
         k = params.top_k
         candidates = min(TOP_K_CANDIDATES, vocab)
         off, wide = (k <= 0) | (k >= vocab), (k > candidates) & (k < vocab)
@@ -255,19 +310,35 @@ def processed_logits(logits, params: SamplingParams):
         return jnp.where(off, NEG_INF, jnp.where(wide, far, kth))
 
     def nucleus(scaled, t_k):
-        scaled = jnp.where(scaled >= t_k[:, None], scaled, NEG_INF)
-        top = jnp.max(scaled, axis=-1, keepdims=True)
+        size = _search_block(vocab)
+        listed, ids = top_k(scaled, min(TOP_K_CANDIDATES, vocab))  # the most likely tokens, in order
+        listed = jnp.where(listed >= t_k[:, None], listed, NEG_INF)  # the top-k set's
+        top, last = listed[:, :1], listed[:, -1]
 
         def weight(v):  # p times the row's normalizer; 0 in float32 below top - 104
             return jnp.exp(v - top)
 
-        total = jnp.sum(weight(scaled), axis=-1)
-        return _threshold(scaled, weight, params.top_p * total, top[:, 0] - 104.0, total, top[:, 0],
-                          jnp.zeros(rows), greedy | (params.top_p >= 1))
+        # the search's lower end: below it every token is outside the top-k set or of weight 0, so the passes
+        # never count those (x > lo) and scaled needs no mask of its own
+        lo = jnp.maximum(top[:, 0] - 104.0, _below(t_k))
+        lo = jnp.where(last > NEG_INF, jnp.minimum(lo, _below(last)), lo)  # below the list's end
+        part_lo = _partial_sums(scaled, weight, lo, size)
+        target = params.top_p * jnp.sum(part_lo, axis=-1)
+        # every token above a listed one is listed: the mass before each listed token is exact, and when the
+        # last listed one is not kept (or all are listed), the threshold is among them without a search
+        w = jnp.where(listed > NEG_INF, weight(listed), 0.0)
+        above = jnp.take_along_axis(jnp.cumsum(w, axis=-1) - w, _group_starts(listed), axis=-1)
+        found = (above[:, -1] >= target) | (last == NEG_INF)
+        t = jnp.where(found, jnp.min(jnp.where(above < target[:, None], listed, jnp.inf), axis=-1), NEG_INF)
+        # else the search starts from the bracket (lo, last]
+        part_hi = jnp.zeros_like(part_lo).at[jnp.arange(rows)[:, None], ids // size].add(
+            jnp.where(listed > last[:, None], w, 0.0))
+        off = greedy | (params.top_p >= 1)
+        return _threshold(scaled, weight, target, lo, part_lo, last, part_hi, off | found, jnp.where(off, NEG_INF, t))
 
     # the conditions give per-row thresholds (-inf: off), applied in one mask the consumers fuse
     off = lambda *_: jnp.full((rows,), NEG_INF)  # noqa: E731
-    t_k = jax.lax.cond(jnp.any((params.top_k > 0) & ~greedy), top_k, off, scaled)
+    t_k = jax.lax.cond(jnp.any((params.top_k > 0) & ~greedy), kth, off, scaled)
     t_p = jax.lax.cond(jnp.any((params.top_p < 1.0) & ~greedy), nucleus, off, scaled, t_k)
     kept = jnp.where((scaled >= t_k[:, None]) & (scaled >= t_p[:, None]), scaled, NEG_INF)
     return _point_mass(logits, kept, greedy)  # greedy rows are the point mass whatever they ask for
@@ -332,9 +403,11 @@ def top_k(x, k: int, maxima=None):
     if 4 * k > n:
         return jax.lax.top_k(x, k)
     maxima = block_maxima(x) if maxima is None else maxima
-    chosen = jnp.sort(jax.lax.top_k(maxima, k)[1], axis=-1)  # in id order: ties as lax.top_k's
+    # the barriers keep XLA:CPU's TopKs TopKs (a slice or sort of their outputs can turn them into sorts)
+    chosen = jnp.sort(jax.lax.optimization_barrier(jax.lax.top_k(maxima, k)[1]), axis=-1)  # id order: lax's ties
     candidates = jnp.take_along_axis(_blocks(x, TOP_BLOCK, NEG_INF), chosen[:, :, None], axis=1)
     values, at = jax.lax.top_k(candidates.reshape(x.shape[0], k * TOP_BLOCK), k)
+    values, at = jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(at)
     return values, jnp.take_along_axis(chosen, at // TOP_BLOCK, axis=1) * TOP_BLOCK + at % TOP_BLOCK
 
 
