@@ -303,7 +303,7 @@ def processed_logits(logits, params: SamplingParams):
         k = params.top_k
         candidates = min(TOP_K_CANDIDATES, vocab)
         off, wide = (k <= 0) | (k >= vocab), (k > candidates) & (k < vocab)
-        top = jax.lax.top_k(scaled, candidates)[0]
+        top = top_k(scaled, candidates)[0]  # the two-level top-k
         kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, candidates - 1)[:, None], axis=-1)[:, 0]
         far = jax.lax.cond(jnp.any(wide), lambda s: _kth_largest(s, k, ~wide), lambda s: jnp.full_like(kth, NEG_INF),
                            scaled)
