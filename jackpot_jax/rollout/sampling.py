@@ -222,10 +222,12 @@ def _threshold(x, weight, target, lo, part_lo, hi, part_hi, done, t):
         held = (s.part_lo > s.part_hi) | (s.part_lo * (size * 2.0 ** -22) >= weight(s.lo[:, None]))
         crowded = jnp.any(~s.done & (jnp.sum(held, axis=-1) > bracket))
 
-        def by_block(_):  # the first `bracket` blocks holding tokens (in id order: TopK keeps few candidates)
-            score = jnp.where(held, blocks - jnp.arange(blocks), 0).astype(jnp.float32)  # XLA:CPU's TopK: floats
-            chosen = jax.lax.optimization_barrier(jax.lax.top_k(score, bracket)[1])
-            gathered = jnp.take_along_axis(x.reshape(rows, blocks, size), chosen[:, :, None], axis=1)
+        def by_block(_):  # the first `bracket` blocks holding tokens, found by a binary search of their count
+            count = jnp.cumsum(held, axis=-1)
+            chosen = jax.vmap(jnp.searchsorted)(count, jnp.broadcast_to(jnp.arange(1, bracket + 1), (rows, bracket)))
+            gathered = jnp.take_along_axis(x.reshape(rows, blocks, size), jnp.minimum(chosen, blocks - 1)[:, :, None],
+                                           axis=1)
+            gathered = jnp.where((chosen < blocks)[:, :, None], gathered, NEG_INF)  # past the last holding block
             return jax.lax.optimization_barrier(jax.lax.top_k(inside(gathered.reshape(rows, -1)), bracket)[0])
 
         return jax.lax.cond(crowded, whole, by_block, None)
