@@ -164,7 +164,8 @@ def _partial_sums(x, weight, mid, size):
     search's loop (which doubles what each pass reads); a product with ones, where XLA:CPU fuses the weights
     into one pass, is 1.8x faster than a sum (which it materializes first)."""
     rows, vocab = x.shape
-    return weight(jnp.where(x > mid[:, None], x, NEG_INF)).reshape(rows, vocab // size, size) @ jnp.ones(size)
+    masked = weight(jnp.where(x > mid[:, None], x, NEG_INF)).reshape(rows, vocab // size, size)
+    return jnp.matmul(masked, jnp.ones(size), precision=jax.lax.Precision.HIGHEST)  # float32 sums everywhere
 
 
 def _threshold(x, weight, target, lo, part_lo, hi, part_hi, done, t):
@@ -218,7 +219,7 @@ def _threshold(x, weight, target, lo, part_lo, hi, part_hi, done, t):
         if blocks <= bracket:
             return whole(None)
         # a block holds a token of the bracket iff its sums differ, unless its sum at lo is so large that
-        # float32 rounding could hide a token of weight(lo) (an error bound of `size` roundings, doubled)
+        # float32 rounding could hide a token of weight(lo) (the error bound of `size` roundings, with margin)
         held = (s.part_lo > s.part_hi) | (s.part_lo * (size * 2.0 ** -22) >= weight(s.lo[:, None]))
         crowded = jnp.any(~s.done & (jnp.sum(held, axis=-1) > bracket))
 
@@ -275,6 +276,7 @@ def _kth_largest(x, k, done):
     """The k-th largest value of each row of ``x [B, V]`` (ties counted), k ``[B]``, without sorting."""
     size = _search_block(x.shape[-1])
     lo = _below(jnp.min(jnp.where(x > NEG_INF, x, jnp.inf), axis=-1))
+
     def one(v):
         return jnp.where(v > NEG_INF, 1.0, 0.0)
 
@@ -293,8 +295,9 @@ def processed_logits(logits, params: SamplingParams):
     """The logits of p_inf ``[B, V]``: scaled by the temperature, -inf outside the kept set, greedy rows 0 at
     the argmax; their log-softmax is :func:`processed_log_probs`.
 
-    The top-k threshold is the k-th of one ``lax.top_k`` of ``TOP_K_CANDIDATES`` when k is at most that, else
-    a search (:func:`_threshold` on counts); the top-p threshold is a search on the probabilities. The kept set
+    The top-k threshold is the k-th of the ``TOP_K_CANDIDATES`` largest (:func:`top_k`) when k is at most that,
+    else a search (:func:`_threshold` on counts); the top-p threshold comes from those candidates when they
+    decide it (a peaked distribution: no search), else from a search on the probabilities. The kept set
     and the log-probs are those of :func:`processed_log_probs_reference`, except where the mass of the tokens
     more likely than a token is within float32 rounding of top_p (the sums are taken in another order).
     """
