@@ -155,7 +155,8 @@ class _Search(NamedTuple):
 
 def _search_block(vocab: int) -> int:
     """Tokens per block of a search's partial sums: the largest divisor of ``vocab`` in [16, 64], else ``vocab``."""
-    return next((b for b in range(64, 15, -1) if vocab % b == 0), vocab)
+    size = _block_size(vocab, 64)
+    return size if vocab % size == 0 else vocab
 
 
 def _partial_sums(x, weight, mid, size):
@@ -185,7 +186,8 @@ def _threshold(x, weight, target, lo, part_lo, hi, part_hi, done, t):
     size = _search_block(vocab)
     blocks = vocab // size
     bracket = min(BRACKET, vocab)
-    guesses = _guesses(x, weight, target / jnp.sum(part_lo, axis=-1))
+    w_lo, w_hi = jnp.sum(part_lo, axis=-1), jnp.sum(part_hi, axis=-1)
+    guesses = _guesses(x, weight, target / w_lo)
 
     def step(s):
         klo, khi = _key(s.lo), _key(s.hi)
@@ -251,7 +253,6 @@ def _threshold(x, weight, target, lo, part_lo, hi, part_hi, done, t):
         return ~jnp.all(s.done | ((s.w_lo - s.w_hi) / weight(s.lo[:, None])[:, 0] < bracket))
 
     done = done | ~(jnp.isfinite(lo) & jnp.isfinite(hi))
-    w_lo, w_hi = jnp.sum(part_lo, axis=-1), jnp.sum(part_hi, axis=-1)
     s = _Search(jnp.array(0), lo, hi, w_lo, w_hi, part_lo, part_hi, w_lo - target, w_hi - target,
                 jnp.zeros(rows, jnp.int32), jnp.zeros(rows, bool), done, t)
     s = jax.lax.while_loop(lambda s: unready(s) & (s.passes < MAX_PASSES), step, s)
