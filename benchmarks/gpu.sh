@@ -31,8 +31,10 @@ for part in $parts; do
 print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'" ;;
         tests) run tests 300 "$py" -m pytest -m gpu -q -p no:cacheprovider -rf --tb=short --durations=6 tests/test_gpu.py ;;
         models) run models 120 "$py" benchmarks/models.py mfu --batch 4 --seq 2048 ;;
-        rollout) run rollout 150 "$py" benchmarks/rollout.py decode --batches 1 64 --steps-per-call 1
-                 run rollout8 150 "$py" benchmarks/rollout.py decode --batches 1 64 --steps-per-call 8 ;;
+        rollout) run rollout 240 "$py" benchmarks/rollout.py decode --batches 1 64 --cache 2048 --mixed \
+                     --steps-per-call 8 --paged-impls xla pallas
+                 run rollout1 120 "$py" benchmarks/rollout.py decode --batches 1 64 --cache 2048 --mixed \
+                     --steps-per-call 1 --paged-impls pallas ;;
         kernels) run kernels 200 "$py" benchmarks/kernels.py time --tokens 8192 --dim 2048 --vocab 151936 \
             --impls reference chunked pallas floor --blocks 4096 8192 16384 ;;
         train) run train 420 env XLA_PYTHON_CLIENT_MEM_FRACTION=.95 "$py" benchmarks/train_step.py update \

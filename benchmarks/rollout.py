@@ -15,12 +15,14 @@ random bfloat16 KV cache, at each ``--batches`` size, against the memory-bandwid
 (every weight once; the tied embedding once, as the unembedding) plus the keys and values of each
 slot's context, over the copy bandwidth measured in the same process (an elementwise pass over
 2 GiB, bytes read plus written). The cache holds ``--cache`` positions; the slots start at
-``--context`` filled positions and the timed ``--steps`` steps go on from there. Our attention reads
-the pages its page table spans (``--page-size 0``: the whole contiguous cache, dense, masked), so a
-second floor counts all ``--cache`` positions.
+``--context`` filled positions (``--mixed``: spread evenly over a quarter to 7/4 of it, the same mean)
+and the timed ``--steps`` steps go on from there. Each ``--paged-impls`` entry is the model's
+``paged_attention_impl`` (``xla`` reads every page the table spans, ``pallas`` a slot's live pages;
+``--page-size 0``: the whole contiguous cache, dense, masked), so a second floor counts all ``--cache``
+positions.
 
     python benchmarks/rollout.py decode [--preset qwen3-1.7b] [--batches 1 64] [--cache 1024] [--context 512] \
-        [--steps 128] [--steps-per-call 1] [--page-size 16]
+        [--mixed] [--steps 128] [--steps-per-call 1] [--page-size 16] [--paged-impls auto]
 
 ``sampling`` times ``sample`` (jitted, random normal ``[B, V]`` logits times ``--scale``, ``logprobs_top_k`` 20) at
 top_p = 1, top_p = 0.95 and top_k = 50 with the sort-free ``processed_logits`` and the sorting
@@ -67,6 +69,7 @@ from flax import nnx
 from jackpot_jax.models import ModelConfig, Transformer, preset
 from jackpot_jax.models.hf import save_pretrained
 from jackpot_jax.rollout import DecodeCore, SamplingParams, generate, sample, sampling as sampling_module
+from pallas_kernels.paged_attention import IMPLS as PAGED_ATTENTION_IMPLS
 
 SIZES = {
     "30m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
@@ -129,48 +132,69 @@ def copy_bandwidth(gib=2, repeats=10):
 
 
 def decode(args):
+    per_call = args.steps_per_call
+    batches = {batch: slot_contexts(batch, args.context, args.mixed) for batch in args.batches}
+    for batch, contexts in batches.items():
+        if contexts.max() + args.steps + 2 * per_call + 1 > args.cache:
+            raise SystemExit(f"--cache {args.cache} is too small: batch {batch} needs {contexts.max()} context "
+                             f"positions + {args.steps + 2 * per_call + 1} steps")
     cfg = preset(args.preset)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
     bandwidth = copy_bandwidth()
     weight_bytes = cfg.num_params() * cfg.jnp_param_dtype.itemsize
     kv_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * cfg.jnp_dtype.itemsize
     dev = jax.devices()[0]
+    spread = "spread over [1/4, 7/4] of it" if args.mixed else "every slot"
     print(f"Decode step, {args.preset} shape ({cfg.num_params() / 1e9:.2f}B parameters, "
-          f"{weight_bytes / 2**30:.2f} GiB), "
-          f"{cfg.dtype}, cache {args.cache} positions, context {args.context} -> {args.context + args.steps}, "
-          f"{args.steps_per_call} steps per call, median over {args.steps} steps; copy bandwidth measured "
+          f"{weight_bytes / 2**30:.2f} GiB), {cfg.dtype}, cache {args.cache} positions "
+          f"(page size {args.page_size or 'contiguous'}), context {args.context} ({spread}) + {args.steps} steps, "
+          f"{per_call} steps per call, median over {args.steps} steps; copy bandwidth measured "
           f"{bandwidth / 1e12:.2f} TB/s; "
           f"{dev.platform} ({dev.device_kind}), JAX {jax.__version__}, {datetime.date.today().isoformat()}\n")
-    print("| batch | ms per step | tokens/s | floor, context KV (ms) | vs floor | floor, whole cache (ms) | vs floor |")
-    print("|---|---|---|---|---|---|---|")
-    for batch in args.batches:
-        core = DecodeCore(model, max_concurrent_decodes=batch, max_prefill_length=16, max_target_length=args.cache,
-                          page_size=args.page_size or None)
-        state = core.init_decode_state()
-        for slot in range(batch if core.paged else 0):  # the pages of every position the timed steps write
-            core.pages.reserve(slot, args.context + 2 * args.steps_per_call + args.steps + 1)
-        keys = iter(jax.random.split(jax.random.key(1), 2 * cfg.num_hidden_layers))
-        fill = lambda c: jax.random.normal(next(keys), c.shape, c.dtype)
-        cache = state.cache._replace(k=tuple(map(fill, state.cache.k)), v=tuple(map(fill, state.cache.v)),
-                                     lengths=jnp.full((batch,), args.context, jnp.int32))
-        state = state._replace(cache=cache, tokens=jnp.asarray(np.arange(batch) % cfg.vocab_size, jnp.int32))
-        per_call = args.steps_per_call
-        for _ in range(2):  # compile, warm up
-            state, drawn = core.generate_steps(core.params, state, per_call)
-        jax.device_get(drawn.sampled.tokens)
-        times = []
-        for _ in range(max(1, args.steps // per_call)):
-            start = time.perf_counter()
-            state, drawn = core.generate_steps(core.params, state, per_call)
-            jax.device_get(drawn.sampled.tokens)  # the host needs the tokens, as generate does
-            times.append((time.perf_counter() - start) / per_call)
-        step = float(np.median(times))
-        context = args.context + 2 * per_call + args.steps / 2
-        floor = (weight_bytes + batch * context * kv_per_position) / bandwidth
-        floor_cache = (weight_bytes + batch * args.cache * kv_per_position) / bandwidth
-        print(f"| {batch} | {1e3 * step:.3f} | {batch / step:,.0f} | {1e3 * floor:.3f} | {step / floor:.2f}x "
-              f"| {1e3 * floor_cache:.3f} | {step / floor_cache:.2f}x |", flush=True)
-        del state, core
+    print("| impl | batch | ms per step | tokens/s | floor, live KV (ms) | vs floor | floor, whole cache (ms) "
+          "| vs floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for impl in args.paged_impls:
+        model = Transformer(cfg.replace(paged_attention_impl=impl), rngs=nnx.Rngs(0))
+        for batch, contexts in batches.items():
+            step = decode_step_seconds(model, batch, contexts, args)
+            live = float(np.sum(contexts + 2 * per_call + args.steps / 2))
+            floor = (weight_bytes + live * kv_per_position) / bandwidth
+            floor_cache = (weight_bytes + batch * args.cache * kv_per_position) / bandwidth
+            print(f"| {impl} | {batch} | {1e3 * step:.3f} | {batch / step:,.0f} | {1e3 * floor:.3f} | "
+                  f"{step / floor:.2f}x | {1e3 * floor_cache:.3f} | {step / floor_cache:.2f}x |", flush=True)
+        del model
+
+
+def slot_contexts(batch, context, mixed):
+    """Each slot's filled positions: ``context``, or spread evenly over [context / 4, 7 context / 4]."""
+    if not mixed:
+        return np.full(batch, context)
+    return np.round(np.linspace(context / 4, 7 * context / 4, batch)).astype(int)
+
+
+def decode_step_seconds(model, batch, contexts, args):
+    """The median seconds per step of ``generate_steps`` over random caches of ``contexts`` positions."""
+    cfg, per_call = model.config, args.steps_per_call
+    core = DecodeCore(model, max_concurrent_decodes=batch, max_prefill_length=16, max_target_length=args.cache,
+                      page_size=args.page_size or None)
+    state = core.init_decode_state()
+    for slot in range(batch if core.paged else 0):  # the pages of every position the timed steps write
+        core.pages.reserve(slot, int(contexts[slot]) + 2 * per_call + args.steps + 1)
+    keys = iter(jax.random.split(jax.random.key(1), 2 * cfg.num_hidden_layers))
+    fill = lambda c: jax.random.normal(next(keys), c.shape, c.dtype)
+    cache = state.cache._replace(k=tuple(map(fill, state.cache.k)), v=tuple(map(fill, state.cache.v)),
+                                 lengths=jnp.asarray(contexts, jnp.int32))
+    state = state._replace(cache=cache, tokens=jnp.asarray(np.arange(batch) % cfg.vocab_size, jnp.int32))
+    for _ in range(2):  # compile, warm up
+        state, drawn = core.generate_steps(core.params, state, per_call)
+    jax.device_get(drawn.sampled.tokens)
+    times = []
+    for _ in range(max(1, args.steps // per_call)):
+        start = time.perf_counter()
+        state, drawn = core.generate_steps(core.params, state, per_call)
+        jax.device_get(drawn.sampled.tokens)  # the host needs the tokens, as generate does
+        times.append((time.perf_counter() - start) / per_call)
+    return float(np.median(times))
 
 
 def interleaved_ms(fns, repeats):
@@ -504,6 +528,9 @@ def main():
         parser.add_argument("--steps-per-call", type=int, default=1,
                             help="decode steps per jitted call (DecodeCore.generate_steps); 1: one token per call")
         parser.add_argument("--page-size", type=int, default=16, help="KV cache page size; 0: a contiguous cache")
+        parser.add_argument("--mixed", action="store_true", help="slot contexts spread over [1/4, 7/4] of --context")
+        parser.add_argument("--paged-impls", nargs="+", default=["auto"], choices=PAGED_ATTENTION_IMPLS,
+                            help="the model's paged_attention_impl, each in turn")
         return decode(parser.parse_args())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["30m", "150m"], choices=sorted(SIZES))

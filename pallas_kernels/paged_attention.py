@@ -2,12 +2,13 @@
 each sequence's newest position, against its first ``lengths[b]`` keys (clipped to the table's
 ``W * page_size``), softmax(q k^T / sqrt(d)) v with float32 probabilities; length 0 gives zeros.
 
-``impl``: ``"reference"`` (the definition in float32), ``"xla"`` (the table's W pages gathered, the
-queries of each key-value head in one product), ``"pallas"`` (JAX's Pallas TPU ``paged_attention``,
-which reads the pages from the pool by DMA and skips blocks past a sequence's length; interpreted on CPU, none on
-GPU; head_dim a multiple of 128 and page_size of 16, see :func:`tpu_unsupported`; it rounds K and V
-to bfloat16, so it is exact for bfloat16 pools only; lowered for TPU, not yet run on TPU hardware),
-``"auto"`` ("pallas" on TPU where it is exact and allowed, else "xla").
+``impl``: ``"reference"`` (the definition in float32), ``"xla"`` (the table's W pages gathered for every
+sequence, the queries of each key-value head in one product), ``"pallas"``: a kernel that reads only a
+sequence's pages up to its length. On TPU (and interpreted on CPU) JAX's Pallas TPU ``paged_attention``
+(pages by DMA; head_dim a multiple of 128, page_size of 16, :func:`tpu_unsupported`; it rounds K and V to
+bfloat16; lowered for TPU, not yet run on TPU hardware); on GPU JAX's Pallas Triton ``paged_attention``
+(:func:`gpu_kernel`, :func:`gpu_unsupported`; lowered for CUDA, not yet run on a GPU). ``"auto"``:
+"pallas" on TPU and GPU for bfloat16 pools of a shape it allows, else "xla".
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as gpu_paged_attention
 from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged_attention
 
 from pallas_kernels import paged
@@ -25,6 +27,8 @@ from pallas_kernels.logspace import check_choice
 IMPLS = ("auto", "reference", "xla", "pallas")
 F32 = jnp.float32
 TPU_BLOCK_KEYS = 512  # keys per compute block of the TPU kernel at most (its own test's block)
+GPU_BLOCK_KEYS = 128  # keys per compute block of the GPU kernel (JAX's default: 8 pages of 16)
+GPU_SPLITS = 16  # the GPU kernel's partitions of a sequence's pages at most (JAX's default)
 
 
 def paged_attention(q, k_pool, v_pool, page_table, lengths, *, impl="auto"):
@@ -35,19 +39,19 @@ def paged_attention(q, k_pool, v_pool, page_table, lengths, *, impl="auto"):
     width, page_size = page_table.shape[1], k_pool.shape[2]
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, width * page_size)
     backend = jax.default_backend()
+    unsupported = gpu_unsupported if backend == "gpu" else tpu_unsupported
     if impl == "auto":
         exact = k_pool.dtype == v_pool.dtype == jnp.bfloat16
-        impl = "pallas" if backend == "tpu" and exact and tpu_unsupported(q, k_pool, page_table) is None else "xla"
+        impl = "pallas" if backend in ("gpu", "tpu") and exact and unsupported(q, k_pool) is None else "xla"
     if impl == "reference":
         return reference(q, k_pool, v_pool, page_table, lengths)
     if impl == "xla":
         return xla(q, k_pool, v_pool, page_table, lengths)
-    if backend == "gpu":
-        raise ValueError("impl='pallas' is not allowed on GPU: the paged attention kernel is Mosaic TPU only; "
-                         "use impl 'xla' or 'auto'.")
-    reason = tpu_unsupported(q, k_pool, page_table)
+    reason = unsupported(q, k_pool)
     if reason is not None:
         raise ValueError(f"impl='pallas' is not allowed here: {reason}; use impl 'xla' or 'auto'.")
+    if backend == "gpu":
+        return gpu_kernel(q, k_pool, v_pool, page_table, lengths)
     return tpu_kernel(q, k_pool, v_pool, page_table, lengths, interpret=backend != "tpu")
 
 
@@ -108,7 +112,7 @@ def xla(q, k_pool, v_pool, page_table, lengths):
     return out.transpose(1, 0, 2, 3).reshape(b, h, d)
 
 
-def tpu_unsupported(q, k_pool, page_table) -> str | None:
+def tpu_unsupported(q, k_pool) -> str | None:
     """Why the TPU kernel cannot take this shape (None: it can). Its blocks tile ``[keys, head_dim]``
     in (sublane, lane) = (16 for bfloat16, 128) units, as JAX's own tests use it."""
     head_dim, page_size = q.shape[-1], k_pool.shape[2]
@@ -134,4 +138,38 @@ def tpu_kernel(q, k_pool, v_pool, page_table, lengths, *, interpret: bool = Fals
     with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
         out = tpu_paged_attention(scaled, k_pool, v_pool, lengths.astype(jnp.int32), page_table.astype(jnp.int32),
                                   pages_per_compute_block=block)
+    return out.astype(q.dtype)
+
+
+def gpu_unsupported(q, k_pool) -> str | None:
+    """Why the GPU kernel cannot take this shape (None: it can): Triton's blocks and products need
+    power-of-two sizes of at least 16 (its query block is 16 heads of a group, padded)."""
+    head_dim, page_size = q.shape[-1], k_pool.shape[2]
+    power = lambda n: n & (n - 1) == 0
+    if head_dim < 16 or not power(head_dim):
+        return f"the Pallas GPU kernel needs head_dim a power of two >= 16, got {head_dim}"
+    if not power(page_size):
+        return f"the Pallas GPU kernel needs page_size a power of two, got {page_size}"
+    return None
+
+
+def gpu_blocks(width: int, page_size: int) -> tuple[int, int, int]:
+    """The GPU kernel's ``(pages per compute block, splits, padded width)``: blocks of
+    :data:`GPU_BLOCK_KEYS` keys (at least 16, at least a page), up to :data:`GPU_SPLITS` partitions
+    of the table, which is padded to a multiple of both (padding lies past every length: never read)."""
+    block = max(1, GPU_BLOCK_KEYS // page_size, -(-16 // page_size))
+    splits = max(1, min(GPU_SPLITS, -(-width // block)))
+    return block, splits, -(-width // (block * splits)) * block * splits
+
+
+def gpu_kernel(q, k_pool, v_pool, page_table, lengths, *, interpret: bool = False):
+    """JAX's Pallas Triton paged attention (``interpret``: simulated on CPU): each sequence's pages
+    split over partitions, blocks past its length skipped, partial softmaxes merged. Gets q / sqrt(d)
+    (scaled in float32) and the table padded by :func:`gpu_blocks`; lengths in ``[0, W * P]``."""
+    scaled = (q.astype(F32) * (1.0 / math.sqrt(q.shape[-1]))).astype(q.dtype)
+    block, splits, width = gpu_blocks(page_table.shape[1], k_pool.shape[2])
+    table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, width - page_table.shape[1])),
+                    constant_values=paged.SCRATCH_PAGE)
+    out = gpu_paged_attention(scaled, k_pool, v_pool, table, lengths.astype(jnp.int32),
+                              pages_per_compute_block=block, k_splits=splits, interpret=interpret)
     return out.astype(q.dtype)

@@ -128,3 +128,23 @@ def test_jackpot_stats_triton_forward_and_gradients_match_reference(shape, direc
     # the chunked path itself, at full float32 precision, against the float64 reference
     want64 = _reference(pk.fused_jackpot_stats, h_pol, w_pol, h_act, w_act, targets, k, 0.5, **opts)
     np.testing.assert_allclose(want.distill_kl, want64.distill_kl, rtol=1e-3, atol=1e-5)
+
+
+def test_paged_attention_triton_matches_the_reference_at_a_qwen3_1p7b_decode_shape():
+    """JAX's Triton paged attention (``impl="pallas"``, what ``"auto"`` picks for bfloat16 pools) of 64
+    sequences of mixed lengths (0 to the table's 1,024 positions) over scattered pages, H=16, K=8,
+    head_dim 128, against the float32 reference on the same bfloat16 values."""
+    from pallas_kernels import paged_attention as pa  # noqa: PLC0415
+
+    b, width, page_size = 64, 64, 16
+    rng = np.random.default_rng(0)
+    pool = lambda: jnp.asarray(rng.standard_normal((8, b * width + 1, page_size, 128)), jnp.bfloat16)
+    q, k_pool, v_pool = jnp.asarray(rng.standard_normal((b, 16, 128)), jnp.bfloat16), pool(), pool()
+    table = jnp.asarray(rng.permutation(np.arange(1, b * width + 1)).reshape(b, width), jnp.int32)
+    lengths = jnp.asarray(np.r_[0, 1, 1024, rng.integers(1, 1025, b - 3)], jnp.int32)
+    run = jax.jit(pa.paged_attention, static_argnames="impl")
+    got = np.asarray(run(q, k_pool, v_pool, table, lengths, impl="pallas"), np.float32)
+    want = np.asarray(run(q, k_pool, v_pool, table, lengths, impl="reference"), np.float32)
+    np.testing.assert_allclose(got, want, atol=2e-2)
+    assert np.all(got[0] == 0)
+    np.testing.assert_array_equal(np.asarray(run(q, k_pool, v_pool, table, lengths, impl="auto")), got)

@@ -1,6 +1,6 @@
 """Decode attention over a paged KV cache: every implementation against a float64 NumPy reference,
-JAX's Pallas TPU kernel interpreted on this CPU and lowered for TPU, and the model's decode step
-through each implementation against the contiguous cache."""
+JAX's Pallas TPU and GPU kernels interpreted on this CPU and lowered for TPU and CUDA, and the model's
+decode step through each implementation against the contiguous cache."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +15,9 @@ from pallas_kernels import paged_attention as pa
 # multiple, 0, one page, and past the table (a finished slot that keeps decoding: clipped to 64).
 B, H, K, D, P, W, NUM_PAGES = 4, 4, 2, 128, 16, 4, 20
 LENGTHS = np.array([37, 0, 16, 70], np.int32)
-# The Pallas kernel runs interpreted here and compiled on a TPU; a GPU has none (impl="pallas" raises there).
-NOT_ON_GPU = pytest.mark.skipif(jax.default_backend() == "gpu", reason="the Pallas paged attention kernel is TPU only")
+# impl="pallas" is the TPU kernel here (interpreted) and on a TPU, the Triton kernel on a GPU, whose float32
+# products may be TF32 and whose shapes differ (tested on their own below).
+NOT_ON_GPU = pytest.mark.skipif(jax.default_backend() == "gpu", reason="impl='pallas' is the Triton kernel on GPU")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_every_impl_equals_the_float64_reference(case, impl):
     assert np.all(np.asarray(got)[1] == 0)  # length 0: zeros
 
 
-@pytest.mark.parametrize("impl", ["xla", pytest.param("pallas", marks=NOT_ON_GPU)])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_bfloat16_inputs_give_bfloat16_within_its_rounding(case, impl):
     arrays, want = case
     got = run(impl, arrays, jnp.bfloat16)
@@ -80,8 +81,45 @@ def test_the_tpu_kernel_lowers_for_tpu_at_a_qwen3_1p7b_decode_shape():
     assert pa.pages_per_block(width, 16) == 32  # 512 keys a block
 
 
+def test_the_gpu_kernel_interpreted_equals_the_float64_reference_and_lowers_for_cuda(case):
+    """JAX's Triton paged attention, simulated here at the case's shape (its W = 4 table padded to one
+    block of 8 pages) and at W = 24 (3 splits of 8 pages), then lowered for CUDA at the Qwen3-1.7B decode
+    shape of the TPU test (compiling and running need a GPU)."""
+    arrays, want = case
+    q, k_pool, v_pool = (jnp.asarray(a, jnp.float32) for a in arrays[:3])
+    lengths = jnp.asarray(np.minimum(LENGTHS, W * P))  # what paged_attention passes
+    got = pa.gpu_kernel(q, k_pool, v_pool, jnp.asarray(arrays[3]), lengths, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(got)[1] == 0)
+    assert pa.gpu_blocks(4, 16) == (8, 1, 8) and pa.gpu_blocks(24, 16) == (8, 3, 24)
+    assert pa.gpu_blocks(1024, 16) == (8, 16, 1024) and pa.gpu_blocks(3, 4) == (32, 1, 32)
+    rng = np.random.default_rng(2)
+    pool = lambda: jnp.asarray(rng.standard_normal((K, 3 * 24 + 1, P, D)), jnp.float32)
+    k_long, v_long = pool(), pool()
+    table = rng.permutation(np.arange(1, 3 * 24 + 1)).reshape(3, 24).astype(np.int32)
+    lengths = np.array([384, 200, 1], np.int32)
+    got = pa.gpu_kernel(q[:3], k_long, v_long, jnp.asarray(table), jnp.asarray(lengths), interpret=True)
+    want = numpy_reference(np.asarray(q[:3], np.float64), np.asarray(k_long, np.float64),
+                           np.asarray(v_long, np.float64), table, lengths)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    b, width, pages = 64, 64, 64 * 64 + 1
+    s = jax.ShapeDtypeStruct
+    lowered = jax.jit(pa.gpu_kernel).trace(
+        s((b, 16, 128), jnp.bfloat16), s((8, pages, 16, 128), jnp.bfloat16), s((8, pages, 16, 128), jnp.bfloat16),
+        s((b, width), jnp.int32), s((b,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
 def test_pages_per_block_divides_the_table():
     assert [pa.pages_per_block(w, p) for w, p in ((64, 16), (63, 16), (7, 128), (1, 1024))] == [32, 21, 1, 1]
+
+
+def test_the_gpu_kernel_rejects_what_triton_does_not_allow():
+    pool = jnp.zeros((2, 5, 16, 48))
+    assert pa.gpu_unsupported(jnp.zeros((2, 4, 48)), pool) == ("the Pallas GPU kernel needs head_dim a power of two "
+                                                                ">= 16, got 48")
+    assert "page_size a power of two, got 12" in pa.gpu_unsupported(jnp.zeros((2, 4, 64)), jnp.zeros((2, 5, 12, 64)))
+    assert pa.gpu_unsupported(jnp.zeros((2, 4, 64)), jnp.zeros((2, 5, 8, 64))) is None
 
 
 @NOT_ON_GPU
