@@ -12,6 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from pallas_kernels.attention import IMPLS as ATTENTION_IMPLS
 from pallas_kernels.paged_attention import IMPLS as PAGED_ATTENTION_IMPLS
 
 # model_type -> (attention projections carry a bias, q/k RMSNorm per head)
@@ -28,8 +29,9 @@ class ModelConfig:
     type's keys: ``factor`` (linear, llama3), ``low_freq_factor``, ``high_freq_factor``,
     ``original_max_position_embeddings`` (llama3). ``dtype`` is the computation dtype and
     ``param_dtype`` the storage dtype of the weights; ``remat`` recomputes each layer's activations
-    in the backward pass; ``paged_attention_impl`` is the ``impl`` of decode attention over a paged
-    KV cache (:func:`pallas_kernels.paged_attention.paged_attention`).
+    in the backward pass; ``attention_impl`` is the ``impl`` of attention in training and prefill
+    (:func:`pallas_kernels.attention.attention`: dense or blockwise) and ``paged_attention_impl`` that
+    of decode attention over a paged KV cache (:func:`pallas_kernels.paged_attention.paged_attention`).
     """
 
     vocab_size: int
@@ -50,6 +52,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_impl: str = "auto"
     paged_attention_impl: str = "auto"
 
     def __post_init__(self):
@@ -80,6 +83,8 @@ class ModelConfig:
                 fail(key, f"one of {DTYPES}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
+        if self.attention_impl not in ATTENTION_IMPLS:
+            fail("attention_impl", f"one of {ATTENTION_IMPLS}")
         if self.paged_attention_impl not in PAGED_ATTENTION_IMPLS:
             fail("paged_attention_impl", f"one of {PAGED_ATTENTION_IMPLS}")
 
