@@ -7,38 +7,53 @@ unspecified (finite; zeros for "blockwise").
 
 ``impl``: ``"reference"`` (dense: the ``[B, H, T, S]`` scores), ``"blockwise"`` (XLA, every backend:
 an online softmax over ``[block_q, block_k]`` tiles, tiles no query sees skipped, a custom VJP that
-recomputes them; memory O(T)), ``"auto"`` (dense while ``T x S <= DENSE_MAX_SCORES``, else blockwise).
+recomputes them; memory O(T)), ``"pallas"`` (self-attention, ``Mask.aligned``: JAX's Pallas flash
+attention, Mosaic on TPU (:func:`tpu_flash`), Triton on GPU (:func:`gpu_flash`), the TPU one interpreted on
+CPU for tests; both take packed segment ids, neither has run on hardware yet), ``"auto"`` (dense while T and S are at
+most :data:`DENSE_MAX_LENGTH`, else "pallas" on TPU / GPU where allowed, else blockwise: on XLA:CPU the
+blockwise path is as fast from there and faster beyond, BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+from jax.experimental.pallas.ops.tpu import flash_attention as tpu_attention
 
 from pallas_kernels.logspace import check_choice
 
-IMPLS = ("auto", "reference", "blockwise")
+IMPLS = ("auto", "reference", "blockwise", "pallas")
 F32 = jnp.float32
 BLOCK = 512  # query and key positions per tile of the blockwise path
-DENSE_MAX_SCORES = 1024 * 1024  # "auto" keeps the dense scores up to T x S of this
+DENSE_MAX_LENGTH = 256  # "auto" keeps the dense scores while T and S are at most this (it compiles faster)
+FLASH_BLOCK = 128  # the Pallas kernels' tiles (JAX's defaults); T is padded to a multiple
 
 
-class Mask(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass, meta_fields=["aligned"],
+                   data_fields=["q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids"])
+@dataclasses.dataclass(frozen=True)
+class Mask:
     """Which keys each query sees, in O(T): positions and segment ids of the queries ``[B, T]`` and
-    of the keys ``[B, S]`` (integers; segment 0 is padding)."""
+    of the keys ``[B, S]`` (integers; segment 0 is padding). ``aligned`` (static): the queries are
+    the keys (T == S, positions their indices), what the Pallas flash kernels take."""
     q_positions: jax.Array
     kv_positions: jax.Array
     q_segment_ids: jax.Array
     kv_segment_ids: jax.Array
+    aligned: bool = False
+
+    def arrays(self) -> tuple:
+        return self.q_positions, self.kv_positions, self.q_segment_ids, self.kv_segment_ids
 
     @classmethod
     def causal(cls, segment_ids) -> "Mask":
         """Self-attention of ``[B, T]`` packed segments: each token sees its segment up to itself."""
         index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
-        return cls(index, index, segment_ids, segment_ids)
+        return cls(index, index, segment_ids, segment_ids, aligned=True)
 
     @classmethod
     def over_cache(cls, write_index, ends, max_len: int) -> "Mask":
@@ -59,11 +74,25 @@ def attention(q, k, v, mask: Mask, *, impl="auto", block_q=None, block_k=None):
     """``[B, T, H, d]`` in q's dtype; see the module docstring. Tiles default to :data:`BLOCK`."""
     check_choice("impl", impl, IMPLS)
     _check_shapes(q, k, v, mask)
+    backend = jax.default_backend()
     if impl == "auto":
-        impl = "reference" if q.shape[1] * k.shape[2] <= DENSE_MAX_SCORES else "blockwise"
+        if max(q.shape[1], k.shape[2]) <= DENSE_MAX_LENGTH:
+            impl = "reference"
+        else:
+            impl = "pallas" if backend in ("gpu", "tpu") and flash_unsupported(q, mask) is None else "blockwise"
     if impl == "reference":
         return reference(q, k, v, mask.dense())
-    return blockwise(q, k, v, mask, block_q=block_q or BLOCK, block_k=block_k or BLOCK)
+    if impl == "blockwise":
+        return blockwise(q, k, v, mask, block_q=block_q or BLOCK, block_k=block_k or BLOCK)
+    reason = flash_unsupported(q, mask)
+    if reason is not None:
+        raise ValueError(f"impl='pallas' is not allowed here: {reason}; use impl 'blockwise' or 'auto'.")
+    if backend == "gpu":
+        return gpu_flash(q, k, v, mask)
+    if backend != "tpu":
+        raise ValueError(f"impl='pallas' is not allowed on {backend}: the flash kernels run on TPU and GPU; use impl "
+                         "'blockwise' or 'auto' (tests interpret them under pltpu.force_tpu_interpret_mode).")
+    return tpu_flash(q, k, v, mask)
 
 
 def _check_shapes(q, k, v, mask):
@@ -75,8 +104,8 @@ def _check_shapes(q, k, v, mask):
         raise ValueError(f"q {q.shape} and k {k.shape} are not allowed: they must share B and d, and H must be a "
                          "multiple of K.")
     want = ((b, t), (b, s), (b, t), (b, s))
-    if tuple(x.shape for x in mask) != want:
-        raise ValueError(f"mask shapes {tuple(x.shape for x in mask)} are not allowed: they must be {want} "
+    if tuple(x.shape for x in mask.arrays()) != want:
+        raise ValueError(f"mask shapes {tuple(x.shape for x in mask.arrays())} are not allowed: they must be {want} "
                          "(q_positions, kv_positions, q_segment_ids, kv_segment_ids).")
 
 
@@ -106,8 +135,8 @@ def blockwise(q, k, v, mask: Mask, *, block_q=BLOCK, block_k=BLOCK):
     pad = lambda x, n, axis: jnp.pad(x, [(0, n if a == axis else 0) for a in range(x.ndim)])
     q = pad(q, tp - t, 1).reshape(b, tp, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
     k, v = pad(k, sp - s, 2), pad(v, sp - s, 2)
-    q_pos, q_seg = (pad(x.astype(jnp.int32), tp - t, 1) for x in mask[::2])
-    kv_pos, kv_seg = (pad(x.astype(jnp.int32), sp - s, 1) for x in mask[1::2])
+    q_pos, q_seg = (pad(x.astype(jnp.int32), tp - t, 1) for x in mask.arrays()[::2])
+    kv_pos, kv_seg = (pad(x.astype(jnp.int32), sp - s, 1) for x in mask.arrays()[1::2])
     out = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t]
 
@@ -228,3 +257,44 @@ def _flash_bwd(bq, bk, residuals, d_out):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_unsupported(q, mask: Mask) -> str | None:
+    """Why the Pallas flash kernels cannot take this call (None: they can)."""
+    if not mask.aligned:
+        return "the Pallas flash kernels take self-attention (Mask.causal), not queries over a cache"
+    if q.shape[-1] % 128 and jax.default_backend() == "tpu":
+        return f"the Pallas TPU flash kernel needs head_dim a multiple of 128, got {q.shape[-1]}"
+    if q.shape[-1] < 16:
+        return f"the Pallas flash kernels need head_dim >= 16, got {q.shape[-1]}"
+    return None
+
+
+def _flash_inputs(q, k, v, mask):
+    """T padded to a multiple of :data:`FLASH_BLOCK` (padding: segment 0, after every real token, so
+    causality hides it), k and v repeated over each query group (the kernels take H key-value heads)."""
+    t, group = q.shape[1], q.shape[2] // k.shape[1]
+    extra = -(-t // FLASH_BLOCK) * FLASH_BLOCK - t
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+    k, v = (jnp.repeat(pad(x, 2), group, axis=1) for x in (k, v))  # [B, H, T', d]
+    return pad(q, 1), k, v, pad(mask.q_segment_ids.astype(jnp.int32), 1)
+
+
+def tpu_flash(q, k, v, mask: Mask):
+    """JAX's Pallas TPU flash attention (causal, segment ids). On CPU it runs interpreted under
+    ``pltpu.force_tpu_interpret_mode()`` held while its forward and backward are traced."""
+    t, d = q.shape[1], q.shape[-1]
+    q, k, v, seg = _flash_inputs(q, k, v, mask)
+    out = tpu_attention.flash_attention(q.transpose(0, 2, 1, 3), k, v, segment_ids=tpu_attention.SegmentIds(seg, seg),
+                                        causal=True, sm_scale=1.0 / math.sqrt(d))
+    return out.transpose(0, 2, 1, 3)[:, :t]
+
+
+def gpu_flash(q, k, v, mask: Mask, *, interpret: bool = False):
+    """JAX's Pallas Triton flash attention (``mha``: causal, segment ids, a Triton backward;
+    ``interpret``: simulated on CPU)."""
+    t, d = q.shape[1], q.shape[-1]
+    q, k, v, seg = _flash_inputs(q, k, v, mask)
+    out = gpu_attention.mha(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seg, sm_scale=1.0 / math.sqrt(d),
+                            causal=True, interpret=interpret)
+    return out[:, :t]

@@ -76,10 +76,10 @@ def test_blockwise_equals_the_float64_definition_in_values_and_gradients(case):
 
 def test_tiles_no_query_sees_are_skipped_and_auto_keeps_dense_scores_for_short_sequences():
     mask = at.Mask.causal(jnp.ones((1, 64), jnp.int32))
-    live = np.asarray(at.live_tiles(*mask, 16, 16))
+    live = np.asarray(at.live_tiles(*mask.arrays(), 16, 16))
     np.testing.assert_array_equal(live, np.tril(np.ones((4, 4), bool)))  # causal: 10 of 16 tiles
     seg = jnp.asarray([[0] * 32 + [1] * 32])  # the first 32 queries are padding: their tiles are skipped too
-    assert np.asarray(at.live_tiles(*at.Mask.causal(seg), 16, 16)).sum() == 3
+    assert np.asarray(at.live_tiles(*at.Mask.causal(seg).arrays(), 16, 16)).sum() == 3
     with pytest.raises(ValueError, match="impl='flash' is not allowed: impl must be one of"):
         at.attention(jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 1, 4, 8)), jnp.zeros((1, 1, 4, 8)),
                      at.Mask.causal(jnp.ones((1, 4), jnp.int32)), impl="flash")
@@ -135,3 +135,43 @@ def test_the_model_through_blockwise_attention_equals_the_dense_one():
     for got, want in zip(tiled[1], dense[1]):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(tiled[2][real], dense[2][real], atol=1e-5, rtol=1e-5)
+
+
+def test_the_pallas_flash_kernels_interpreted_equal_blockwise_and_lower_for_tpu_and_cuda():
+    """JAX's Pallas TPU and Triton flash attention simulated on this CPU on packed, padded rows of T = 150
+    (padded to 256: two of their 128-position tiles) with GQA: values and gradients of the blockwise
+    path's; then forward + backward lowered for TPU and CUDA at a Qwen3-8B attention shape (T = 2,048)."""
+    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+    seg = np.ones((1, 150), np.int32)
+    seg[0, :3], seg[0, 60:] = 0, 2
+    mask = at.Mask.causal(jnp.asarray(seg))
+    real = np.asarray(mask.dense()).any(-1)
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((1, 150, 2, 16), (1, 1, 150, 16),
+                                                                                 (1, 1, 150, 16)))
+    cot = jnp.asarray(rng.standard_normal((1, 150, 2, 16)) * real[:, :, None, None], jnp.float32)
+    run = lambda f: jax.vjp(f, q, k, v)[0:2]
+    want, want_vjp = run(lambda q, k, v: at.attention(q, k, v, mask, impl="blockwise"))
+    want_grads = want_vjp(cot)
+    with pltpu.force_tpu_interpret_mode():
+        tpu, tpu_vjp = run(lambda q, k, v: at.tpu_flash(q, k, v, mask))
+        tpu_grads = tpu_vjp(cot)
+    gpu, gpu_vjp = run(lambda q, k, v: at.gpu_flash(q, k, v, mask, interpret=True))
+    for name, out, grads in (("tpu", tpu, tpu_grads), ("gpu", gpu, gpu_vjp(cot))):
+        np.testing.assert_allclose(np.asarray(out)[real], np.asarray(want)[real], atol=1e-5, err_msg=name)
+        for got, ref in zip(grads, want_grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, err_msg=name)
+
+    s = jax.ShapeDtypeStruct
+    shapes = (s((1, 2048, 32, 128), jnp.bfloat16), s((1, 8, 2048, 128), jnp.bfloat16), s((1, 8, 2048, 128), jnp.bfloat16),
+              s((1, 2048), jnp.int32))
+    for kernel, platform, marker in ((at.tpu_flash, "tpu", "tpu_custom_call"), (at.gpu_flash, "cuda", "triton")):
+        loss = lambda q, k, v, seg: jnp.sum(kernel(q, k, v, at.Mask.causal(seg)).astype(jnp.float32))
+        text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
+        assert text.count(marker) >= 2, platform  # the forward and the backward kernels
+    with pytest.raises(ValueError, match="take self-attention .Mask.causal., not queries over a cache"):
+        at.attention(q[:, :5], k, v, at.Mask.over_cache(jnp.zeros((1, 5), jnp.int32), jnp.full((1,), 5), 150),
+                     impl="pallas")
+    with pytest.raises(ValueError, match="impl='pallas' is not allowed on cpu"):
+        at.attention(q, k, v, mask, impl="pallas")
