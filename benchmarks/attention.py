@@ -1,11 +1,11 @@
 """Attention for training and prefill (``pallas_kernels.attention``): memory and time, dense against blockwise.
 
 ``memory``: XLA's ``compile().memory_analysis()`` (nothing runs) of one decoder block of ``--preset``'s shape
-(bfloat16, one sequence of T tokens, packed-segment mask), forward + backward (gradients of every parameter
+(``--dtype``, one sequence of T tokens, causal), forward + backward (gradients of every parameter
 and of the input), at each ``--lengths`` T, for each ``--impls`` entry (the model's ``attention_impl``).
 
     python benchmarks/attention.py memory [--preset qwen3-8b] [--lengths 2048 4096 9216 16384] \\
-        [--impls reference blockwise]
+        [--impls reference blockwise] [--dtype bfloat16]
 
 ``time``: forward + backward of the attention op alone (``[--batch, T, H, d]`` queries, GQA, causal), best of
 ``--repeats``, at each ``--lengths`` T and ``--blocks`` tile size, on this backend.
@@ -50,14 +50,26 @@ def block_scratch(config, t):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+def op_scratch(config, t):
+    """Temp bytes of the attention op's forward + backward (``[1, T, H, d]`` queries, causal)."""
+    mask = Mask.causal(jnp.ones((1, t), jnp.int32))
+    loss = lambda q, k, v: jnp.sum(at.attention(q, k, v, mask, impl=config.attention_impl).astype(jnp.float32))
+    s, c = jax.ShapeDtypeStruct, config
+    shapes = (s((1, t, c.num_attention_heads, c.head_dim), c.jnp_dtype),
+              *[s((1, c.num_key_value_heads, t, c.head_dim), c.jnp_dtype)] * 2)
+    return jax.jit(jax.grad(loss, (0, 1, 2))).trace(*shapes).lower().compile().memory_analysis().temp_size_in_bytes
+
+
 def memory(args):
-    base = preset(args.preset, dtype="bfloat16", param_dtype="bfloat16", num_hidden_layers=1)
-    print(f"Scratch (temp bytes, compile().memory_analysis()) of one {args.preset}-shape decoder block, forward + "
-          f"backward, one sequence, bfloat16, tiles of {at.BLOCK}; {device_line()}\n")
+    base = preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, num_hidden_layers=1)
+    what = "decoder block" if args.op == "block" else "attention op"
+    print(f"Scratch (temp bytes, compile().memory_analysis()) of one {args.preset}-shape {what}, forward + "
+          f"backward, one sequence, {args.dtype}, tiles of {at.BLOCK}; {device_line()}\n")
+    scratch = block_scratch if args.op == "block" else op_scratch
     print("| T | " + " | ".join(args.impls) + " | " + " | ".join(f"{i} / {args.impls[0]}" for i in args.impls[1:]) + " |")
     print("|---" * (2 * len(args.impls)) + "|")
     for t in args.lengths:
-        temps = [block_scratch(base.replace(attention_impl=impl), t) for impl in args.impls]
+        temps = [scratch(base.replace(attention_impl=impl), t) for impl in args.impls]
         print(f"| {t:,} | " + " | ".join(f"{b / 2**30:.2f} GiB" for b in temps) + " | "
               + " | ".join(f"{100 * b / temps[0]:.2f}%" for b in temps[1:]) + " |", flush=True)
 
@@ -99,19 +111,20 @@ def main():
     parser.add_argument("what", choices=["memory", "time"])
     parser.add_argument("--preset", default="qwen3-8b")
     parser.add_argument("--lengths", type=int, nargs="+")
+    parser.add_argument("--op", choices=["block", "attention"], default="block", help="memory: what is compiled")
     parser.add_argument("--impls", nargs="+", default=["reference", "blockwise"], choices=at.IMPLS)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--blocks", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", help="default: bfloat16 (memory), float32 (time)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.what == "memory":
-        args.lengths = args.lengths or [2048, 4096, 9216, 16384]
+        args.lengths, args.dtype = args.lengths or [2048, 4096, 9216, 16384], args.dtype or "bfloat16"
         return memory(args)
-    args.lengths = args.lengths or [256, 512, 1024, 2048]
+    args.lengths, args.dtype = args.lengths or [256, 512, 1024, 2048], args.dtype or "float32"
     return timing(args)
 
 

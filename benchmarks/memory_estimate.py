@@ -26,9 +26,10 @@ rollout.max_new_tokens):
   per token); one layer at a time is recomputed (about 4 x (q + o + k + v + 3 x hidden + 3 x
   intermediate) bytes per token, its activations and their gradients); the vocabulary-streaming
   kernels hold one 8,192-wide block of fp32 logits and two more such arrays per model per token.
-  Attention materializes its scores (``grouped_attention``: no flash attention), so the layer being
-  recomputed also holds about 12 bytes (fp32 scores, bf16 probabilities, their gradients) x heads x
-  T^2 per sequence: at T = 9,216 that term dominates.
+  Attention (``pallas_kernels.attention``, ``attention_impl="auto"``) is blockwise beyond 256
+  tokens: the layer being recomputed holds one query block's tiles, about 16 bytes (fp32 scores,
+  probabilities and their gradients) x heads x 512^2, whatever T; the dense path (T <= 256, or
+  ``attention_impl="reference"``) holds 12 bytes x heads x T^2 instead.
 - Peak = persistent (trained states + copies) + the largest phase (rollout KV, eval KV, or one
   micro-batch's activations). Per device: persistent and KV sharded evenly over N devices, and
   ceil(micro_batch_size / N) sequences' activations on each. XLA's temporaries, fragmentation and
@@ -60,9 +61,9 @@ Parameters are in the config's ``param_dtype`` (the presets: float32), p bytes e
   stream's embed axis would map to fsdp, which the batch already uses); the recomputed layer's
   4 x (q + o + k + v) / tensor + 4 x 3 x hidden + 4 x 3 x intermediate / tensor bytes per token
   (a width not divided by tensor is counted whole); the streaming kernels' 3 x 8,192 x 4 bytes
-  per token per model (counted whole); the attention scores, 12 x heads x T^2 per sequence,
-  divided by tensor only when the key-value heads divide by it (``grouped_attention`` computes
-  per key-value head; otherwise counted whole).
+  per token per model (counted whole); the attention tiles (16 x heads x 512^2, or the dense
+  12 x heads x T^2), divided by tensor only when the key-value heads divide by it (attention
+  computes per key-value head; otherwise counted whole).
 - rollout KV = ceil(slots / L) x T x the actor's KV bytes per position, eval KV the same with the
   policy's: each process generates for its own prompts with ``rollout.max_concurrent_decodes``
   slots. The engine decodes where its parameters are, one device per process, so all of a
@@ -112,6 +113,7 @@ from jackpot_jax.models import registry
 from jackpot_jax.models.config import preset
 from jackpot_jax.models.sharding import logical_to_spec
 from jackpot_jax.train.build import make_optimizer
+from pallas_kernels.attention import BLOCK as ATTENTION_BLOCK, DENSE_MAX_LENGTH
 
 PRESETS = ("qwen25_1p5b_to_3b_math", "qwen3_1p7b_to_4b_deepscaler", "qwen3_1p7b_to_8b_deepscaler")
 MODELS = ("qwen2.5-1.5b", "qwen2.5-3b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b")
@@ -162,7 +164,8 @@ def activation_bytes(models, tokens, tensor=1):
     layer = max(4 * (2 * split(c.num_attention_heads * c.head_dim) + 2 * split(c.num_key_value_heads * c.head_dim)
                      + 3 * c.hidden_size + 3 * split(c.intermediate_size)) for c in models)
     kernels = len(models) * 3 * BLOCK_V * 4
-    attention = max(12 * c.num_attention_heads * tokens ** 2 // (tensor if c.num_key_value_heads % tensor == 0 else 1)
+    scores = 12 * tokens ** 2 if tokens <= DENSE_MAX_LENGTH else 16 * ATTENTION_BLOCK ** 2
+    attention = max(scores * c.num_attention_heads // (tensor if c.num_key_value_heads % tensor == 0 else 1)
                     for c in models)
     return saved + layer + kernels, attention
 

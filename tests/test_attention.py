@@ -107,10 +107,10 @@ def test_blockwise_memory_is_linear_in_t_where_the_dense_is_quadratic():
 
 
 def test_the_model_through_blockwise_attention_equals_the_dense_one():
-    """A two-layer model (head_dim 16, GQA) on packed, padded rows: logits and parameter gradients of
+    """A one-layer model (head_dim 8, GQA) on packed, padded rows: logits and parameter gradients of
     ``attention_impl="blockwise"`` (8-position tiles, patched) equal the dense path's; prefill over a
     cache too."""
-    config = ModelConfig(64, 32, 64, 2, 4, 2)
+    config = ModelConfig(64, 32, 64, 1, 4, 2)
     seg = jnp.asarray([[1] * 10 + [2] * 9 + [0] * 2, [0] * 4 + [1] * 17], jnp.int32)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 21)), jnp.int32)
     real = np.asarray(seg != 0)

@@ -67,9 +67,10 @@ def test_activations_and_kv_by_hand():
     t = config.data.max_prompt_tokens + config.rollout.max_new_tokens
     row = me.per_device(config, _shape(fsdp=4, tensor=2), me.DEVICE_KINDS["h100"], 8)
     assert row["micro"] == 4 and row["seqs"] == 1
-    attention = 12 * 32 * t * t // 2  # Qwen3-8B: 32 heads, split over tensor=2 (8 key-value heads)
+    attention = 16 * 32 * 512 * 512 // 2  # Qwen3-8B: 32 heads' 512 x 512 tiles, split over tensor=2 (8 kv heads)
     per_token_whole, attention_whole = me.activation_bytes((preset("qwen3-8b"), preset("qwen3-1.7b")), t)
     assert attention_whole == 2 * attention
+    assert me.activation_bytes((preset("qwen3-8b"),), 256)[1] == 12 * 32 * 256 * 256  # dense up to 256 tokens
     assert row["activations"] < per_token_whole * t + attention_whole
     kv = 2 * 28 * 8 * 128 * 2  # Qwen3-1.7B: K and V x layers x kv heads x head_dim x bf16
     assert row["rollout_kv"] == 128 * t * kv  # the engine's 128 slots on its one device
