@@ -10,7 +10,8 @@ and of the input), at each ``--lengths`` T, for each ``--impls`` entry (the mode
 ``time``: forward + backward of the attention op alone (``[--batch, T, H, d]`` queries, GQA, causal), best of
 ``--repeats``, at each ``--lengths`` T and ``--blocks`` tile size, on this backend.
 
-    python benchmarks/attention.py time [--lengths 256 512 1024 2048] [--batch 1] [--heads 4] [--kv-heads 2] [--head-dim 64]
+    python benchmarks/attention.py time [--lengths 256 512 1024 2048] [--batch 1] [--heads 4] [--kv-heads 2] \
+        [--head-dim 64] [--blocks 256 512]
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def memory(args):
     print(f"Scratch (temp bytes, compile().memory_analysis()) of one {args.preset}-shape {what}, forward + "
           f"backward, one sequence, {args.dtype}, tiles of {at.BLOCK}; {device_line()}\n")
     scratch = block_scratch if args.op == "block" else op_scratch
-    print("| T | " + " | ".join(args.impls) + " | " + " | ".join(f"{i} / {args.impls[0]}" for i in args.impls[1:]) + " |")
+    ratios = [f"{i} / {args.impls[0]}" for i in args.impls[1:]]
+    print("| T | " + " | ".join(args.impls) + " | " + " | ".join(ratios) + " |")
     print("|---" * (2 * len(args.impls)) + "|")
     for t in args.lengths:
         temps = [scratch(base.replace(attention_impl=impl), t) for impl in args.impls]
@@ -85,15 +87,16 @@ def best(fn, args, repeats):
 
 
 def timing(args):
-    print(f"Attention forward + backward, [{args.batch}, T, {args.heads}, {args.head_dim}] queries over {args.kv_heads} key-value "
-          f"heads, causal, {args.dtype}, best of {args.repeats}; {device_line()}\n")
+    print(f"Attention forward + backward, [{args.batch}, T, {args.heads}, {args.head_dim}] queries over "
+          f"{args.kv_heads} key-value heads, causal, {args.dtype}, best of {args.repeats}; {device_line()}\n")
     print("| T | dense (ms) | " + " | ".join(f"blockwise {b} (ms)" for b in args.blocks) + " |")
     print("|---|---" + "|---" * len(args.blocks) + "|")
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
     for t in args.lengths:
         q = jnp.asarray(rng.standard_normal((args.batch, t, args.heads, args.head_dim)), dtype)
-        k, v = (jnp.asarray(rng.standard_normal((args.batch, args.kv_heads, t, args.head_dim)), dtype) for _ in range(2))
+        kv_shape = (args.batch, args.kv_heads, t, args.head_dim)
+        k, v = (jnp.asarray(rng.standard_normal(kv_shape), dtype) for _ in range(2))
         mask = Mask.causal(jnp.ones((args.batch, t), jnp.int32))
 
         def step(impl, block):

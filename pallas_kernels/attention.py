@@ -1,17 +1,13 @@
-"""Grouped-query attention for training and prefill: ``q [B, T, H, d]`` against ``k, v [B, K, S, d]``
-(H a multiple of K), softmax(q k^T / sqrt(d)) v over the keys each query sees, with float32 softmax
-statistics. The mask is given in O(T) (:class:`Mask`): key j is visible to query i of row b when
-``kv_positions[b, j] <= q_positions[b, i]`` and ``q_segment_ids[b, i] == kv_segment_ids[b, j] != 0``
-(causal, packed segments, padding as segment 0). A query that sees no key is padding: its output is
-unspecified (finite; zeros for "blockwise").
+"""Grouped-query attention for training and prefill: ``q [B, T, H, d]`` over ``k, v [B, K, S, d]``,
+softmax(q k^T / sqrt(d)) v with float32 softmax statistics, under an O(T) :class:`Mask` (causal by
+position, packed segments, segment 0 padding; a query that sees no key gets an unspecified finite row).
 
-``impl``: ``"reference"`` (dense: the ``[B, H, T, S]`` scores), ``"blockwise"`` (XLA, every backend:
-an online softmax over ``[block_q, block_k]`` tiles, tiles no query sees skipped, a custom VJP that
-recomputes them; memory O(T)), ``"pallas"`` (self-attention, ``Mask.aligned``: JAX's Pallas flash
-attention, Mosaic on TPU (:func:`tpu_flash`), Triton on GPU (:func:`gpu_flash`), the TPU one interpreted on
-CPU for tests; both take packed segment ids, neither has run on hardware yet), ``"auto"`` (dense while T and S are at
-most :data:`DENSE_MAX_LENGTH`, else "pallas" on TPU / GPU where allowed, else blockwise: on XLA:CPU the
-blockwise path is as fast from there and faster beyond, BENCHMARKS.md).
+``impl``: ``"reference"`` (dense ``[B, H, T, S]`` scores); ``"blockwise"`` (XLA, every backend: an online
+softmax over tiles, tiles no query sees skipped, a custom VJP that recomputes them: O(T) memory);
+``"pallas"`` (self-attention only, ``Mask.aligned``: JAX's Pallas flash attention, Mosaic TPU
+:func:`tpu_flash` or Triton :func:`gpu_flash`; not yet run on hardware); ``"auto"``: dense while T and S
+are at most :data:`DENSE_MAX_LENGTH`, else "pallas" on TPU / GPU where it applies, else blockwise
+(BENCHMARKS.md: on XLA:CPU blockwise is as fast from there on and 2-4x faster beyond 1,024).
 """
 from __future__ import annotations
 

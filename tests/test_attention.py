@@ -164,8 +164,8 @@ def test_the_pallas_flash_kernels_interpreted_equal_blockwise_and_lower_for_tpu_
             np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, err_msg=name)
 
     s = jax.ShapeDtypeStruct
-    shapes = (s((1, 2048, 32, 128), jnp.bfloat16), s((1, 8, 2048, 128), jnp.bfloat16), s((1, 8, 2048, 128), jnp.bfloat16),
-              s((1, 2048), jnp.int32))
+    kv = s((1, 8, 2048, 128), jnp.bfloat16)
+    shapes = (s((1, 2048, 32, 128), jnp.bfloat16), kv, kv, s((1, 2048), jnp.int32))
     for kernel, platform, marker in ((at.tpu_flash, "tpu", "tpu_custom_call"), (at.gpu_flash, "cuda", "triton")):
         loss = lambda q, k, v, seg: jnp.sum(kernel(q, k, v, at.Mask.causal(seg)).astype(jnp.float32))
         text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
@@ -175,3 +175,36 @@ def test_the_pallas_flash_kernels_interpreted_equal_blockwise_and_lower_for_tpu_
                      impl="pallas")
     with pytest.raises(ValueError, match="impl='pallas' is not allowed on cpu"):
         at.attention(q, k, v, mask, impl="pallas")
+
+
+def test_blockwise_attention_on_an_fsdp_x_tensor_mesh_equals_the_one_device_dense_model():
+    """tiny-qwen3 sharded over (data, fsdp, tensor) = (2, 2, 2) of the 8 fake devices, blockwise attention
+    in 4-position tiles (patched) over padded rows: the logits and the gradients of the one-device dense model."""
+    from jackpot_jax.models import preset, sharding  # noqa: PLC0415
+
+    config = preset("tiny-qwen3", attention_impl="blockwise")
+    m = sharding.make_mesh(2, 2, 2)
+    model = sharding.create_sharded(lambda: Transformer(config, rngs=nnx.Rngs(0)), m)
+    dense = Transformer(config.replace(attention_impl="reference"), rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, config.vocab_size, (4, 11)), jnp.int32)
+    mask = jnp.asarray(np.arange(11)[None, :] < np.array([11, 6, 3, 9])[:, None], jnp.int32)
+    loss = lambda m: jnp.sum(jnp.where(mask[..., None] != 0, m(tokens, attention_mask=mask), 0.0) ** 2)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def sharded(state):
+        with sharding.activation_sharding(m):
+            model = nnx.merge(graphdef, state)
+            return model(tokens, attention_mask=mask), nnx.state(nnx.grad(loss)(model))
+
+    original = at.BLOCK
+    at.BLOCK = 4
+    try:
+        logits, grads = sharded(state)
+    finally:
+        at.BLOCK = original
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(dense(tokens, attention_mask=mask))[real],
+                               atol=2e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(nnx.state(nnx.grad(loss)(dense)))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=1e-4)
