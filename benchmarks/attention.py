@@ -8,10 +8,11 @@ and of the input), at each ``--lengths`` T, for each ``--impls`` entry (the mode
         [--impls reference blockwise] [--dtype bfloat16]
 
 ``time``: forward + backward of the attention op alone (``[--batch, T, H, d]`` queries, GQA, causal), best of
-``--repeats``, at each ``--lengths`` T and ``--blocks`` tile size, on this backend.
+``--repeats``, at each ``--lengths`` T, for each ``--impls`` entry (blockwise at each ``--blocks`` tile size;
+``pallas`` on a TPU or GPU), on this backend.
 
     python benchmarks/attention.py time [--lengths 256 512 1024 2048] [--batch 1] [--heads 4] [--kv-heads 2] \
-        [--head-dim 64] [--blocks 256 512]
+        [--head-dim 64] [--blocks 256 512] [--impls reference blockwise]
 """
 from __future__ import annotations
 
@@ -87,10 +88,11 @@ def best(fn, args, repeats):
 
 
 def timing(args):
+    runs = [(impl, b) for impl in args.impls for b in (args.blocks if impl == "blockwise" else [None])]
     print(f"Attention forward + backward, [{args.batch}, T, {args.heads}, {args.head_dim}] queries over "
           f"{args.kv_heads} key-value heads, causal, {args.dtype}, best of {args.repeats}; {device_line()}\n")
-    print("| T | dense (ms) | " + " | ".join(f"blockwise {b} (ms)" for b in args.blocks) + " |")
-    print("|---|---" + "|---" * len(args.blocks) + "|")
+    print("| T | " + " | ".join(f"{impl}{f' {b}' if b else ''} (ms)" for impl, b in runs) + " |")
+    print("|---" * (len(runs) + 1) + "|")
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
     for t in args.lengths:
@@ -104,8 +106,7 @@ def timing(args):
                                            .astype(jnp.float32))
             return jax.jit(jax.grad(loss, (0, 1, 2)))
 
-        row = [best(step("reference", None), (q, k, v), args.repeats)]
-        row += [best(step("blockwise", b), (q, k, v), args.repeats) for b in args.blocks]
+        row = [best(step(impl, b), (q, k, v), args.repeats) for impl, b in runs]
         print(f"| {t:,} | " + " | ".join(f"{1e3 * s:.1f}" for s in row) + " |", flush=True)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and measurement of BENCHMARKS.md, in one or two runs (a lent GPU's time is short).
 #
-#   bash benchmarks/gpu.sh OUTDIR [PART...]      PART: env tests models rollout kernels train (default: all)
+#   bash benchmarks/gpu.sh OUTDIR [PART...]      PART: env tests models rollout kernels attention train (default: all)
 #
 # Each part runs in its own process under a time limit, logs to OUTDIR/PART.log and prints the end
 # of its log; a failing part does not stop the others. Needs JAX with CUDA, flax, optax, orbax,
@@ -11,7 +11,7 @@
 set -u
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR [PART...]}
 shift
-parts=${*:-env tests models rollout kernels train}
+parts=${*:-env tests models rollout kernels attention train}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
@@ -37,10 +37,12 @@ print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'" ;;
                      --steps-per-call 1 --paged-impls pallas ;;
         kernels) run kernels 200 "$py" benchmarks/kernels.py time --tokens 8192 --dim 2048 --vocab 151936 \
             --impls reference chunked pallas floor --blocks 4096 8192 16384 ;;
+        attention) run attention 200 "$py" benchmarks/attention.py time --lengths 2048 8192 --heads 32 --kv-heads 8 \
+            --head-dim 128 --dtype bfloat16 --blocks 512 --impls reference blockwise pallas ;;
         train) run train 420 env XLA_PYTHON_CLIENT_MEM_FRACTION=.95 "$py" benchmarks/train_step.py update \
             --policy qwen3-1.7b --actor qwen3-0.6b --policy-overrides remat=1 --actor-overrides remat=1 \
             --vocab 151936 --batch 4 --length 1024 --max-new-tokens 1016 --micro-batch 4 \
             --cases a b c --warmup 1 --repeats 4 ;;
-        *) echo "unknown part $part (parts: env tests models rollout kernels train)"; exit 2 ;;
+        *) echo "unknown part $part (parts: env tests models rollout kernels attention train)"; exit 2 ;;
     esac
 done

@@ -148,3 +148,30 @@ def test_paged_attention_triton_matches_the_reference_at_a_qwen3_1p7b_decode_sha
     np.testing.assert_allclose(got, want, atol=2e-2)
     assert np.all(got[0] == 0)
     np.testing.assert_array_equal(np.asarray(run(q, k_pool, v_pool, table, lengths, impl="auto")), got)
+
+
+def test_flash_attention_triton_matches_the_blockwise_path_in_values_and_gradients():
+    """JAX's Triton flash attention (``impl="pallas"``, what ``"auto"`` picks beyond 256 tokens) on packed,
+    padded rows of T = 700 (padded to 768), GQA 16 / 8 heads of 128, bfloat16: values and gradients of the
+    blockwise XLA path at full float32 precision."""
+    from pallas_kernels import attention as at  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    seg = np.ones((2, 700), np.int32)
+    seg[0, 300:], seg[1, 650:] = 2, 0
+    mask = at.Mask.causal(jnp.asarray(seg))
+    real = np.asarray(seg != 0)
+    q = jnp.asarray(rng.standard_normal((2, 700, 16, 128)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((2, 8, 700, 128)), jnp.bfloat16) for _ in range(2))
+    cot = jnp.asarray(rng.standard_normal((2, 700, 16, 128)) * real[:, :, None, None], jnp.bfloat16)
+
+    def run(impl):
+        out, vjp = jax.vjp(lambda q, k, v: at.attention(q, k, v, mask, impl=impl), q, k, v)
+        return [np.asarray(x, np.float32) for x in (out, *vjp(cot))]
+
+    got = run("pallas")
+    with jax.default_matmul_precision("highest"):
+        want = run("blockwise")
+    np.testing.assert_allclose(got[0][real], want[0][real], atol=2e-2)
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(g, w, atol=5e-2 * float(np.max(np.abs(w))))
