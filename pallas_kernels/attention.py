@@ -125,16 +125,22 @@ def blockwise(q, k, v, mask: Mask, *, block_q=BLOCK, block_k=BLOCK):
     """The tiled path: T and S padded to whole tiles (padding is segment 0), queries grouped per
     key-value head ``[B, K, G, T, d]``, :func:`_flash` over the live tiles."""
     b, t, h, d = q.shape
-    kv_heads, s = k.shape[1], k.shape[2]
-    bq, bk = min(block_q, t), min(block_k, s)
-    tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
-    pad = lambda x, n, axis: jnp.pad(x, [(0, n if a == axis else 0) for a in range(x.ndim)])
-    q = pad(q, tp - t, 1).reshape(b, tp, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
-    k, v = pad(k, sp - s, 2), pad(v, sp - s, 2)
-    q_pos, q_seg = (pad(x.astype(jnp.int32), tp - t, 1) for x in mask.arrays()[::2])
-    kv_pos, kv_seg = (pad(x.astype(jnp.int32), sp - s, 1) for x in mask.arrays()[1::2])
+    kv_heads = k.shape[1]
+    bq, bk = min(block_q, t), min(block_k, k.shape[2])
+    q = _pad_to(q, bq, 1)
+    tp = q.shape[1]
+    q = q.reshape(b, tp, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    k, v = _pad_to(k, bk, 2), _pad_to(v, bk, 2)
+    q_pos, q_seg = (_pad_to(x.astype(jnp.int32), bq, 1) for x in mask.arrays()[::2])
+    kv_pos, kv_seg = (_pad_to(x.astype(jnp.int32), bk, 1) for x in mask.arrays()[1::2])
     out = _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t]
+
+
+def _pad_to(x, multiple: int, axis: int):
+    """``x`` zero-padded at the end of ``axis`` to a multiple of ``multiple`` (segment 0: padding)."""
+    extra = -x.shape[axis] % multiple
+    return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
 
 
 def live_tiles(q_pos, kv_pos, q_seg, kv_seg, bq, bk):
@@ -153,8 +159,8 @@ def _schedule(live):
 
 def _tile(q_pos, kv_pos, q_seg, kv_seg, i, j, bq, bk):
     """The ``[B, 1, 1, bq, bk]`` mask of tile (i, j)."""
-    qp, qs = (jax.lax.dynamic_slice_in_dim(x, i * bq, bq, 1) for x in (q_pos, q_seg))
-    kp, ks = (jax.lax.dynamic_slice_in_dim(x, j * bk, bk, 1) for x in (kv_pos, kv_seg))
+    qp, qs = (_slice(x, i * bq, bq, 1) for x in (q_pos, q_seg))
+    kp, ks = (_slice(x, j * bk, bk, 1) for x in (kv_pos, kv_seg))
     visible = (kp[:, None, :] <= qp[:, :, None]) & (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)
     return visible[:, None, None]
 
@@ -269,11 +275,9 @@ def flash_unsupported(q, mask: Mask) -> str | None:
 def _flash_inputs(q, k, v, mask):
     """T padded to a multiple of :data:`FLASH_BLOCK` (padding: segment 0, after every real token, so
     causality hides it), k and v repeated over each query group (the kernels take H key-value heads)."""
-    t, group = q.shape[1], q.shape[2] // k.shape[1]
-    extra = -(-t // FLASH_BLOCK) * FLASH_BLOCK - t
-    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-    k, v = (jnp.repeat(pad(x, 2), group, axis=1) for x in (k, v))  # [B, H, T', d]
-    return pad(q, 1), k, v, pad(mask.q_segment_ids.astype(jnp.int32), 1)
+    group = q.shape[2] // k.shape[1]
+    k, v = (jnp.repeat(_pad_to(x, FLASH_BLOCK, 2), group, axis=1) for x in (k, v))  # [B, H, T', d]
+    return _pad_to(q, FLASH_BLOCK, 1), k, v, _pad_to(mask.q_segment_ids.astype(jnp.int32), FLASH_BLOCK, 1)
 
 
 def tpu_flash(q, k, v, mask: Mask):

@@ -155,9 +155,9 @@ def gpu_unsupported(q, k_pool) -> str | None:
 
 def gpu_blocks(width: int, page_size: int) -> tuple[int, int, int]:
     """The GPU kernel's ``(pages per compute block, splits, padded width)``: blocks of
-    :data:`GPU_BLOCK_KEYS` keys (at least 16, at least a page), up to :data:`GPU_SPLITS` partitions
-    of the table, which is padded to a multiple of both (padding lies past every length: never read)."""
-    block = max(1, GPU_BLOCK_KEYS // page_size, -(-16 // page_size))
+    :data:`GPU_BLOCK_KEYS` keys (at least a page), up to :data:`GPU_SPLITS` partitions of the
+    table, which is padded to a multiple of both (padding lies past every length: never read)."""
+    block = max(1, GPU_BLOCK_KEYS // page_size)
     splits = max(1, min(GPU_SPLITS, -(-width // block)))
     return block, splits, -(-width // (block * splits)) * block * splits
 

@@ -69,16 +69,21 @@ def test_bfloat16_inputs_give_bfloat16_within_its_rounding(case, impl):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-2, atol=2e-2)
 
 
+def decode_shapes():
+    """Abstract ``(q, k_pool, v_pool, page_table, lengths)`` of a Qwen3-1.7B decode step: 64 sequences,
+    H=16, K=8, head_dim 128, tables of 64 pages of 16, bfloat16 pools."""
+    b, width, pages = 64, 64, 64 * 64 + 1
+    s = jax.ShapeDtypeStruct
+    pool = s((8, pages, 16, 128), jnp.bfloat16)
+    return s((b, 16, 128), jnp.bfloat16), pool, pool, s((b, width), jnp.int32), s((b,), jnp.int32)
+
+
 def test_the_tpu_kernel_lowers_for_tpu_at_a_qwen3_1p7b_decode_shape():
     """H=16, K=8, head_dim 128, pages of 16, 64 sequences of up to 1,024 positions, bfloat16 pools:
     Pallas -> Mosaic from this CPU host (compiling and running need a TPU)."""
-    b, width, pages = 64, 64, 64 * 64 + 1
-    s = jax.ShapeDtypeStruct
-    lowered = jax.jit(pa.tpu_kernel).trace(
-        s((b, 16, 128), jnp.bfloat16), s((8, pages, 16, 128), jnp.bfloat16), s((8, pages, 16, 128), jnp.bfloat16),
-        s((b, width), jnp.int32), s((b,), jnp.int32)).lower(lowering_platforms=("tpu",))
+    lowered = jax.jit(pa.tpu_kernel).trace(*decode_shapes()).lower(lowering_platforms=("tpu",))
     assert "tpu_custom_call" in lowered.as_text()
-    assert pa.pages_per_block(width, 16) == 32  # 512 keys a block
+    assert pa.pages_per_block(64, 16) == 32  # 512 keys a block
 
 
 def test_the_gpu_kernel_interpreted_equals_the_float64_reference_and_lowers_for_cuda(case):
@@ -102,11 +107,7 @@ def test_the_gpu_kernel_interpreted_equals_the_float64_reference_and_lowers_for_
     want = numpy_reference(np.asarray(q[:3], np.float64), np.asarray(k_long, np.float64),
                            np.asarray(v_long, np.float64), table, lengths)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    b, width, pages = 64, 64, 64 * 64 + 1
-    s = jax.ShapeDtypeStruct
-    lowered = jax.jit(pa.gpu_kernel).trace(
-        s((b, 16, 128), jnp.bfloat16), s((8, pages, 16, 128), jnp.bfloat16), s((8, pages, 16, 128), jnp.bfloat16),
-        s((b, width), jnp.int32), s((b,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(pa.gpu_kernel).trace(*decode_shapes()).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
 
 
