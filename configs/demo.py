@@ -27,12 +27,17 @@ def get_config():
     # where the policy does and differs from it only by training or staleness
     # (algorithm.actor_sync_every): the paper's small mismatch.
     config.actor = ml_collections.ConfigDict(dict(model, preset="tiny-qwen3", init="own"))
-    # "char": the built-in character-level tokenizer; "hf": a tokenizer directory in `path`.
-    config.tokenizer = ml_collections.ConfigDict(dict(kind="char", path=""))
+    # The tokenizer follows the models: "auto" (the default) is the tokenizer directory in `path` when
+    # set, else the tokenizer files of policy.path's checkpoint (else actor.path's), else, for models
+    # trained from scratch, the built-in character-level one. "char": that one (refused with a
+    # checkpoint path: a checkpoint reads its own tokenizer's ids); "hf": the directory in `path`.
+    # A run records the tokenizer "auto" resolved to (kind "char" or "hf" with its path) in its
+    # checkpoints. A checkpoint's own tokenizer files must equal the run's, token for token.
+    config.tokenizer = ml_collections.ConfigDict(dict(kind="auto", path=""))
 
     config.data = ml_collections.ConfigDict(dict(
         dataset="jackpot_arithmetic", config="d1", split="train", eval_split="test",
-        data_dir="",  # TFDS data directory ("": the default, $JACKPOT_DATA_DIR or ~/jackpot_data)
+        data_dir="",  # TFDS data directory ("": the default, $JACKPOT_TFDS_DIR or ~/.cache/jackpot_jax/tfds)
         manual_dir="",  # for gsm8k / math / deepscaler: where their files are
         reward="math",  # a reward of jackpot_jax.data.rewards' registry, or an import path
         template="plain", instruction="",  # no instruction line: shorter sequences on a CPU
@@ -115,5 +120,10 @@ def get_config():
         # evaluation: Mean@k / Pass@k of eval_k samples per problem at eval_temperature (0: greedy);
         # the demo's, 4 samples at the rollouts' temperature, measures what RL maximizes
         steps=100, eval_every=25, eval_k=4, eval_temperature=1.0,
-        save_every=20, keep=2, max_nonfinite=3, log_every=1, kernel_impl="auto", progress=True))
+        save_every=20, keep=2, max_nonfinite=3, log_every=1, kernel_impl="auto", progress=True,
+        # --resume compares the checkpoint's config with this one and logs every changed key; it
+        # refuses a change that makes another experiment (the models, tokenizer, data, warm start,
+        # seed, algorithm.mode, rollout.prompts_per_step: train.config.RESUME_REFUSED) unless
+        # allow_changes=True. Logging, IO and device-layout keys (RESUME_FREE) may always change.
+        allow_changes=False))
     return config

@@ -2,6 +2,7 @@
 and gsm8k / math / deepscaler prepared from our fixtures (tests/fixtures/data), plus bad input:
 malformed lines, missing fields, empty splits and missing manual files, each with a clear message."""
 import json
+import logging
 import os
 import random
 import re
@@ -262,6 +263,30 @@ def test_unknown_dataset_and_split():
         load_split("gsm8k", "validation")
     with pytest.raises(ValueError, match="limit"):
         load_split("jackpot_arithmetic", "train", limit=-1)
+
+
+def test_unknown_builder_config_is_one_line_before_anything_is_prepared(tmp_path):
+    """The demo's config="d1" left on dataset gsm8k: TFDS's own error lists no configs."""
+    with pytest.raises(ValueError) as info:
+        load_split("gsm8k", "test", data_dir=str(tmp_path), manual_dir=FIXTURES, config="d1")
+    message = str(info.value)
+    assert message.startswith("Dataset 'gsm8k' has no config 'd1': its configs are ('default', 'skip_bad_lines')")
+    assert "config.data.config" in message and "\n" not in message
+    with pytest.raises(ValueError, match=r"no config 'd9': its configs are \('d1', 'd2', 'd3', 'd4', 'e2', 'e3'\)"):
+        load_split("jackpot_arithmetic", "train", data_dir=str(tmp_path), config="d9")
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # nothing prepared
+
+
+def test_limit_is_at_most(data_dir, caplog):
+    """A limit above the split's size reads the whole split (TFDS would refuse the slice), and says so."""
+    caplog.set_level(logging.INFO, logger="jackpot_jax.data.datasets")
+    everything = load_split("gsm8k", "test", data_dir=data_dir, manual_dir=FIXTURES)
+    assert load_split("gsm8k", "test", data_dir=data_dir, manual_dir=FIXTURES, limit=12000) == everything
+    assert "limit=12000 is more than its 2 records" in caplog.text
+    caplog.clear()
+    assert load_split("gsm8k", "test", data_dir=data_dir, manual_dir=FIXTURES, limit=2) == everything
+    assert load_split("gsm8k", "test", data_dir=data_dir, manual_dir=FIXTURES, limit=1) == everything[:1]
+    assert "limit=" not in caplog.text
 
 
 @pytest.mark.parametrize("name,split,expected", [("gsm8k", "train", "train.jsonl"),

@@ -298,13 +298,62 @@ def test_load_tokenizer_from_a_local_directory_with_its_chat_template(tmp_path):
         hf.load_tokenizer(tmp_path / "missing")
 
 
-def test_check_shared_vocab(tmp_path):
+def test_tokenizer_difference_names_a_differing_id(tmp_path):
     write_tokenizer(tmp_path / "a", ["one", "two"])
     write_tokenizer(tmp_path / "b", ["one", "two"])
     write_tokenizer(tmp_path / "c", ["one", "three"])
     a, b, c = (hf.load_tokenizer(tmp_path / name) for name in "abc")
-    hf.check_shared_vocab(a, b, preset("tiny-qwen3"), preset("tiny-llama"))
-    with pytest.raises(ValueError, match="actor and policy tokenizers differ"):
-        hf.check_shared_vocab(a, c)
-    with pytest.raises(ValueError, match="actor has vocab_size=512 but policy has vocab_size=600"):
-        hf.check_shared_vocab(a, b, preset("tiny-qwen3"), preset("tiny-qwen3", vocab_size=600))
+    assert hf.tokenizer_difference(a, b) is None
+    assert "id 3 is 'two' in the first and 'three' in the second" in hf.tokenizer_difference(a, c)
+
+
+def chain_model(vocab, chain):
+    """tiny-qwen3 over ``vocab`` whose greedy next token is ``chain[token]`` (token ids): the blocks
+    add nothing (zero weights), the embeddings are one-hot and the unembedding maps each token to its
+    successor (a token without one: all logits 0)."""
+    config = preset("tiny-qwen3", vocab_size=len(vocab), tie_word_embeddings=False)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    for layer in model.layers:
+        nnx.update(layer, jax.tree.map(jnp.zeros_like, nnx.state(layer, nnx.Param)))
+    model.embed_tokens[...] = jnp.eye(len(vocab), config.hidden_size)
+    head = np.zeros((config.hidden_size, len(vocab)), np.float32)
+    head[list(chain), list(chain.values())] = 1.0
+    model.lm_head[...] = jnp.asarray(head)
+    return model
+
+
+def test_save_pretrained_with_the_tokenizer_stops_generate_at_every_end_token(tmp_path):
+    """A Qwen-chat-like tokenizer (eos <|im_end|>, and <|endoftext|>): the checkpoint has the
+    tokenizer and its chat template, the ids in config.json and generation_config.json (eos: both
+    end tokens, the source's sampling defaults kept), and transformers' greedy generate stops at
+    <|endoftext|>, which the model emits after two tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<|im_end|>", "<|endoftext|>", "a", "b", "c"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} <|im_end|> {% endfor %}"
+    fast.save_pretrained(tmp_path / "tokenizer")
+    tokenizer = hf.load_tokenizer(tmp_path / "tokenizer")
+    model = chain_model(vocab, {3: 4, 4: 5, 5: 2})  # a -> b -> c -> <|endoftext|>
+    source = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "eos_token_id": 1, "transformers_version": "4.51"}
+    out = tmp_path / "out"
+    hf.save_pretrained(model, out, tokenizer=tokenizer, generation_config=source)
+
+    config = json.loads((out / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == ([1, 2], 0, None)
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "do_sample": True, "temperature": 0.7, "top_p": 0.8, "eos_token_id": [1, 2], "pad_token_id": 0}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    loaded_tokenizer = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert loaded.generation_config.eos_token_id == [1, 2] and loaded.generation_config.temperature == 0.7
+    assert loaded_tokenizer.eos_token_id == 1 and loaded_tokenizer.chat_template == fast.chat_template
+    prompt = torch.tensor([loaded_tokenizer.encode("a")])
+    generated = loaded.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert generated[0].tolist() == [3, 4, 5, 2]  # stopped at <|endoftext|>, not at max_new_tokens
+
+    with pytest.raises(ValueError, match=r"eos_token_id=\[1, 2\] is not allowed: the model has vocab_size=2"):
+        hf.save_pretrained(chain_model({"x": 0, "y": 1}, {}), tmp_path / "small", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        hf.save_pretrained(model, tmp_path / "no_tokenizer", generation_config=source)

@@ -344,6 +344,20 @@ def test_hf_tokenizer_needs_a_path():
     validate(with_values(tokenizer__kind="hf", tokenizer__path="/some/tokenizer"))
 
 
+def test_the_character_tokenizer_takes_no_checkpoint_and_no_path():
+    """A checkpoint reads its own tokenizer's ids: "char" beside a model path would train it on
+    character ids silently (build.tokenizer_source: "auto", the default, takes the checkpoint's)."""
+    for model in ("policy", "actor"):
+        message = refused(with_values(tokenizer__kind="char", **{f"{model}__path": "/ckpt/Qwen3-4B"}))
+        for text in ("config.tokenizer.kind='char'", f"config.{model}.path='/ckpt/Qwen3-4B'", "tokenizer.kind='auto'"):
+            assert text in message, message
+        validate(with_values(tokenizer__kind="auto", **{f"{model}__path": "/ckpt/Qwen3-4B"}))
+    message = refused(with_values(tokenizer__kind="char", tokenizer__path="/some/tokenizer"))
+    assert "config.tokenizer.path='/some/tokenizer' is not allowed with tokenizer.kind='char'" in message, message
+    assert get_config().tokenizer.kind == "auto"
+    validate(with_values(tokenizer__kind="char"))
+
+
 def test_evaluation_needs_eval_problems():
     message = refused(with_values(data__eval_limit=0))  # the demo evaluates every 20 steps
     for text in ("config.data.eval_limit=0", "train.eval_every"):

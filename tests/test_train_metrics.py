@@ -2,7 +2,9 @@
 jackpot-plot, which draws it."""
 import glob
 import json
+import logging
 import math
+import re
 import struct
 
 import jax.numpy as jnp
@@ -69,13 +71,22 @@ def test_bad_values_are_rejected_before_anything_is_written(tmp_path):
         writer.write(1, {"ok": 1.0})
 
 
-def test_tensorboard_events_hold_the_scalars(tmp_path):
+def test_tensorboard_events_hold_the_scalars(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
     with MetricsWriter(tmp_path) as writer:
         writer.write(0, {"reward/mean": 0.5, "lr": np.float32(1e-6)})
-        writer.write(1, {"reward/mean": jnp.float32(0.75), "lr": 2e-6, "loss/policy": math.nan, "eval/mean@4": 0.25})
+        writer.write(1, {"reward/mean": jnp.float32(0.75), "lr": 2e-6, "loss/policy": math.nan,
+                         "eval/policy/mean@4": 0.25, "/time/per step (s)": 3.0})
+        with pytest.raises(ValueError, match="'eval/policy/mean_at_4' is 'eval/policy/mean@4'"):
+            writer.write(2, {"eval/policy/mean_at_4": 1.0})  # one TensorBoard tag for two names
     scalars = tensorboard_scalars(tmp_path / "tensorboard")
     assert scalars == pytest.approx({("reward/mean", 0): 0.5, ("lr", 0): 1e-6, ("reward/mean", 1): 0.75,
-                                     ("lr", 1): 2e-6, ("eval/mean_4", 1): 0.25})  # NaN: metrics.jsonl only
+                                     ("lr", 1): 2e-6, ("eval/policy/mean_at_4", 1): 0.25,
+                                     ("time/per_step__s_", 1): 3.0})  # NaN: metrics.jsonl only
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-][A-Za-z0-9_./-]*", tag) for tag, _ in scalars)
+    assert not [r.getMessage() for r in caplog.records if "illegal" in r.getMessage()]  # tensorboardX renamed none
+    assert [sorted(row) for row in read_metrics(tmp_path)][1] == sorted(  # metrics.jsonl keeps the names
+        ["step", "reward/mean", "lr", "loss/policy", "eval/policy/mean@4", "/time/per step (s)"])
 
 
 def test_resume_drops_rows_from_start_step_and_a_truncated_last_line(tmp_path):

@@ -5,6 +5,7 @@ actor copied from the policy (``actor.init="policy"``) starts as the policy and 
 import importlib.util
 import itertools
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from jackpot_jax.config import ConfigError
+from jackpot_jax.train import build
 from jackpot_jax.train.checkpoint import Checkpointer, ResumeError
 from jackpot_jax.train.loop import Trainer, TrainingStopped
 from jackpot_jax.train.metrics import read_metrics
@@ -111,15 +113,30 @@ def test_without_resume_a_workdir_with_checkpoints_is_refused(uninterrupted, dat
     assert "--resume" in result.stderr and str(workdir) in result.stderr
 
 
-def test_resume_into_other_shapes_names_what_differs(uninterrupted, data_dir):
+def test_resume_into_other_shapes_names_what_differs(uninterrupted, data_dir, monkeypatch, caplog):
+    """Another policy is another experiment: refused before the data and the models are loaded,
+    naming the key; with ``train.allow_changes`` the changes are logged and the restore names the
+    leaves whose shapes differ."""
     workdir, _ = uninterrupted
     config = demo_config(data_dir, **{"train.steps": 5})
     config.policy.preset = "tiny-qwen3"  # narrower and shallower than the saved tiny-qwen3-large
-    with pytest.raises(ResumeError) as error:
+    with monkeypatch.context() as patch, pytest.raises(ResumeError) as error:
+        patch.setattr(build, "load_records", lambda config: pytest.fail("data preparation started"))
+        Trainer(config, str(workdir))
+    message = str(error.value)
+    assert "\n" not in message and "(config.policy.preset 'tiny-qwen3-large' -> 'tiny-qwen3')" in message, message
+    assert "--config.train.allow_changes=True" in message and "train.steps" not in message, message
+
+    config.train.allow_changes = True
+    with caplog.at_level(logging.INFO, logger="jackpot_jax.train.loop"), pytest.raises(ResumeError) as error:
         Trainer(config, str(workdir))
     message = str(error.value)
     assert "policy" in message and "(128,)" in message and "(64,)" in message
     assert "policy.preset: saved 'tiny-qwen3-large', now 'tiny-qwen3'" in message
+    logged = {record.getMessage(): record.levelno for record in caplog.records if "resume: " in record.getMessage()}
+    assert logged == {"resume: config.policy.preset changed 'tiny-qwen3-large' -> 'tiny-qwen3'": logging.WARNING,
+                      "resume: config.train.allow_changes changed False -> True": logging.INFO,
+                      "resume: config.train.steps changed 4 -> 5": logging.INFO}, logged
 
 
 _REWARD_CALLS = itertools.count()
@@ -142,17 +159,93 @@ def test_non_finite_updates_stop_the_run_and_keep_checkpoints(data_dir, tmp_path
     assert steps == [row["step"] for row in rows]
 
 
-def test_export_writes_a_model_that_loads(uninterrupted, tmp_path):
+def test_export_writes_a_model_that_loads(uninterrupted, tmp_path, monkeypatch):
+    """The run dir moved elsewhere, with nothing rebuilt from its config (tokenizer, models): both
+    models export from the run dir's own files, with the tokenizer's ids for generate, and load in
+    transformers; without those files (a run dir made before them) the config's are used."""
+    import filecmp
+    import shutil
+
+    import transformers
+
     from jackpot_jax.models.hf import from_pretrained
+    from jackpot_jax.train import build
     from jackpot_jax.train.cli import export
 
     workdir, _ = uninterrupted
-    out = export(str(workdir), str(tmp_path / "policy"))
-    model = from_pretrained(out)
-    assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
-    saved = json.loads((pathlib.Path(out) / "config.json").read_text())
-    assert saved["vocab_size"] == model.config.vocab_size
-    assert (pathlib.Path(out) / "tokenizer.json").exists()
+    assert sorted(os.listdir(workdir / "export")) == ["actor", "policy", "tokenizer"]
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+
+    def unavailable(*args, **kwargs):
+        raise AssertionError("export rebuilt the tokenizer or a model from the run's config")
+
+    monkeypatch.setattr(build, "load_tokenizer", unavailable)
+    monkeypatch.setattr(build, "build_model", unavailable)
+    out = pathlib.Path(export(str(moved), str(tmp_path / "policy")))
+    actor_out = pathlib.Path(export(str(moved), str(tmp_path / "actor"), model="actor", step=3))
+    monkeypatch.undo()
+
+    policy, actor = from_pretrained(out), from_pretrained(actor_out)
+    assert (policy.config.num_hidden_layers, policy.config.hidden_size) == (4, 128)
+    assert (actor.config.num_hidden_layers, actor.config.hidden_size) == (2, 64)
+    for path in (out, actor_out):
+        assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= set(os.listdir(path))
+        config = json.loads((path / "config.json").read_text())
+        assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == (1, 0, None)  # char ids
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id == 1
+        assert loaded.generation_config.pad_token_id == tokenizer.pad_token_id == 0
+        assert loaded.config.vocab_size == len(tokenizer) == config["vocab_size"]
+
+    shutil.rmtree(moved / "export")  # a run dir from before the export files: the config's tokenizer and presets
+    old = pathlib.Path(export(str(moved), str(tmp_path / "old")))
+    assert filecmp.cmp(old / "model.safetensors", out / "model.safetensors", shallow=False)
+    assert json.loads((old / "config.json").read_text()) == json.loads((out / "config.json").read_text())
+
+
+def test_run_files_keep_a_run_of_checkpoints_exportable_without_them(data_dir, tmp_path, caplog):
+    """A run from a Hugging Face checkpoint and tokenizer directory: WORKDIR/export keeps the models'
+    config.json, the checkpoint's generation_config.json and the tokenizer, so the sources may go; a
+    later start that would write other files keeps the first ones; without WORKDIR/export, a missing
+    source is named."""
+    import logging
+    import shutil
+    import types
+
+    from jackpot_jax.data.char_tokenizer import make_char_tokenizer
+    from jackpot_jax.models import preset
+    from jackpot_jax.train.export import run_model_config, run_tokenizer, save_run_files
+
+    tokenizer = make_char_tokenizer(tmp_path / "tokenizer")
+    policy = types.SimpleNamespace(config=preset("tiny-qwen3", vocab_size=len(tokenizer)))  # only its config is read
+    actor = types.SimpleNamespace(config=preset("tiny-llama", vocab_size=len(tokenizer)))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(policy.config.to_hf()))
+    (base / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "eos_token_id": [1]}))
+    config = demo_config(data_dir, **{"policy.path": str(base), "tokenizer.kind": "hf",
+                                      "tokenizer.path": str(tmp_path / "tokenizer")})
+    workdir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="jackpot_jax.train.export"):
+        save_run_files(workdir, config, tokenizer, policy, actor)
+        save_run_files(workdir, config, tokenizer, policy, actor)  # a resume with the same files: nothing to say
+        assert not caplog.records
+        save_run_files(workdir, config, make_char_tokenizer(extra_chars="\u00e9"), policy, actor)
+    assert "is kept as the run's first start wrote it" in caplog.text and "tokenizer/tokenizer.json" in caplog.text
+    shutil.rmtree(base)
+    shutil.rmtree(tmp_path / "tokenizer")
+
+    assert run_tokenizer(workdir, config).get_vocab() == tokenizer.get_vocab()  # the first start's
+    assert run_model_config(workdir, config, "policy", tokenizer) == (policy.config, {"temperature": 0.6,
+                                                                                      "eos_token_id": [1]})
+    assert run_model_config(workdir, config, "actor", tokenizer) == (actor.config, None)
+    shutil.rmtree(workdir / "export")
+    with pytest.raises(FileNotFoundError, match=r"config.policy.path='.*base', which has no config.json"):
+        run_model_config(workdir, config, "policy", tokenizer)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer comes from its config, which fails: config.tokenizer"):
+        run_tokenizer(workdir, config)
 
 
 def _host(params):

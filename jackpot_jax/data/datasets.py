@@ -71,6 +71,20 @@ def _decode(value):
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+def _check_config(name: str, config) -> None:
+    """``config``: None, a ``BuilderConfig`` or the name of one of ``name``'s configs (checked here: TFDS's
+    own error for an unknown name lists no choices). Imports TFDS."""
+    import tensorflow_datasets as tfds
+    from jackpot_jax.data import builders
+
+    if config is None or isinstance(config, tfds.core.BuilderConfig):
+        return
+    names = tuple(builders.BUILDERS[name].builder_configs)
+    if not isinstance(config, str) or config not in names:
+        raise ValueError(f"Dataset {name!r} has no config {config!r}: its configs are {names} (config.data.config "
+                         f"in a training config; empty or None: the default, {names[0]!r}).")
+
+
 def get_builder(name: str, *, data_dir=None, config=None):
     """The TFDS builder of ``name`` (``config``: a config name, a ``BuilderConfig`` or None for the
     default), with its data in ``data_dir``. Imports TFDS."""
@@ -86,9 +100,11 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None, limit=N
 
     ``manual_dir``: for ``gsm8k`` / ``math`` / ``deepscaler``, the directory holding the dataset's
     files, or a root holding one directory per dataset; default ``<data_dir>/manual/<name>``.
-    ``limit``: at most this many records (the first ones, in file / generation order). ``config``:
-    a builder config name (``"d1"``..``"d4"`` for ``jackpot_arithmetic``, ``"skip_bad_lines"`` for the
-    file datasets) or a ``BuilderConfig``.
+    ``limit``: at most this many records (the first ones, in file / generation order; a limit above
+    the split's size reads the whole split, and logs so). ``config``: a builder config name
+    (``"d1"``..``"d4"``, ``"e2"``, ``"e3"`` for ``jackpot_arithmetic``, ``"default"`` or
+    ``"skip_bad_lines"`` for the file datasets; another name raises ``ValueError`` before anything is
+    prepared) or a ``BuilderConfig``.
     """
     _check_name(name)
     _check_split(name, split)
@@ -102,6 +118,7 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None, limit=N
 
     import tensorflow_datasets as tfds
 
+    _check_config(name, config)
     # Two processes preparing one local data_dir at once (two jobs on a fresh machine) would both
     # build it and the second rename would fail: they take turns, and the second finds it prepared.
     local = "://" not in data_dir  # a bucket (gs://...) is left to TFDS as it is
@@ -123,6 +140,11 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None, limit=N
     if split not in builder.info.splits:
         raise ValueError(f"Dataset {name!r} was prepared without a {split!r} split "
                          f"(splits: {sorted(builder.info.splits)}).")
+    size = builder.info.splits[split].num_examples
+    if limit is not None and limit > size:
+        logger.info("Dataset %r, split %r: limit=%d is more than its %d records: reading all of them.",
+                    name, split, limit, size)
+        limit = None
     if limit == 0:
         return []
     dataset = builder.as_dataset(split=split if limit is None else f"{split}[:{limit}]",

@@ -144,13 +144,26 @@ def _leaf_at(tree: nnx.State, path):
     return node
 
 
-def save_pretrained(model: Transformer, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_pretrained(model: Transformer, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30, tokenizer=None,
+                    generation_config: dict | None = None) -> None:
     """Write ``config.json`` and safetensors (sharded with an index past ``max_shard_bytes``) that
     ``transformers`` loads. Each file is written under a temporary name and renamed into place, so
-    a crash never leaves a truncated checkpoint behind a valid name."""
+    a crash never leaves a truncated checkpoint behind a valid name; ``config.json`` comes last.
+
+    With a ``tokenizer``, a checkpoint that needs nothing else: the tokenizer's files (its chat
+    template included) beside the weights, and its special token ids (:func:`special_token_ids`)
+    in ``config.json`` and ``generation_config.json``, so that ``generate`` stops at the end tokens;
+    ``generation_config`` (the source checkpoint's, see :func:`read_generation_config`) gives the
+    sampling defaults kept there."""
     from safetensors.numpy import save_file  # noqa: PLC0415
 
+    if generation_config is not None and tokenizer is None:
+        raise ValueError("save_pretrained(generation_config=...) needs the tokenizer: its special token ids go into "
+                         "generation_config.json.")
     config: ModelConfig = model.config
+    ids = None if tokenizer is None else special_token_ids(tokenizer, generation_config)
+    if ids is not None:
+        _check_ids_in_vocab(ids, config.vocab_size)
     dtype = jnp.dtype(dtype or config.param_dtype)
     os.makedirs(path, exist_ok=True)
     shards, current, size = [], {}, 0
@@ -174,7 +187,78 @@ def save_pretrained(model: Transformer, path, *, dtype=None, max_shard_bytes: in
         atomic_write_text(os.path.join(path, INDEX_FILE), json.dumps(index, indent=2))
     hf_config = config.to_hf()
     hf_config["torch_dtype"] = dtype.name
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.fspath(path))
+        atomic_write_text(os.path.join(path, GENERATION_CONFIG),
+                          json.dumps(make_generation_config(tokenizer, generation_config), indent=2))
+        hf_config.update(ids)
     atomic_write_text(os.path.join(path, "config.json"), json.dumps(hf_config, indent=2))
+
+
+# ------------------------------------------------------------------ special tokens, generation_config.json
+
+GENERATION_CONFIG = "generation_config.json"
+# tokens that end a turn or a text in the chat models' vocabularies (Qwen, Llama 3, Gemma): a tokenizer
+# that has one stops generation there too, as the published generation_config.json files list them
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<end_of_turn>")
+# keys of a generation_config.json that transformers writes about itself, not sampling defaults
+_GENERATION_BOOKKEEPING = ("transformers_version", "_from_model_config")
+
+
+def read_generation_config(path) -> dict | None:
+    """The ``generation_config.json`` of a checkpoint directory as a dict, or None without one."""
+    file = os.path.join(os.fspath(path), GENERATION_CONFIG)
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
+def _id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def end_token_ids(tokenizer, extra=()) -> list[int]:
+    """The ids generation stops at, without duplicates: the tokenizer's ``eos_token_id`` first, then
+    ``extra`` (e.g. a source ``generation_config.json``'s), then those of :data:`END_TOKENS` the
+    tokenizer has (Qwen chat: ``<|im_end|>`` and ``<|endoftext|>``)."""
+    vocab = tokenizer.get_vocab()
+    known = [vocab[token] for token in END_TOKENS if token in vocab]
+    return list(dict.fromkeys([*_id_list(tokenizer.eos_token_id), *map(int, extra), *known]))
+
+
+def special_token_ids(tokenizer, source: dict | None = None) -> dict:
+    """``{"eos_token_id", "bos_token_id", "pad_token_id"}`` of a checkpoint written with
+    ``tokenizer``: eos from :func:`end_token_ids` (a list when there are several, an int when one),
+    bos and pad the tokenizer's (None when it has none: then ``source``'s, a source
+    ``generation_config.json`` dict). Raises ``ValueError`` when there is no end token at all."""
+    source = source or {}
+    eos = end_token_ids(tokenizer, _id_list(source.get("eos_token_id")))
+    if not eos:
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} tokens) has no eos_token and "
+                         f"none of the end tokens {END_TOKENS}: generation from the checkpoint could never stop.")
+    pick = lambda own, key: own if own is not None else source.get(key)
+    return {"eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "bos_token_id": pick(tokenizer.bos_token_id, "bos_token_id"),
+            "pad_token_id": pick(tokenizer.pad_token_id, "pad_token_id")}
+
+
+def make_generation_config(tokenizer, source: dict | None = None) -> dict:
+    """A ``generation_config.json`` dict: ``source``'s sampling defaults (temperature, top_p, ...;
+    none without a source) with :func:`special_token_ids` (bos and pad left out when None)."""
+    kept = {k: v for k, v in (source or {}).items() if k not in _GENERATION_BOOKKEEPING}
+    ids = {k: v for k, v in special_token_ids(tokenizer, source).items() if v is not None}
+    return {**kept, **ids}
+
+
+def _check_ids_in_vocab(ids: dict, vocab_size: int) -> None:
+    for key, value in ids.items():
+        bad = [i for i in _id_list(value) if not 0 <= i < vocab_size]
+        if bad:
+            raise ValueError(f"{key}={value} is not allowed: the model has vocab_size={vocab_size}, so token ids must "
+                             f"be in [0, {vocab_size}); is the tokenizer the model's?")
 
 
 # ------------------------------------------------------------------------------- tokenizers
@@ -186,6 +270,9 @@ def load_tokenizer(path):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path} does not exist.")
+    if not has_tokenizer(path):  # transformers would make an empty tokenizer of config.json's model type
+        raise FileNotFoundError(f"tokenizer directory {path} has no tokenizer files (one of "
+                                f"{', '.join(TOKENIZER_FILES)}).")
     from transformers import AutoTokenizer  # noqa: PLC0415 (heavy; only the tokenizer needs it)
 
     try:
@@ -195,16 +282,98 @@ def load_tokenizer(path):
                                 f"of a slow tokenizer, with tokenizer_config.json): {error}") from None
 
 
-def check_shared_vocab(actor_tokenizer, policy_tokenizer, actor_config: ModelConfig | None = None,
-                       policy_config: ModelConfig | None = None) -> None:
-    """Raise ``ValueError`` unless actor and policy share one vocabulary: the same token -> id map
-    and, given the configs, the same number of embedding rows (the OBRS ratios compare the two
-    distributions token by token)."""
-    actor_vocab, policy_vocab = actor_tokenizer.get_vocab(), policy_tokenizer.get_vocab()
-    if actor_vocab != policy_vocab:
-        differ = sorted(set(actor_vocab.items()) ^ set(policy_vocab.items()), key=lambda item: item[1])[:3]
-        raise ValueError(f"actor and policy tokenizers differ ({len(actor_vocab)} vs {len(policy_vocab)} tokens; "
-                         f"e.g. {differ}): Jackpot needs one shared vocabulary.")
-    if actor_config is not None and policy_config is not None and actor_config.vocab_size != policy_config.vocab_size:
-        raise ValueError(f"actor has vocab_size={actor_config.vocab_size} but policy has "
-                         f"vocab_size={policy_config.vocab_size}: both models' logits must cover the same vocabulary.")
+# ------------------------------------------------------------------------------- early checks
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# the parts of a fast tokenizer's tokenizer.json that decide the ids of a text and the text of ids
+_TOKENIZER_PARTS = ("normalizer", "pre_tokenizer", "model", "post_processor", "decoder")
+
+
+def has_tokenizer(path) -> bool:
+    """Whether the directory ``path`` holds a tokenizer's files (any of :data:`TOKENIZER_FILES`)."""
+    return any(os.path.isfile(os.path.join(os.fspath(path), name)) for name in TOKENIZER_FILES)
+
+
+def checkpoint_config(path, **overrides) -> ModelConfig:
+    """The :class:`ModelConfig` of the Hugging Face checkpoint in ``path``, without reading a tensor:
+    ``config.json`` parsed (``overrides`` replace fields) and the weight files present (a single
+    file, or an index and every shard it lists). Raises ``FileNotFoundError`` / ``ValueError`` naming
+    the file: what :func:`from_pretrained` would raise later, after the run's data preparation."""
+    directory = os.fspath(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a directory: a Hugging Face checkpoint is a directory with "
+                                "config.json and *.safetensors.")
+    try:
+        config = ModelConfig.from_hf(directory, **overrides)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{os.path.join(directory, 'config.json')} is not valid JSON: {error}") from None
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as error:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): "
+                             f"{error!r}") from None
+        missing = [name for name in files if not os.path.exists(os.path.join(directory, name))]
+        if missing:
+            raise FileNotFoundError(f"{os.path.join(directory, missing[0])} is listed in {INDEX_FILE} but does not "
+                                    "exist.")
+    elif not os.path.exists(os.path.join(directory, SINGLE_FILE)):
+        raise FileNotFoundError(f"no weights in {directory}: expected {SINGLE_FILE}, or {INDEX_FILE} with the shard "
+                                "files it lists.")
+    return config
+
+
+def _tokens(tokenizer) -> dict[int, str]:
+    """``{id: token}``, added tokens included."""
+    return {i: token for token, i in tokenizer.get_vocab().items()}
+
+
+def _parts(tokenizer) -> dict | None:
+    """The parts of a fast tokenizer's ``tokenizer.json`` (:data:`_TOKENIZER_PARTS`), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    tree = json.loads(backend.to_str())
+    return {part: tree.get(part) for part in _TOKENIZER_PARTS}
+
+
+def tokenizer_difference(a, b, names=("the first", "the second")) -> str | None:
+    """How tokenizer ``a`` differs from ``b`` (called ``names``), as a short phrase naming an
+    example ("id 7 is 'ab' in the first and 'ba' in the second"); None when they agree on every id's
+    token (added tokens included), the special tokens (eos / bos / pad / unk ids, which added tokens
+    are special) and, for fast tokenizers, the normalizer, pre-tokenizer, merges, post-processor and
+    decoder. Two models trained with different tokenizers of one vocabulary size fail here, not in
+    their logits."""
+    one, two = names
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id"):
+        first, second = getattr(a, name, None), getattr(b, name, None)
+        if first != second:
+            return f"{name} is {first!r} in {one} and {second!r} in {two}"
+    first, second = _tokens(a), _tokens(b)
+    if len(first) != len(second):
+        extra = sorted(set(first) ^ set(second))[0]
+        return (f"{one} has {len(first)} tokens and {two} {len(second)} (e.g. id {extra} is "
+                f"{first.get(extra, '(none)')!r} in {one} and {second.get(extra, '(none)')!r} in {two})")
+    for i in sorted(set(first) | set(second)):
+        if first.get(i) != second.get(i):
+            return f"id {i} is {first.get(i, '(none)')!r} in {one} and {second.get(i, '(none)')!r} in {two}"
+    special = lambda tok: {i: (t.content, t.special) for i, t in getattr(tok, "added_tokens_decoder", {}).items()}
+    first, second = special(a), special(b)
+    for i in sorted(set(first) | set(second)):
+        if first.get(i) != second.get(i):
+            return (f"added token {i} (content, special) is {first.get(i, '(none)')} in {one} and "
+                    f"{second.get(i, '(none)')} in {two}")
+    first, second = _parts(a), _parts(b)
+    if first is None or second is None:
+        return None
+    merges = lambda parts: (parts["model"] or {}).get("merges") or []
+    for i, (x, y) in enumerate(zip(merges(first), merges(second))):
+        if x != y:
+            return f"merge {i} is {x!r} in {one} and {y!r} in {two}"
+    for part in _TOKENIZER_PARTS:
+        if first[part] != second[part]:
+            return (f"their {part.replace('_', '-')}s differ: {str(first[part])[:80]} in {one}, "
+                    f"{str(second[part])[:80]} in {two}")
+    return None

@@ -1,8 +1,10 @@
 """What a run is made of, built from its config: tokenizer, models, data, optimizers, rollout engine."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +21,136 @@ from jackpot_jax.rollout.decode import DecodeCore
 logger = logging.getLogger(__name__)
 
 
+def _check_directory(key: str, path: str, what: str = "a Hugging Face checkpoint directory holds config.json and "
+                                                        "*.safetensors") -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}={path!r} is not allowed: the directory does not exist ({what}).")
+
+
+def _model_sections(config) -> tuple[str, ...]:
+    """The model sections a run of ``config`` builds: the policy, and the actor but in ``on_policy``."""
+    return ("policy",) if config.algorithm.mode == "on_policy" else ("policy", "actor")
+
+
+def tokenizer_source(config) -> tuple[str, str, str]:
+    """``(kind, path, key)`` of the run's tokenizer: kind "char" or "hf", the directory ("" for
+    "char") and the config key that names it (a model's path when it is that checkpoint's directory,
+    for messages). ``tokenizer.kind="auto"`` resolves to ``tokenizer.path`` when set, else to the
+    first checkpoint of ``policy.path``, ``actor.path`` holding tokenizer files
+    (:func:`~jackpot_jax.models.hf.has_tokenizer`), else, with no checkpoint, to "char"; a
+    checkpoint without tokenizer files is a ConfigError."""
+    kind, path = config.tokenizer.kind, config.tokenizer.path
+    if kind == "char":
+        return "char", "", "config.tokenizer.kind"
+    checkpoints = [(f"config.{name}.path", config[name].path) for name in _model_sections(config)
+                   if config[name].path]
+    if path:
+        same = (key for key, directory in checkpoints if os.path.realpath(directory) == os.path.realpath(path))
+        return "hf", path, next(same, "config.tokenizer.path")
+    for key, directory in checkpoints:
+        _check_directory(key, directory)
+        if hf.has_tokenizer(directory):
+            return "hf", directory, key
+    if checkpoints:
+        named = " or ".join(f"{key}={directory!r}" for key, directory in checkpoints)
+        raise ConfigError(f"config.tokenizer.kind='auto' found no tokenizer files ({', '.join(hf.TOKENIZER_FILES)}) "
+                          f"in {named}: give the tokenizer's directory with --config.tokenizer.path=...")
+    return "char", "", "config.tokenizer.kind"
+
+
+def resolve_tokenizer(config):
+    """A copy of ``config`` with ``tokenizer.kind="auto"`` replaced by what it resolves to
+    (:func:`tokenizer_source`): the kind and path a run records in its checkpoints and warm-start
+    caches (the demo's, "char", as before "auto" existed)."""
+    kind, path, _ = tokenizer_source(config)
+    config = copy.deepcopy(config)
+    config.tokenizer.kind, config.tokenizer.path = kind, path
+    return config
+
+
 def load_tokenizer(config):
-    """The run's tokenizer: the built-in character-level one, or a Hugging Face directory."""
-    if config.tokenizer.kind == "char":
+    """The run's tokenizer (:func:`tokenizer_source`): the built-in character-level one, or a
+    Hugging Face directory (a ConfigError naming the key when it does not load)."""
+    kind, path, key = tokenizer_source(config)
+    if kind == "char":
         from jackpot_jax.data.char_tokenizer import make_char_tokenizer  # noqa: PLC0415 (transformers is heavy)
 
         return make_char_tokenizer()
-    return hf.load_tokenizer(config.tokenizer.path)
+    _check_directory(key, path, "it must hold the tokenizer's files")
+    try:
+        return hf.load_tokenizer(path)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{key}={path!r}: {error}") from None
+
+
+def _checkpoint_config(config, name: str):
+    """The :class:`ModelConfig` of the checkpoint in ``config.<name>.path`` (its weight files
+    checked, none read)."""
+    path = config[name].path
+    _check_directory(f"config.{name}.path", path)
+    try:
+        return hf.checkpoint_config(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"config.{name}.path={path!r} is not a checkpoint this trainer loads: {error}") from None
+
+
+def _describe(config, name: str) -> str:
+    section = config[name]
+    return f"config.{name}.path={section.path!r}" if section.path else f"config.{name}.preset={section.preset!r}"
+
+
+def check_run(config):
+    """The run's tokenizer (:func:`load_tokenizer`), once what can be checked in seconds about a run
+    of ``config`` is, before its data preparation and compilation: each checkpoint directory exists
+    with a config.json this trainer reads and its weight files (none read); the tokenizer loads;
+    each model's vocabulary covers it, actor and policy have one vocabulary size, and each
+    checkpoint's own tokenizer files (when it has them) are the run's tokenizer, token for token
+    (:func:`~jackpot_jax.models.hf.tokenizer_difference`: the OBRS ratios compare the two models'
+    distributions id by id); an actor copied from the policy (``actor.init="policy"``) has its
+    architecture; ``data.manual_dir`` exists. Raises a one-line ConfigError naming the keys."""
+    names = _model_sections(config)
+    checkpoints = {name: _checkpoint_config(config, name) for name in names if config[name].path}
+    tokenizer = load_tokenizer(config)
+    # the configs the models will have (but for dtype and remat): fresh ones get the tokenizer's vocabulary
+    planned = {name: checkpoints.get(name) or preset(config[name].preset, vocab_size=len(tokenizer))
+               for name in names}
+    kind, source, source_key = tokenizer_source(config)
+    run_tokenizer = f"{source_key}={source!r}" if kind == "hf" else "the character-level tokenizer"
+    for name, model_config in planned.items():
+        if model_config.vocab_size < len(tokenizer):
+            raise ConfigError(f"{_describe(config, name)} is not allowed: the model's vocab_size="
+                              f"{model_config.vocab_size} is smaller than the run's tokenizer's {len(tokenizer)} "
+                              f"tokens ({run_tokenizer}).")
+    if "actor" in planned and planned["actor"].vocab_size != planned["policy"].vocab_size:
+        raise ConfigError(f"{_describe(config, 'actor')} and {_describe(config, 'policy')} are not allowed together: "
+                          f"their vocab_size {planned['actor'].vocab_size} and {planned['policy'].vocab_size} differ, "
+                          "and the OBRS ratios compare the two models' distributions token by token; give models of "
+                          "one vocabulary.")
+    for name in names:
+        path = config[name].path
+        is_source = kind == "hf" and os.path.realpath(path) == os.path.realpath(source)
+        if not path or is_source or not hf.has_tokenizer(path):
+            continue
+        try:
+            own = hf.load_tokenizer(path)
+        except FileNotFoundError as error:
+            raise ConfigError(f"config.{name}.path={path!r}: its tokenizer files do not load: {error}") from None
+        difference = hf.tokenizer_difference(own, tokenizer, names=(f"the {name}'s", "the run's"))
+        if difference is not None:
+            raise ConfigError(f"config.{name}.path={path!r} is not allowed with {run_tokenizer}: the {name}'s own "
+                              f"tokenizer differs from the run's ({difference}); actor and policy must share one "
+                              "tokenizer, the one the run encodes with.")
+    if "actor" in planned and config.actor.init == "policy":
+        bare = lambda c: dataclasses.replace(c, dtype="float32", param_dtype="float32", remat=False)
+        if bare(planned["actor"]) != bare(planned["policy"]):
+            raise ConfigError(f"config.actor.init='policy' is not allowed here: the actor must have the policy's "
+                              f"architecture, but the actor is {bare(planned['actor'])} and the policy "
+                              f"{bare(planned['policy'])}; give config.actor the policy's preset (or set "
+                              "actor.init='own').")
+    manual = config.data.manual_dir
+    if manual and "://" not in manual and not os.path.isdir(manual):
+        raise ConfigError(f"config.data.manual_dir={manual!r} is not allowed: the directory does not exist.")
+    return tokenizer
 
 
 def build_model(section, tokenizer, seed: int, mesh=None):
@@ -50,7 +175,8 @@ def model_seed(config) -> int:
 
 def build_models(config, tokenizer, mesh=None, actor_mesh=None):
     """``(policy, actor)``; the actor is None in ``on_policy`` mode. Both must cover the tokenizer's
-    vocabulary and share it (the OBRS ratios compare their distributions token by token).
+    vocabulary and share it (the OBRS ratios compare their distributions token by token; their own
+    tokenizers are compared with the run's by :func:`check_run`, before any data is read).
     Checkpoints load into their shardings: on ``mesh`` (the update's) when given, the actor's on
     ``actor_mesh`` when given (the disaggregated placement). Fresh models are drawn with
     :func:`model_seed` (the actor with the next seed)."""
@@ -62,8 +188,9 @@ def build_models(config, tokenizer, mesh=None, actor_mesh=None):
         if model is not None and model.config.vocab_size < len(tokenizer):
             raise ConfigError(f"config.{name}: the model's vocab_size={model.config.vocab_size} is smaller than the "
                               f"tokenizer's {len(tokenizer)} tokens.")
-    if actor is not None:
-        hf.check_shared_vocab(tokenizer, tokenizer, actor.config, policy.config)
+    if actor is not None and actor.config.vocab_size != policy.config.vocab_size:
+        raise ConfigError(f"config.actor has vocab_size={actor.config.vocab_size} but config.policy has vocab_size="
+                          f"{policy.config.vocab_size}: both models' logits must cover one vocabulary.")
     return policy, actor
 
 

@@ -4,6 +4,10 @@
                   [--distributed | --coordinator_address HOST:PORT --num_processes N --process_id I]
     jackpot-export WORKDIR --out DIR [--model policy|actor] [--step N]
 
+Both take ``--debug`` (or ``JACKPOT_DEBUG=1``): a user error (a bad config, value or path) is otherwise one
+line ``jackpot-train: message`` (exit status 1) and TensorFlow's and XLA's start-up logs are silenced
+(:mod:`jackpot_jax.console`).
+
 ``jackpot-train`` without ``--config`` runs ``configs/demo.py``; without ``--workdir``, a fresh
 directory ``runs/<config name>-<date>-<time>``. A work dir that already holds checkpoints is only
 continued with ``--resume`` (never overwritten by accident). Multi-process runs start every process
@@ -19,9 +23,10 @@ import logging
 import os
 import sys
 
-import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
+
+from jackpot_jax.console import debug_requested, quiet_startup, user_errors
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "configs", "demo.py")
@@ -38,6 +43,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0's coordinator")
     flags.DEFINE_integer("num_processes", None, "multi-process: how many processes the run has")
     flags.DEFINE_integer("process_id", None, "multi-process: this process's index, 0 .. num_processes - 1")
+    flags.DEFINE_bool("debug", False, "full tracebacks of every error and TensorFlow's / XLA's start-up logs "
+                      "(also JACKPOT_DEBUG=1)")
 
 
 def _default_workdir(config_path: str) -> str:
@@ -65,18 +72,18 @@ def _train(argv) -> None:
     if not args.resume and os.path.isdir(checkpoints) and Checkpointer.has_checkpoints(checkpoints):
         sys.exit(f"jackpot-train: {workdir} already holds checkpoints: pass --resume to continue that run, or "
                  f"choose another --workdir.")
-    try:
+    with user_errors("jackpot-train", debug=args.debug or debug_requested(),
+                     own=(ConfigError, TrainingStopped, ResumeError)):
         parallel.initialize(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed)
         trainer = Trainer(args.config, workdir, resume=args.resume)
         history = trainer.run()
-    except (ConfigError, TrainingStopped, FileNotFoundError, ResumeError) as error:
-        sys.exit(f"jackpot-train: {error}")
     print(f"jackpot-train: {len(history)} steps in {os.path.abspath(workdir)}; metrics in metrics.jsonl, "
           f"plots with `jackpot-plot {workdir}`.")
 
 
 def train_main() -> None:
     """Entry point of ``jackpot-train``."""
+    quiet_startup(debug_requested(sys.argv[1:]))  # before anything imports JAX or TensorFlow
     try:
         _define_flags()  # with the default config, ml_collections applies the overrides here
         app.run(_train)
@@ -87,38 +94,10 @@ def train_main() -> None:
 
 
 def export(workdir: str, out: str, *, model: str = "policy", step: int | None = None) -> str:
-    """Write the ``model`` ("policy" or "actor") of the run in ``workdir`` at checkpoint ``step``
-    (default: the latest) to ``out`` as a Hugging Face checkpoint with the run's tokenizer."""
-    import jax  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
+    """:func:`jackpot_jax.train.export.export` (imported when called: ``--help`` stays fast)."""
+    from jackpot_jax.train.export import export as export_run  # noqa: PLC0415
 
-    from jackpot_jax.models.hf import save_pretrained  # noqa: PLC0415
-    from jackpot_jax.models.sharding import make_mesh  # noqa: PLC0415
-    from jackpot_jax.train import build  # noqa: PLC0415
-    from jackpot_jax.train.checkpoint import Checkpointer  # noqa: PLC0415
-
-    if model not in ("policy", "actor"):
-        raise ValueError(f"model={model!r} is not allowed: it must be 'policy' or 'actor'.")
-    with Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1) as checkpointer:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{workdir} has no checkpoint to export.")
-        config = ml_collections.ConfigDict(checkpointer.read_meta(step)["config"])
-        if model == "actor" and config.algorithm.mode == "on_policy":
-            raise ValueError(f"the run in {workdir} is on_policy: it has no actor.")
-        tokenizer = build.load_tokenizer(config)
-        policy, actor = build.build_models(config, tokenizer)
-        # only the state's shapes are used: they depend on neither the mesh nor the placement
-        config.placement = "colocated"
-        updater = build.make_updater(config, policy, actor, total_updates=1, mesh=make_mesh(devices=jax.devices()[:1]))
-        abstract = updater.abstract_state(nnx.state(policy, nnx.Param),
-                                          None if actor is None else nnx.state(actor, nnx.Param))
-        state, _ = checkpointer.restore(abstract, step=step)
-    target = policy if model == "policy" else actor
-    nnx.update(target, state.policy if model == "policy" else state.actor)
-    save_pretrained(target, out)
-    tokenizer.save_pretrained(out)
-    return out
+    return export_run(workdir, out, model=model, step=step)
 
 
 def export_main(argv=None) -> None:
@@ -129,8 +108,13 @@ def export_main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default="policy", choices=("policy", "actor"))
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks of every error and TensorFlow's / "
+                        "XLA's start-up logs (also JACKPOT_DEBUG=1)")
     args = parser.parse_args(argv)
-    try:
+    debug = args.debug or debug_requested()
+    quiet_startup(debug)  # before anything imports JAX or TensorFlow
+    from jackpot_jax.config import ConfigError  # noqa: PLC0415
+    from jackpot_jax.train.checkpoint import ResumeError  # noqa: PLC0415 (imports JAX)
+
+    with user_errors("jackpot-export", debug=debug, own=(ConfigError, ResumeError)):
         print(f"jackpot-export: wrote {export(args.workdir, args.out, model=args.model, step=args.step)}")
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"jackpot-export: {error}")

@@ -4,10 +4,15 @@ A run's config is an ``ml_collections.ConfigDict`` (``configs/demo.py`` is the r
 lists every key with a comment). :func:`validate` checks each section against the rules below
 and raises :class:`~jackpot_jax.config.ConfigError` naming the key, the value and what is allowed;
 unknown keys are refused too, so a typo in ``--config.algorithm.lamb=...`` cannot pass silently.
+On ``--resume``, :func:`resume_changes` sorts the keys that differ from the checkpoint's config into
+those that make another experiment (:data:`RESUME_REFUSED`), the free ones (:data:`RESUME_FREE`)
+and the others.
 """
 from __future__ import annotations
 
+import json
 import math
+from typing import NamedTuple
 
 from jackpot_jax.config import ConfigError, validate as validate_section
 from jackpot_jax.models.config import PRESETS
@@ -16,6 +21,8 @@ MODES = ("on_policy", "off_policy", "tis", "tis_distill", "jackpot")
 ACTOR_MODES = MODES[1:]  # every mode but on_policy generates with a separate actor
 SCHEDULES = ("constant", "cosine")
 IMPLS = ("auto", "reference", "chunked", "pallas")
+# "auto": tokenizer.path when set, else the tokenizer files of policy.path (else actor.path), else "char"
+TOKENIZER_KINDS = ("auto", "char", "hf")
 
 
 def _int(low=None, high=None):
@@ -58,7 +65,7 @@ RULES = {
     "seed": _int(0),
     "policy": _MODEL,
     "actor": {**_MODEL, "init": _choice("own", "policy")},
-    "tokenizer": {"kind": _choice("char", "hf"), "path": _PATH},
+    "tokenizer": {"kind": _choice(*TOKENIZER_KINDS), "path": _PATH},
     "data": {"dataset": _STR, "config": _STR, "split": _STR, "eval_split": _STR, "data_dir": _PATH,
              "manual_dir": _PATH, "reward": _STR, "template": _choice("plain", "chat"), "instruction": _STR,
              "max_prompt_tokens": _int(1), "train_limit": _int(0), "eval_limit": _int(0)},
@@ -90,7 +97,7 @@ RULES = {
     "actor_mesh": {axis: _int(1) for axis in ("data", "fsdp", "tensor")},
     "train": {"steps": _int(1), "eval_every": _int(0), "eval_k": _int(1), "eval_temperature": _float(0),
               "save_every": _int(1), "keep": _int(1), "max_nonfinite": _int(1), "log_every": _int(1),
-              "kernel_impl": _choice(*IMPLS), "progress": _BOOL},
+              "kernel_impl": _choice(*IMPLS), "progress": _BOOL, "allow_changes": _BOOL},
 }
 
 
@@ -112,6 +119,24 @@ def _check(config, rules, name):
                               f"{sorted(sub_rules)}.")
         _check(config[key], sub_rules, f"{name}.{key}")
     validate_section({k: v for k, v in config.items() if k not in nested}, flat, name)
+
+
+def _check_tokenizer(config) -> None:
+    """The character-level tokenizer is for models trained from scratch: a Hugging Face checkpoint
+    was trained on its own tokenizer's ids, and reading them as characters would train it silently
+    on nonsense. ``tokenizer.path`` is read only by kinds "hf" and "auto"."""
+    if config.tokenizer.kind != "char":
+        return
+    for name in ("policy", "actor"):
+        if config[name].path:
+            raise ConfigError(f"config.tokenizer.kind='char' is not allowed with config.{name}.path="
+                              f"{config[name].path!r}: the checkpoint reads its own tokenizer's ids, not characters; "
+                              "set tokenizer.kind='auto' (the checkpoint's tokenizer) or tokenizer.kind='hf' with "
+                              "tokenizer.path.")
+    if config.tokenizer.path:
+        raise ConfigError(f"config.tokenizer.path={config.tokenizer.path!r} is not allowed with tokenizer.kind='char' "
+                          "(the built-in character-level tokenizer has no files): set tokenizer.kind='hf' (or "
+                          "'auto'), or tokenizer.path=''.")
 
 
 def validate(config) -> None:
@@ -156,9 +181,82 @@ def validate(config) -> None:
         raise ConfigError(f"config.rollout.{name}={value} is not allowed with algorithm.mode='jackpot': OBRS' Z "
                           "sums over the actor's untruncated (tempered) distribution, so rollouts must sample from "
                           "it: set rollout.top_p=1.0 and rollout.top_k=0 (rollout.temperature may be any).")
+    _check_tokenizer(config)
     if config.tokenizer.kind == "hf" and not config.tokenizer.path:
         raise ConfigError("config.tokenizer.path='' is not allowed with tokenizer.kind='hf': give the tokenizer "
                           "directory.")
     if config.train.eval_every and config.data.eval_limit == 0:
         raise ConfigError(f"config.data.eval_limit=0 is not allowed with config.train.eval_every="
                           f"{config.train.eval_every}: evaluation needs problems (or set train.eval_every=0).")
+
+
+# --- resuming --------------------------------------------------------------------------------------
+
+# Keys (a section: every key in it) whose change on --resume makes the run another experiment: refused
+# unless train.allow_changes=True. The batcher's order depends on rollout.prompts_per_step; warm_start
+# gives the starting models and (problems) the RL problems.
+RESUME_REFUSED = ("seed", "policy", "actor", "tokenizer", "data", "warm_start", "algorithm.mode",
+                  "rollout.prompts_per_step")
+# Keys that change only logging, IO, file locations or the layout on devices: they may change freely
+# (logged at info). The most specific entry of the two tables decides; any other change (optim,
+# algorithm but its mode, rollout sampling, ...) is allowed and logged as a warning.
+RESUME_FREE = ("train.steps", "train.eval_every", "train.log_every", "train.progress", "train.save_every",
+               "train.keep", "train.allow_changes", "data.data_dir", "data.manual_dir", "warm_start.dir",
+               "policy.remat", "actor.remat", "mesh", "actor_mesh", "placement", "rollout.max_concurrent_decodes",
+               "rollout.engine_devices")
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()  # the value of a key one of two configs lacks
+
+
+class Change(NamedTuple):
+    """A config key whose value differs between a checkpoint's run and the resuming one. ``kind``:
+    "refused" (another experiment), "changed" (allowed, warned) or "free" (logging / IO / layout)."""
+    key: str  # dotted, from the top: "optim.policy.lr"
+    saved: object  # ABSENT when the saved config lacks the key
+    now: object
+    kind: str
+
+    def __str__(self) -> str:
+        return f"config.{self.key} {self.saved!r} -> {self.now!r}"
+
+
+def _flat(tree, prefix="") -> dict:
+    """``{dotted key: leaf}`` of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _tier(key: str) -> str:
+    """"refused", "free" or "changed" for a dotted key: the longest matching entry of the tables."""
+    matches = [(len(entry), kind) for kind, table in (("refused", RESUME_REFUSED), ("free", RESUME_FREE))
+               for entry in table if key == entry or key.startswith(entry + ".")]
+    return max(matches)[1] if matches else "changed"
+
+
+def resume_changes(saved: dict, current: dict) -> list[Change]:
+    """Every key whose value differs between the ``saved`` config dict (a checkpoint's ``meta``) and
+    the ``current`` one, compared in JSON form (tuples equal lists), sorted by key. A key the saved
+    config lacks (added to the schema since) or the current one lacks (removed) is at most "changed":
+    never refused, always named."""
+    as_json = lambda tree: _flat(json.loads(json.dumps(tree, default=str)))
+    old, new = as_json(saved), as_json(current)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, ABSENT), new.get(key, ABSENT)
+        if before != after:
+            kind = _tier(key)
+            if kind == "refused" and (before is ABSENT or after is ABSENT):
+                kind = "changed"
+            changes.append(Change(key, before, after, kind))
+    return changes

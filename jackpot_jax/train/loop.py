@@ -42,8 +42,9 @@ from jackpot_jax.rollout.decode import DecodeCore, core_of
 from jackpot_jax.rollout.generate import generate
 from jackpot_jax.train import build
 from jackpot_jax.train.batch import make_batch, select
-from jackpot_jax.train.checkpoint import Checkpointer
-from jackpot_jax.train.config import validate
+from jackpot_jax.train.checkpoint import Checkpointer, ResumeError
+from jackpot_jax.train.config import resume_changes, validate
+from jackpot_jax.train.export import save_run_files
 from jackpot_jax.train.metrics import MetricsWriter, Progress
 from jackpot_jax.train.warm_start import unbox, warm_start
 
@@ -115,6 +116,24 @@ def warm_start_models(config, workdir: str, tokenizer, policy, actor, records, p
         logger.info("warm start of the %s: %s", name, summary)
 
 
+def check_resume(config, checkpointer: Checkpointer) -> None:
+    """Compare the config of the latest checkpoint of ``checkpointer`` with the resuming run's
+    ``config`` (:func:`~jackpot_jax.train.config.resume_changes`), before anything is built: log
+    every changed key (a warning; logging, IO and layout keys at info), and raise a one-line
+    :class:`ResumeError` naming each key that makes the run another experiment (the models, data,
+    tokenizer, seed, ...) unless ``config.train.allow_changes``."""
+    step, directory = checkpointer.latest_step(), checkpointer.directory
+    changes = resume_changes(checkpointer.read_meta(step).get("config", {}), config.to_dict())
+    for change in changes:
+        level = logging.INFO if change.kind == "free" else logging.WARNING
+        logger.log(level, "resume: %s changed %r -> %r", f"config.{change.key}", change.saved, change.now)
+    refused = [change for change in changes if change.kind == "refused"]
+    if refused and not config.train.allow_changes:
+        raise ResumeError(f"resume from step {step} of {directory} is refused: the run would be another experiment "
+                          f"({'; '.join(map(str, refused))}); resume with the checkpoint's values, or pass "
+                          "--config.train.allow_changes=True to continue with the new ones.")
+
+
 class _Start(NamedTuple):
     """What a run builds before its first step: data and warm-started models."""
     tokenizer: object
@@ -127,10 +146,10 @@ class _Start(NamedTuple):
     actor: object
 
 
-def _start(config, workdir: str) -> _Start:
-    """The tokenizer, the records, the RL batcher, the meshes and the models of a run of ``config``
-    in ``workdir``, warm-started (:func:`warm_start_models`)."""
-    tokenizer = build.load_tokenizer(config)
+def _start(config, workdir: str, tokenizer) -> _Start:
+    """The records, the RL batcher, the meshes and the models of a run of ``config`` in
+    ``workdir``, warm-started (:func:`warm_start_models`), with its ``tokenizer``
+    (:func:`~jackpot_jax.train.build.check_run`'s)."""
     train_records, eval_records = build.load_records(config)
     warm_records, rl_records = split_warm_start(train_records, config)
     batcher = _batcher(config, rl_records, tokenizer)
@@ -144,7 +163,8 @@ def warm_start_only(config, workdir: str) -> None:
     """The warm starts of a run of ``config`` in ``workdir`` (``warm_start.dir``, or
     ``WORKDIR/warm_start``), without the run: what :class:`Trainer` would train or load first."""
     validate(config)
-    _start(config, os.path.abspath(workdir))
+    config = build.resolve_tokenizer(config)
+    _start(config, os.path.abspath(workdir), build.check_run(config))
 
 
 class Trainer:
@@ -161,11 +181,17 @@ class Trainer:
             raise ConfigError(f"config.rollout.prompts_per_step={config.rollout.prompts_per_step} is not allowed with "
                               f"{processes} processes: each generates an equal slice of the prompts; use a multiple "
                               f"of {processes}.")
+        config = build.resolve_tokenizer(config)  # what the checkpoints record: "auto" resolved
+        tokenizer = build.check_run(config)  # the checks of seconds, before the data and compilation
         self.config, self.workdir = config, os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
-        algo, rollout = config.algorithm, config.rollout
         self.reward = get_reward(config.data.reward)
-        start = _start(config, self.workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=config.train.save_every,
+                                         keep=config.train.keep)
+        if resume and self.checkpointer.latest_step() is not None:
+            check_resume(config, self.checkpointer)  # before the data and the models
+        algo, rollout = config.algorithm, config.rollout
+        start = _start(config, self.workdir, tokenizer)
         self.tokenizer, self.batcher = start.tokenizer, start.batcher
         self.train_records, self.eval_records = start.train_records, start.eval_records
         policy, actor = start.policy, start.actor
@@ -186,8 +212,6 @@ class Trainer:
         self.engine = build.rollout_engine(generator, config)
         self.eval_core = None
 
-        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=config.train.save_every,
-                                         keep=config.train.keep)
         self.step, self.nonfinite_in_row = 0, 0
         self.controller = KLController.from_config(config.algorithm)  # None: beta stays algorithm.beta
         self.base_key = jax.random.key(config.seed)  # every step's keys are folded from it and the step
@@ -195,6 +219,8 @@ class Trainer:
             self._restore()
         self._push_actor()
         self.writer = MetricsWriter(self.workdir, start_step=self.step + 1, enabled=jax.process_index() == 0)
+        if jax.process_index() == 0:  # what jackpot-export needs, kept in the run dir (once; after a resume's checks)
+            save_run_files(self.workdir, config, self.tokenizer, policy, actor)
 
     # ------------------------------------------------------------------ setup
 
@@ -208,7 +234,10 @@ class Trainer:
     def _restore(self):
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         self.state, meta = self.checkpointer.restore(abstract, config=self.config.to_dict())
-        self.batcher.load_state_dict(meta["data"])
+        try:
+            self.batcher.load_state_dict(meta["data"])
+        except ValueError as error:  # another data order (allowed by train.allow_changes)
+            raise ResumeError(f"resume from {self.checkpointer.directory}: {error}") from None
         self.step = int(meta["step"])
         self.base_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         if self.controller is not None and "controller" in meta:

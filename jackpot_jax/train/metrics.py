@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Mapping
 
 import numpy as np
@@ -23,6 +24,14 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_TENSORBOARD_ILLEGAL = re.compile(r"[^A-Za-z0-9_./-]")
+
+
+def tensorboard_tag(name: str) -> str:
+    """``name`` in TensorBoard's legal characters (``[A-Za-z0-9_./-]``, no leading ``/``): ``@`` becomes
+    ``_at_`` (``eval/policy/mean@4`` is ``eval/policy/mean_at_4``), any other illegal character ``_``.
+    Given a legal tag, tensorboardX neither renames it nor logs an "illegal summary name" line for it."""
+    return _TENSORBOARD_ILLEGAL.sub("_", name.replace("@", "_at_")).lstrip("/")
 
 
 def _scalar(key, value):
@@ -85,8 +94,8 @@ class MetricsWriter:
     but the first) every call is a no-op and nothing is touched on disk.
 
     TensorBoard gets the finite values only (tensorboardX warns on every NaN; metrics.jsonl keeps
-    them), under its own spelling of a name: characters other than letters, digits and ``_-./``
-    become ``_`` (``eval/mean@8`` is ``eval/mean_8`` there).
+    them), under legal tags (:func:`tensorboard_tag`: ``eval/mean@8`` is ``eval/mean_at_8`` there;
+    metrics.jsonl keeps the names); two names with one tag raise ``ValueError``.
 
     A run that starts at ``start_step`` keeps only the existing rows with ``step < start_step``
     (all rows are dropped when a run starts over from step 0): the rows after the resume point
@@ -99,6 +108,7 @@ class MetricsWriter:
         self.path = os.path.join(workdir, METRICS_FILE)
         self.enabled = enabled
         self._file = self._tb = None
+        self._tags = {}  # TensorBoard tag -> metric name
         if not enabled:
             return
         if start_step < 0:
@@ -135,13 +145,28 @@ class MetricsWriter:
             if not isinstance(key, str) or key == "step":
                 raise ValueError(f"Metric names must be strings other than 'step', got {key!r}.")
             row[key] = _scalar(key, value)
+        tags = self._tensorboard_tags(row) if self._tb is not None else {}
         self._file.write(_encode_line(row))
         self._file.flush()
         if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and math.isfinite(value):
-                    self._tb.add_scalar(key, value, global_step=step)
+            for key, tag in tags.items():
+                if math.isfinite(row[key]):
+                    self._tb.add_scalar(tag, row[key], global_step=step)
             self._tb.flush()
+
+    def _tensorboard_tags(self, row: Mapping) -> dict:
+        """``{name: tag}`` of the metrics of ``row``; ValueError when a tag is empty or is already
+        another name's (this step's or an earlier one's)."""
+        tags, known = {}, dict(self._tags)
+        for key in row:
+            if key == "step":
+                continue
+            tag = tags[key] = tensorboard_tag(key)
+            if not tag or known.setdefault(tag, key) != key:
+                raise ValueError(f"Metric {key!r} has no TensorBoard tag of its own: its tag {tag!r} is "
+                                 + (f"{known[tag]!r}'s too." if tag else "empty."))
+        self._tags = known
+        return tags
 
     def close(self) -> None:
         """Flushes and closes both outputs; further writes raise (a no-op when disabled)."""
