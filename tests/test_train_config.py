@@ -484,3 +484,17 @@ def test_a_url_work_dir_is_refused_before_anything_loads():
 
     with pytest.raises(ConfigError, match=r"workdir 'gs://bucket/run' is not allowed: URLs are not supported yet"):
         Trainer(get_config(), "gs://bucket/run")
+
+
+def test_the_gsm8k_config_needs_its_three_paths_and_validates_with_them(tmp_path):
+    """configs/gsm8k.py (docs/training.md, "Your own checkpoints"; run end to end by
+    tests/test_walkthrough.py): its paths are required flags, and with them it is a valid config."""
+    from configs.gsm8k import get_config as gsm8k_config  # noqa: PLC0415
+
+    config = gsm8k_config()
+    assert config.tokenizer.kind == "auto" and config.data.dataset == "gsm8k" and config.data.config == ""
+    for key in ("policy.path", "actor.path", "data.manual_dir"):
+        assert f"config.{key} is required by this config" in refused(config)
+        section, name = key.split(".")
+        config[section][name] = str(tmp_path)
+    validate(config)
