@@ -84,6 +84,7 @@ def test_the_trainer_loads_checkpoints_into_the_mesh_and_decodes_on_them(tmp_pat
     model on one device), and a decoding core on those sharded parameters samples what it samples
     on one device (same tokens, log-probs within float32 reordering)."""
     from configs.demo import get_config  # noqa: PLC0415
+    from jackpot_jax.data.char_tokenizer import make_char_tokenizer  # noqa: PLC0415
     from jackpot_jax.rollout import DecodeCore, generate  # noqa: PLC0415
     from jackpot_jax.train import build as train_build  # noqa: PLC0415
 
@@ -92,7 +93,8 @@ def test_the_trainer_loads_checkpoints_into_the_mesh_and_decodes_on_them(tmp_pat
     config = get_config()
     config.policy.path = config.actor.path = str(tmp_path)
     m = mesh(1, 4, 2)
-    policy, actor = train_build.build_models(config, train_build.load_tokenizer(config), m)
+    # the checkpoint has no tokenizer files (a run would refuse it): the ids are the char tokenizer's
+    policy, actor = train_build.build_models(config, make_char_tokenizer(), m)
     for loaded in (policy, actor):
         assert specs(loaded)["layers.1.self_attn.k_proj.kernel"] == P("fsdp", "tensor")
         assert all(x.sharding.mesh == m for x in jax.tree.leaves(nnx.state(loaded, nnx.Param)))
