@@ -343,6 +343,7 @@ def test_save_pretrained_with_the_tokenizer_stops_generate_at_every_end_token(tm
 
     config = json.loads((out / "config.json").read_text())
     assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == ([1, 2], 0, None)
+    assert hf.end_token_ids(tokenizer) == [1, 2]  # where the trainer's rollouts and jackpot-eval stop too
     assert json.loads((out / "generation_config.json").read_text()) == {
         "do_sample": True, "temperature": 0.7, "top_p": 0.8, "eos_token_id": [1, 2], "pad_token_id": 0}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()

@@ -40,6 +40,7 @@ def evaluate(model_or_engine, tokenizer, records, *, k: int = 4, template: str =
     problem order (``index`` of the problem in ``records``, ``problem``, ``answer`` (the reference),
     ``completion`` (the decoded text), ``reward``, ``finish_reason``)."""
     from jackpot_jax.data.prompts import INSTRUCTION, build_prompt, encode_prompts  # noqa: PLC0415 (keeps this module light)
+    from jackpot_jax.models.hf import end_token_ids  # noqa: PLC0415
     from jackpot_jax.rollout import generate  # noqa: PLC0415
 
     if not records:
@@ -49,7 +50,7 @@ def evaluate(model_or_engine, tokenizer, records, *, k: int = 4, template: str =
     texts = [build_prompt(record, tokenizer, template=template, instruction=instruction) for record in records]
     prompt_ids = encode_prompts(tokenizer, texts, template)
     rollout = generate(model_or_engine, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, n=k,
-                       seed=seed, eos_token_ids=[tokenizer.eos_token_id], max_concurrent_decodes=max_concurrent_decodes)
+                       seed=seed, eos_token_ids=end_token_ids(tokenizer), max_concurrent_decodes=max_concurrent_decodes)
     completions = tokenizer.batch_decode(rollout.completions, skip_special_tokens=True)
     rewards, samples = [[] for _ in records], []
     for i, completion, finish in zip(rollout.prompt_index, completions, rollout.finish_reasons):

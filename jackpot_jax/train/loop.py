@@ -38,6 +38,7 @@ from jackpot_jax.controller import KLController
 from jackpot_jax.data.batching import PromptBatcher
 from jackpot_jax.data.evaluate import evaluate
 from jackpot_jax.data.rewards import get_reward
+from jackpot_jax.models.hf import end_token_ids
 from jackpot_jax.rollout.decode import DecodeCore, core_of
 from jackpot_jax.rollout.generate import generate
 from jackpot_jax.train import build
@@ -267,7 +268,7 @@ class Trainer:
         out = generate(self.engine, batch.prompt_ids, rollout_cfg.max_new_tokens, temperature=rollout_cfg.temperature,
                        top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, seed=seed,
                        first_prompt=batch.first_prompt * rollout_cfg.n,  # the rows repeat each prompt n times
-                       eos_token_ids=[self.tokenizer.eos_token_id])
+                       eos_token_ids=end_token_ids(self.tokenizer))
         texts = self.tokenizer.batch_decode(out.completions, skip_special_tokens=True)
         rewards = np.asarray([self.reward(text, answer) for text, answer in zip(texts, batch.answers)], np.float32)
         return out, rewards
