@@ -21,6 +21,7 @@ shared (:class:`jackpot_jax.train.disaggregated.DisaggregatedUpdater`).
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 
@@ -45,6 +46,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     and none given: JAX detects the cluster (TPU pod slices, SLURM, Open MPI, Kubernetes). With
     neither: a single-process run, nothing to do. Collectives between CPU devices of different
     processes use gloo (JAX's CPU default has none); accelerators keep their own (ICI, NCCL).
+    Process 0's coordinator listens where :func:`bind_address` says: on a loopback address given,
+    that address only.
     """
     explicit = (coordinator_address, num_processes, process_id)
     if any(value is not None for value in explicit):
@@ -59,10 +62,33 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     elif not auto:
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               coordinator_bind_address=bind_address(coordinator_address))
     logger.info("process %d of %d, %d local devices of %d", jax.process_index(), jax.process_count(),
                 jax.local_device_count(), jax.device_count())
     return True
+
+
+def bind_address(coordinator_address: str | None) -> str | None:
+    """Where process 0's coordinator listens: ``coordinator_address`` itself when its host is a
+    loopback address (``127.0.0.1:PORT``, ``[::1]:PORT``, ``localhost:PORT``), so a local run is
+    never reachable from other machines (JAX's default binds every interface, ``[::]:PORT``, and the
+    coordinator has no authentication); None (JAX's default) for other hosts, which other machines
+    must reach, and without an address (a detected cluster)."""
+    if coordinator_address is None:
+        return None
+    host, _, port = coordinator_address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port:
+        raise ConfigError(f"coordinator_address={coordinator_address!r} is not allowed: it must be HOST:PORT, e.g. "
+                          "127.0.0.1:12345.")
+    if host == "localhost":
+        return coordinator_address
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return None
+    return coordinator_address if loopback else None
 
 
 def global_rows(tree, sharding):

@@ -378,3 +378,54 @@ def test_malformed_json_array(tmp_path):
     path = _write(str(tmp_path / "deepscaler.json"), ['[{"problem": "P", "answer": "1"}, {"problem": "P"}]'])
     with pytest.raises(ValueError, match=f"{path}:item 2: missing field 'answer'"):
         read_manual_split("deepscaler", "train", str(tmp_path))
+
+
+def test_non_utf8_and_oversized_records_name_file_and_line_and_are_skippable(tmp_path, monkeypatch):
+    from jackpot_jax.data import manual_files
+
+    assert manual_files.MAX_RECORD_BYTES == 1 << 20
+    monkeypatch.setattr(manual_files, "MAX_RECORD_BYTES", len(GSM8K_LINE) + 2)  # tiny: the long line stays cheap
+    path = str(tmp_path / "train.jsonl")
+    with open(path, "wb") as file:
+        file.write(b"\n".join([GSM8K_LINE.encode(), GSM8K_LINE.encode()[:-2] + b'\xff"}',
+                               GSM8K_LINE.encode()[:-1] + b" " * 3_000_000 + b"}", GSM8K_LINE.encode()]) + b"\n")
+    with pytest.raises(ValueError, match=f"{path}:line 2: not UTF-8 \\(byte 0xff") as error:
+        read_manual_split("gsm8k", "train", str(tmp_path))
+    assert "skip_bad_lines" in str(error.value)
+    with open(path, "r+b") as file:  # line 2 fixed: line 3 (3 MB) is next
+        file.seek(len(GSM8K_LINE) + 1 + len(GSM8K_LINE) - 2)
+        file.write(b' "')
+    with pytest.raises(ValueError, match=f"{path}:line 3: the record has 3000[0-9]* bytes or more, over the limit "
+                                         f"of MAX_RECORD_BYTES={len(GSM8K_LINE) + 2}"):
+        read_manual_split("gsm8k", "train", str(tmp_path))
+    with open(path, "r+b") as file:
+        file.seek(len(GSM8K_LINE) + 1 + len(GSM8K_LINE) - 2)
+        file.write(b'\xff"')
+    records, skipped = read_manual_split("gsm8k", "train", str(tmp_path), skip_bad_lines=True)
+    assert (len(records), skipped) == (2, 2) and records[0] == records[1]
+    # a JSON array is one document: its decoding error names the line, and a too-big item is skippable
+    path = str(tmp_path / "deepscaler.json")
+    with open(path, "wb") as file:
+        file.write(b'[\n{"problem": "P", "answer": "1"},\n{"problem": "\xe9", "answer": "1"}]')
+    with pytest.raises(ValueError, match=f"{path}:line 3: not UTF-8 \\(byte 0xe9\\)"):
+        read_manual_split("deepscaler", "train", str(tmp_path))
+    with open(path, "w") as file:
+        json.dump([{"problem": "P", "answer": "1"}, {"problem": "P" * 100, "answer": "1"}], file)
+    with pytest.raises(ValueError, match=f"{path}:item 2: the record has [0-9]+ bytes or more"):
+        read_manual_split("deepscaler", "train", str(tmp_path))
+    assert read_manual_split("deepscaler", "train", str(tmp_path), skip_bad_lines=True)[1] == 1
+
+
+def test_format_reward_and_answer_extraction_are_linear_on_pathological_completions():
+    import time
+
+    from jackpot_jax.data.rewards import format_reward
+
+    cases = [("\\boxed{" * 20_000, 0.0, None),  # was quadratic: 347 s
+             ("\\boxed{1}" + "\\boxed{" * 20_000, 0.0, "1"),
+             ("\\boxed{" + "{" * 20_000 + "x" + "}" * 20_000 + "}", 1.0, "{" * 20_000 + "x" + "}" * 20_000),
+             ("\\boxed{\\{1, 2\\}}" + " \\\\" * 50_000, 0.0, "\\{1, 2\\}")]
+    for completion, reward, answer in cases:
+        start = time.perf_counter()
+        assert (format_reward(completion), extract_answer(completion)) == (reward, answer)
+        assert time.perf_counter() - start < 1.0

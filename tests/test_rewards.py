@@ -241,6 +241,7 @@ def test_format_reward(completion, expected):
     (" 3 + 4 = 7. 6 - 1 = 5. \\boxed{5}", "5", 0.0),  # a step that does not start from the result
     (" \\boxed{32}", "32", 0.0),  # no step
     (" 7 / 7 = 1. \\boxed{1}", "1", 0.0),
+    (" " + "9" * 100_000 + " + 1 = 2. \\boxed{2}", "2", 0.0),  # a number past int()'s 4,300 digits: 0, not a raise
 ])
 def test_arithmetic_solution_reward(completion, answer, expected):
     assert rewards.get_reward("arithmetic")(completion, answer) == expected

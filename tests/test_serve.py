@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import grpc
 import jax
@@ -143,6 +144,52 @@ def test_bad_requests_get_an_error_and_the_server_keeps_serving(good, stub, requ
     assert stub.HealthCheck(jetstream_pb2.HealthCheckRequest(), timeout=30).is_live
     request, expected = good
     assert decode(stub, request)[0] == expected
+
+
+def test_huge_and_malformed_requests_are_invalid_argument_and_tokenizing_leaves_the_loop_free(good, server, stub,
+                                                                                            monkeypatch):
+    request, expected = good
+    huge = text_request("two " * 900_000, 5)  # 3.6 MB: refused by its size, before it is tokenized
+    with pytest.raises(grpc.RpcError) as error:
+        decode(stub, huge)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(r"text_content.text has 3600000 bytes, more than the server's limit of 512 \(16 bytes per "
+                     r"token of max_prefill_length=32\)", error.value.details())
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # bytes that are no DecodeRequest
+        for method in ("Decode", "HealthCheck"):
+            call = (channel.unary_stream if method == "Decode" else channel.unary_unary)(
+                f"/jetstream_proto.Orchestrator/{method}")
+            with pytest.raises(grpc.RpcError) as error:
+                reply = call(b"\xff\xff\xff", timeout=30)
+                list(reply) if method == "Decode" else reply
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert re.search(r"is not a valid jetstream_proto\.\w+ message \(DecodeError", error.value.details())
+    # while one request is being checked (tokenized), the event loop answers the others
+    release, checking, original = threading.Event(), threading.Event(), serve.check_request
+
+    def slow_check(*args):
+        checking.set()
+        assert release.wait(60)
+        return original(*args)
+
+    monkeypatch.setattr(serve, "check_request", slow_check)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(decode, stub, request)
+        assert checking.wait(60)
+        assert stub.HealthCheck(jetstream_pb2.HealthCheckRequest(), timeout=10).is_live
+        release.set()
+        assert pending.result()[0] == expected
+
+
+def test_a_model_with_a_nan_weight_is_refused_before_serving(checkpoint):
+    path, _, _ = checkpoint
+    model = tiny_model()
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x.ndim == 2 else x, params))
+    engine = JackpotEngine(model, max_concurrent_decodes=1, max_prefill_length=16, max_target_length=16,
+                           tokenizer_path=path)
+    with pytest.raises(ValueError, match=r"the model's parameter .+ has NaN or infinite values: refusing to serve"):
+        serve.Server(engine, port=0)
 
 
 def test_engine_api_gives_generates_tokens(checkpoint):

@@ -1,6 +1,12 @@
 """Checkpointer: exact round trips, resharding on restore, retention, save interval, clear errors
-on a mismatched state, and no half-written checkpoint after a process is killed mid-save."""
+on a mismatched state, no half-written checkpoint after a process is killed mid-save, and a
+damaged newest step (each kind of damage) set aside with one warning line for the previous one."""
+import asyncio
+import glob
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +20,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jackpot_jax.train.checkpoint import Checkpointer, ResumeError, config_diff
+from jackpot_jax.train.checkpoint import Checkpointer, CorruptCheckpointError, ResumeError, config_diff
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,3 +209,124 @@ def test_kill_during_async_save_leaves_only_restorable_steps(tmp_path):
         while sorted(os.listdir(tmp_path)) != [str(ckpt.latest_step())] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert sorted(os.listdir(tmp_path)) == [str(ckpt.latest_step())]
+
+
+def _damage(step_dir, kind):
+    """Damages the saved step in ``step_dir`` as ``kind`` does (a key of DAMAGE)."""
+    state_dir = os.path.join(step_dir, "state")
+    data = max(glob.glob(os.path.join(state_dir, "**", "d", "*"), recursive=True), key=os.path.getsize)
+    if kind == "truncated":
+        with open(data, "r+b") as f:
+            f.truncate(os.path.getsize(data) // 2)
+    elif kind.startswith("bit_flipped"):  # in the zstd frame header, or inside the compressed values
+        raw = bytearray(open(data, "rb").read())
+        raw[0 if kind == "bit_flipped_header" else len(raw) // 2] ^= 0x10
+        open(data, "wb").write(raw)
+    elif kind == "no_metadata":
+        os.remove(os.path.join(state_dir, "_METADATA"))
+    elif kind == "no_state":
+        shutil.rmtree(state_dir)
+    elif kind in ("garbage_meta", "meta_not_a_dict", "meta_of_another_step"):
+        text = {"garbage_meta": "{garbage", "meta_not_a_dict": "[1, 2]", "meta_of_another_step": '{"step": 7}'}[kind]
+        open(os.path.join(step_dir, "meta", "metadata"), "w").write(text)
+
+
+DAMAGE = {  # kind: what the warning says
+    "truncated": r"array data unreadable \(ValueError: OUT_OF_RANGE: .*Requested byte range",
+    "bit_flipped_header": r"array data unreadable \(ValueError: .*ZSTD",
+    "bit_flipped_values": r"leaf w differs from what was saved \(checksum \d+, saved \d+\)",
+    "no_metadata": r"state/_METADATA is missing",
+    "no_state": r"no state/ directory",
+    "garbage_meta": r"meta unreadable \(JSONDecodeError: Expecting property name",
+    "meta_not_a_dict": r"meta is a list, not a JSON object",
+    "meta_of_another_step": r"meta names step 7, not 2",
+    "nan": r"leaf w holds NaN or infinite values",
+}
+
+
+def wide_state(scale=1.0):
+    """Enough values for a compressed data file of a few KB."""
+    return {"w": jnp.arange(2048, dtype=jnp.float32) * scale, "count": jnp.int32(7)}
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no flood of abandoned reads
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damaged_newest_step_is_set_aside_with_one_warning_and_the_previous_restored(tmp_path, kind, caplog):
+    with Checkpointer(tmp_path, save_every=1, keep=3, async_save=False) as ckpt:
+        ckpt.save(1, wide_state(1.0), {"step": 1})
+        ckpt.save(2, wide_state(jnp.nan) if kind == "nan" else wide_state(2.0), {"step": 2})
+    _damage(str(tmp_path / "2"), kind)
+    with caplog.at_level("WARNING", logger="jackpot_jax.train.checkpoint"):
+        with Checkpointer(tmp_path, save_every=1, keep=3, async_save=False) as ckpt:
+            restored, meta = ckpt.restore(wide_state())
+            assert meta == {"step": 1}
+            assert_trees_equal(restored, wide_state(1.0))
+            assert ckpt.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ["1", "2.corrupt"]
+            assert ckpt.save(2, wide_state(5.0), {"step": 2})  # no collision with the step set aside
+    warnings = [r.getMessage() for r in caplog.records if r.name == "jackpot_jax.train.checkpoint"]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert re.search(rf"^checkpoint step 2 in {re.escape(str(tmp_path))} is damaged: {DAMAGE[kind]}.*; set aside as "
+                     r"2\.corrupt, trying the previous step$", warnings[0]), warnings[0]
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "2.corrupt"]
+    with Checkpointer(tmp_path, save_every=1, keep=3) as ckpt:
+        restored, meta = ckpt.restore(wide_state())
+    assert meta == {"step": 2} and float(restored["w"][1]) == 5.0
+
+
+def test_no_good_step_is_one_line_and_explicit_or_meta_reads_are_checked(tmp_path, capsys):
+    with Checkpointer(tmp_path, save_every=1, keep=3, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, wide_state(step), {"step": step})
+    _damage(str(tmp_path / "3"), "garbage_meta")
+    with Checkpointer(tmp_path, save_every=1, keep=3) as ckpt:
+        with pytest.raises(CorruptCheckpointError, match=r"^checkpoint step 3 .* is damaged: meta unreadable"):
+            ckpt.read_meta(3)
+        with pytest.raises(CorruptCheckpointError, match=r"^checkpoint step 3 .* is damaged: meta unreadable"):
+            ckpt.restore(wide_state(), step=3)  # a step asked for is never replaced by another
+        assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
+        assert ckpt.read_meta(2) == {"step": 2}  # the checksums stay inside the Checkpointer
+        assert ckpt.latest_meta() == (2, {"step": 2})  # what check_resume reads: step 3 set aside
+        assert sorted(os.listdir(tmp_path)) == ["1", "2", "3.corrupt"]
+    # a checkpoint written before the checksums existed still restores
+    meta_file = tmp_path / "2" / "meta" / "metadata"
+    meta_file.write_text(json.dumps({"step": 2}))
+    _damage(str(tmp_path / "1"), "no_state")
+    with Checkpointer(tmp_path, save_every=1, keep=3) as ckpt:
+        assert ckpt.restore(wide_state())[1] == {"step": 2}
+        _damage(str(tmp_path / "2"), "truncated")
+        with pytest.raises(CorruptCheckpointError) as err:
+            ckpt.restore(wide_state())
+        assert ckpt.all_steps() == [] and ckpt.latest_meta() is None
+    message = str(err.value)
+    assert "\n" not in message and isinstance(err.value, ResumeError)
+    assert re.match(rf"no good checkpoint in {re.escape(str(tmp_path))} \(the damaged steps are set aside as "
+                    r"<step>\.corrupt\): step 2: array data unreadable .*; step 1: no state/ directory$", message)
+    assert sorted(os.listdir(tmp_path)) == ["1.corrupt", "2.corrupt", "3.corrupt"]
+    # after a failed read, TensorStore's late callbacks into Orbax's closed event loop print nothing; other errors do
+    loop = asyncio.new_event_loop()
+    loop.close()
+    with pytest.raises(RuntimeError, match="Event loop is closed") as late:
+        loop.call_soon_threadsafe(print)
+    capsys.readouterr()
+    sys.excepthook(RuntimeError, late.value, late.value.__traceback__)
+    sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)  # not from a callback: shown
+    assert capsys.readouterr().err.count("Event loop is closed") == 1
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        with pytest.raises(ValueError, match="may not hold the key '_checksums'"):
+            ckpt.save(4, wide_state(), {"_checksums": {}})
+
+
+def test_check_resume_reads_the_config_of_the_newest_step_with_good_meta(tmp_path, caplog):
+    from configs.demo import get_config  # noqa: PLC0415
+    from jackpot_jax.train import build  # noqa: PLC0415
+    from jackpot_jax.train.loop import check_resume  # noqa: PLC0415
+    config = build.resolve_tokenizer(get_config())
+    with Checkpointer(tmp_path, save_every=1, keep=2, async_save=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"w": jnp.zeros(2)}, {"step": step, "config": config.to_dict()})
+    _damage(str(tmp_path / "2"), "meta_not_a_dict")
+    with caplog.at_level("WARNING"), Checkpointer(tmp_path, save_every=1, keep=2) as ckpt:
+        check_resume(config, ckpt)  # the same config as step 1's: nothing refused
+        assert ckpt.latest_step() == 1
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "meta is a list, not a JSON object; set aside as 2.corrupt, trying the previous step"]

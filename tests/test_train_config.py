@@ -39,7 +39,7 @@ def flat_rules(rules=None, prefix=("config",)):
     ``("config", "optim", "policy", "lr")``; ``seed`` (checked by ``validate`` beside ``RULES``)
     included."""
     if rules is None:
-        yield ("config", "seed"), train_config._int(0)
+        yield ("config", "seed"), train_config._int(0, train_config.SEED_MAX)
         rules = RULES
     for key, rule in rules.items():
         if isinstance(rule, dict):
@@ -223,6 +223,29 @@ def test_bad_value_is_refused_naming_key_value_and_allowed(path, rule, value):
     assert f"{dotted(path)}={value!r}" in message, message
     assert rule[1] in message, message
 
+
+def test_values_beyond_their_dtype_are_refused_naming_the_key():
+    """Every float key refuses a finite value float32 cannot hold (``lr=1e300`` was NaN on the device),
+    every integer key one beyond its use (``seed=10**20`` raised OverflowError in jax.random; counts
+    beyond int32): a one-line ConfigError naming the key."""
+    floats = {dotted(path) for path, (_, allowed) in LEAVES if allowed.startswith("a finite number")}
+    assert {"config.optim.policy.lr", "config.algorithm.lam", "config.optim.actor.weight_decay", "config.algorithm.c1",
+            "config.algorithm.c2", "config.algorithm.beta", "config.rollout.temperature"} <= floats
+    for path, (is_allowed, allowed) in LEAVES:
+        if allowed.startswith(("a finite number", "a number")):
+            assert not any(map(is_allowed, (1e39, -1e39, 1e300))), dotted(path)
+        if allowed.startswith("an integer"):
+            assert not is_allowed(2**64), dotted(path)
+    cases = [(("config", "optim", "policy", "lr"), 1e300, "float32"), (("config", "algorithm", "lam"), 1e39, "float32"),
+             (("config", "optim", "actor", "weight_decay"), 3.5e38, "float32"),
+             (("config", "seed"), 10**20, "<= 4294967295"), (("config", "warm_start", "seed"), 2**32, "<= 4294967295"),
+             (("config", "train", "steps"), 2**31, "<= 2147483647")]
+    for path, value, allowed in cases:
+        message = refused(with_value(path, value))
+        assert message.startswith(f"{dotted(path)}={value!r} is not allowed: ") and allowed in message, message
+        assert "\n" not in message
+    for path, value in ((("config", "seed"), 2**32 - 1), (("config", "optim", "policy", "lr"), 3.4e38)):
+        validate(with_value(path, value))  # the largest allowed
 
 @pytest.mark.parametrize("path", SECTIONS, ids=[dotted(p) for p in SECTIONS])
 def test_section_holding_a_value_is_refused(path):
@@ -455,7 +478,7 @@ def test_cli_refuses_a_bad_value_before_building_anything(tmp_path):
     result, seconds = _train_cli("--config.algorithm.lam=-1", workdir=workdir)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
-    assert "jackpot-train: config.algorithm.lam=-1.0 is not allowed: it must be a finite number > 0." in output, output
+    assert "jackpot-train: config.algorithm.lam=-1.0 is not allowed: it must be a finite number > 0 " in output, output
     assert "Traceback" not in output, output
     assert seconds < 60
     # the Trainer creates its work dir right after validating: nothing was built

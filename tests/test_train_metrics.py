@@ -105,6 +105,33 @@ def test_resume_drops_rows_from_start_step_and_a_truncated_last_line(tmp_path):
     assert read_metrics(tmp_path) == []
 
 
+def test_metrics_are_appended_and_a_resume_truncates_once_to_the_checkpoint(tmp_path):
+    """A writer with nothing to drop leaves the file as it is (same inode, same bytes) and appends; a
+    resume from checkpoint step 3 (``start_step=4``) keeps exactly the rows with step <= 3, by one
+    rename (a new inode), after which the rows are appended to that file."""
+    path = tmp_path / "metrics.jsonl"
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        for step in range(6):
+            writer.write(step, {"x": float(step)})
+    before, inode = path.read_bytes(), path.stat().st_ino
+    with MetricsWriter(tmp_path, start_step=6, tensorboard=False) as writer:
+        assert path.stat().st_ino == inode and path.read_bytes() == before  # not rewritten
+        writer.write(6, {"x": 6.0})
+    assert path.stat().st_ino == inode and path.read_bytes().startswith(before)
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(7))
+
+    with MetricsWriter(tmp_path, start_step=3 + 1, tensorboard=False) as writer:
+        truncated = path.stat().st_ino
+        assert truncated != inode and not (tmp_path / "metrics.jsonl.tmp").exists()
+        assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+        kept = path.read_bytes()
+        assert before.startswith(kept)  # the kept rows, byte for byte
+        writer.write(4, {"x": 40.0})
+    assert path.stat().st_ino == truncated and path.read_bytes().startswith(kept)
+    assert [(r["step"], r["x"]) for r in read_metrics(tmp_path)] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0),
+                                                                      (4, 40.0)]
+
+
 def test_disabled_writer_and_progress_touch_nothing(tmp_path, capsys):
     workdir = tmp_path / "run"
     with MetricsWriter(workdir, start_step=5, enabled=False) as writer:

@@ -319,16 +319,49 @@ def test_top_k_z_with_the_rollout_top_k_equals_the_one_pass(case, window, monkey
 
 
 def test_nonfinite_update_is_skipped():
-    """A NaN advantage poisons the loss: the update is skipped (state unchanged) and counted."""
+    """One compiled update, three ways to a non-finite step, each skipped (params and optimizer state
+    unchanged bit for bit, counted) and named by skip_cause: a NaN advantage (the loss); a NaN learning
+    rate (finite loss and gradients, NaN parameters: the rejected update's first leaf); NaN parameters
+    before the update (corrupt, and refused by init_state). The control with lr 1 is applied."""
     policy, actor = make_models()
     batch = rollout_batch(actor)
-    batch = batch._replace(advantages=np.where(np.arange(B) == 0, np.nan, batch.advantages).astype(np.float32))
-    before, after, metrics, _ = _run_step(StepConfig(mode="jackpot", micro_batch_size=B, kernel_impl="chunked"),
-                                          policy, actor, batch, jax.random.key(0))
-    assert float(metrics["nonfinite/skipped"]) == 1.0
-    assert int(after.updates) == 0
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    cfg = StepConfig(mode="jackpot", micro_batch_size=B, kernel_impl="chunked")
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)  # the rate lives in the state: no recompile
+    updater = Updater(cfg, policy, actor, sgd, sgd)
+    key = jax.random.key(0)
+    template = updater.init_state(params_of(policy), params_of(actor))  # once: init_state compiles anew
+    old = updater.prepare(template.policy, template.actor, batch, cfg.lam)
+    with_lr = lambda opt, lr: opt._replace(hyperparams={"learning_rate": jnp.float32(lr)})
+
+    def run(batch, lr=1.0):
+        state = jax.tree.map(jnp.copy, template)  # update donates its state
+        state = state._replace(policy_opt=with_lr(state.policy_opt, lr))
+        before = jax.tree.map(jnp.copy, state)
+        after, metrics = updater.update(state, batch, old, key, cfg.lam)
+        return before, after, metrics
+
+    nan_advantage = batch._replace(advantages=np.where(np.arange(B) == 0, np.nan, batch.advantages).astype(np.float32))
+    for case, (got, lr, cause) in {"loss": (nan_advantage, 1.0, "the loss"),
+                                   "lr": (batch, np.nan, "the updated parameters / optimizer state, first at policy[")
+                                   }.items():
+        before, after, metrics = run(got, lr)
+        assert float(metrics["nonfinite/skipped"]) == 1.0 and int(after.updates) == 0, case
+        if case == "lr":  # the loss and gradients were finite: only the update's result is not
+            assert np.isfinite(float(metrics["loss/total"])) and np.isfinite(float(metrics["grad_norm/policy"]))
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=case)
+        assert updater.skip_cause(after)[1] is False and updater.skip_cause(after)[0].startswith(cause), case
+    before, after, metrics = run(batch)  # the control: applied, and nothing to name
+    assert float(metrics["nonfinite/skipped"]) == 0.0 and int(after.updates) == 1
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.policy), jax.tree.leaves(after.policy)))
+    assert updater.skip_cause(after) == ("nothing (the last update was applied)", False)
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[0, 0].set(jnp.inf) if "embed_tokens" in jax.tree_util.keystr(path) else x, after.policy)
+    cause, corrupt = updater.skip_cause(after._replace(policy=poisoned))
+    assert corrupt and cause.startswith("the parameters before the update, first at policy['embed_tokens']"), cause
+    with pytest.raises(ValueError, match=r"not finite \(NaN or inf\) before any update, first at "
+                                         r"policy\['embed_tokens'\] \(1 leaves\): the model or checkpoint"):
+        updater.init_state(poisoned, params_of(actor))
 
 
 @pytest.mark.slow  # remat itself is checked in tests/test_models.py; this is the whole update with it

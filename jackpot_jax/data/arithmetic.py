@@ -170,8 +170,9 @@ def make_split(seed: int, count: int, difficulty: int, *, form: str = "word",
     return problems
 
 
-_STEP = r"(\d+) ([-+*]) (\d+) = (\d+)\."
-_SOLUTION_RE = re.compile(rf"(?:{_STEP} )+\\boxed\{{(\d+)\}}")
+_NUMBER = r"(\d{1,18})"  # the task's numbers are small; a longer one is wrong (and int() of 4,300+ digits raises)
+_STEP = rf"{_NUMBER} ([-+*]) {_NUMBER} = {_NUMBER}\."
+_SOLUTION_RE = re.compile(rf"(?:{_STEP} )+\\boxed\{{{_NUMBER}\}}")
 
 
 def solution_reward(completion: str, answer: str) -> float:

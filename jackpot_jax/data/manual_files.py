@@ -11,10 +11,11 @@ to fingerprint the files) and the TFDS builders of :mod:`jackpot_jax.data.builde
   ``answer`` field, the answer is the last ``\\boxed{}`` of the solution.
 - ``deepscaler``: DeepScaleR ``{"problem", "answer", "solution"}`` (train only).
 
-Accepted formats: JSONL, a JSON array (DeepScaleR's ``deepscaler.json``) and parquet (needs
-``pyarrow``). A malformed line, a record with a missing field and an empty split raise
-``ValueError`` naming the file and line; with ``skip_bad_lines`` bad records are skipped, logged
-and counted instead.
+Accepted formats: JSONL (UTF-8), a JSON array (DeepScaleR's ``deepscaler.json``) and parquet (needs
+``pyarrow``). A malformed or non-UTF-8 line, a record over :data:`MAX_RECORD_BYTES`, a record with
+a missing field and an empty split raise ``ValueError`` naming the file and line; with
+``skip_bad_lines`` bad records are skipped, logged and counted instead (a JSON array is one document:
+its decoding errors cannot be skipped).
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ import os
 from typing import Iterator
 
 logger = logging.getLogger(__name__)
+
+# The largest record (a JSONL line, a JSON array item, a parquet row as JSON), in UTF-8 bytes: longer
+# ones are bad records (skippable), so one huge line cannot take the memory of the preparation.
+MAX_RECORD_BYTES = 1 << 20
 
 MANUAL_SPLITS = {"gsm8k": ("train", "test"), "math": ("train", "test"), "deepscaler": ("train",)}
 MANUAL_DATASETS = tuple(MANUAL_SPLITS)
@@ -117,9 +122,64 @@ class BadRecord(ValueError):
     """A record that cannot be used; the message names the file and line."""
 
 
+def _too_big(where: str, size: int) -> BadRecord:
+    return BadRecord(f"{where}: the record has {size} bytes or more, over the limit of MAX_RECORD_BYTES="
+                     f"{MAX_RECORD_BYTES} (jackpot_jax.data.manual_files).")
+
+
+def _record_size(record) -> int:
+    """The UTF-8 size of ``record`` as JSON (for records of parquet files and JSON arrays)."""
+    return len(json.dumps(record, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRecord(f"{where}: not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start} of the "
+                        "line).") from None
+
+
+def _read_lines(file) -> Iterator[tuple[int, bytes | None, int]]:
+    """``(line number, bytes, size)`` per line of the binary ``file``; a line over
+    :data:`MAX_RECORD_BYTES` is never held whole: its bytes are ``None`` (``size``: as read)."""
+    lineno = 0
+    while True:
+        line = file.readline(MAX_RECORD_BYTES + 2)  # + the newline (and a \r before it)
+        if not line:
+            return
+        lineno += 1
+        size = len(line)
+        if size > MAX_RECORD_BYTES + 1 and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # skip the rest of the line, a block at a time
+                line = file.readline(1 << 20)
+                size += len(line)
+            yield lineno, None, size
+            continue
+        stripped = line.rstrip(b"\r\n")
+        yield lineno, (None if len(stripped) > MAX_RECORD_BYTES else stripped), len(stripped)
+
+
+def _iter_json_array(path: str, data: bytes) -> Iterator[tuple[str, object]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:  # a JSON array is one document: no record to skip to
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:line {line}: not UTF-8 (byte 0x{data[err.start]:02x}).") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:line {err.lineno}: malformed JSON ({err.msg}).") from err
+    for item, record in enumerate(records, start=1):
+        size = _record_size(record)
+        yield f"{path}:item {item}", (_too_big(f"{path}:item {item}", size) if size > MAX_RECORD_BYTES else record)
+
+
 def _iter_raw(path: str) -> Iterator[tuple[str, object]]:
     """``(where, record_or_exception)`` for each record of ``path``; ``where`` is ``path:line N``
-    (JSONL), ``path:item N`` (JSON array) or ``path:row N`` (parquet), counted from 1."""
+    (JSONL), ``path:item N`` (JSON array) or ``path:row N`` (parquet), counted from 1. JSONL is read
+    a line at a time, as bytes: a line that is not UTF-8 or JSON, or longer than
+    :data:`MAX_RECORD_BYTES`, is a :class:`BadRecord` (skippable)."""
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -127,25 +187,31 @@ def _iter_raw(path: str) -> Iterator[tuple[str, object]]:
             raise ImportError(f"Reading {path} needs pyarrow (pip install pyarrow), or convert the file "
                               "to JSONL.") from err
         for row, record in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield f"{path}:row {row}", record
+            size = _record_size(record)
+            yield f"{path}:row {row}", (_too_big(f"{path}:row {row}", size) if size > MAX_RECORD_BYTES else record)
         return
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
-    if path.endswith(".json") and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:  # a JSON array is one document: no record to skip to
-            raise ValueError(f"{path}:line {err.lineno}: malformed JSON ({err.msg}).") from err
-        for item, record in enumerate(records, start=1):
-            yield f"{path}:item {item}", record
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:line {lineno}", json.loads(line)
-        except json.JSONDecodeError as err:
-            yield f"{path}:line {lineno}", BadRecord(f"{path}:line {lineno}: malformed JSON ({err.msg}).")
+    with open(path, "rb") as file:
+        if path.endswith(".json"):
+            head = b""
+            while not head and (chunk := file.read(4096)):  # the first non-blank byte
+                head = chunk.lstrip()
+            file.seek(0)
+            if head.startswith(b"["):
+                yield from _iter_json_array(path, file.read())
+                return
+        for lineno, line, size in _read_lines(file):
+            where = f"{path}:line {lineno}"
+            if line is None:
+                yield where, _too_big(where, size)
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(_decode(line, where))
+            except BadRecord as err:
+                yield where, err
+            except json.JSONDecodeError as err:
+                yield where, BadRecord(f"{where}: malformed JSON ({err.msg}).")
 
 
 def _field(record: dict, field: str, where: str, required: bool = True) -> str:

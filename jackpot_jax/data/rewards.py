@@ -57,38 +57,29 @@ _STARTUP_TIMEOUT_S = 120.0  # the worker imports SymPy and math-verify once (abo
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
-
-
-def _closing_brace(text: str, start: int) -> int | None:
-    """Index of the ``}`` closing the group that opens just before ``text[start]``, or None.
-
-    Escaped characters (``\\{``, ``\\}``, ``\\\\``) are skipped, so ``\\boxed{\\{1, 2\\}}`` is one group.
-    """
-    depth, i = 1, start
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
+_BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character (skipped) or a brace
 
 
 def _boxes(text: str) -> list[tuple[int, int]]:
     """``(start, end)`` of every ``\\boxed{...}`` / ``\\fbox{...}`` with balanced braces, in order;
-    ``text[start:end]`` is the whole box."""
-    spans = []
-    for match in _BOX_RE.finditer(text):
-        close = _closing_brace(text, match.end())
-        if close is not None:
-            spans.append((match.start(), close + 1))
-    return spans
+    ``text[start:end]`` is the whole box.
+
+    Escaped characters (``\\{``, ``\\}``, ``\\\\``) are skipped, so ``\\boxed{\\{1, 2\\}}`` is one group.
+    One pass over ``text`` with a stack of open groups: linear time (a completion of thousands of
+    unclosed boxes must not take quadratic time in the trainer, where rewards run in process)."""
+    opens = {match.end() - 1: match.start() for match in _BOX_RE.finditer(text)}  # box's "{" -> its start
+    if not opens:
+        return []
+    spans, stack = [], []
+    for i in (m.start() for m in _BRACE_RE.finditer(text)):
+        char = text[i]
+        if char == "{":
+            stack.append(opens.get(i))
+        elif char == "}" and stack:
+            start = stack.pop()
+            if start is not None:
+                spans.append((start, i + 1))
+    return sorted(spans)
 
 
 def _box_content(text: str, span: tuple[int, int]) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any
 
@@ -63,7 +65,7 @@ class ModelConfig:
             fail("model_type", f"one of {tuple(FAMILIES)}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
                 fail(key, "a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
             fail("num_key_value_heads", f"a divisor of num_attention_heads={self.num_attention_heads}")
@@ -71,8 +73,13 @@ class ModelConfig:
             if self.hidden_size % self.num_attention_heads:
                 fail("head_dim", "given when hidden_size is not a multiple of num_attention_heads")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.head_dim % 2:
-            fail("head_dim", "even (RoPE rotates pairs)")
+        if not _is_int(self.head_dim) or self.head_dim < 1 or self.head_dim % 2:
+            fail("head_dim", "a positive even integer (RoPE rotates pairs)")
+        if not _is_int(self.max_position_embeddings) or self.max_position_embeddings < 1:
+            fail("max_position_embeddings", "a positive integer")
+        for key in ("rms_norm_eps", "rope_theta"):  # eps <= 0 or theta <= 0 give NaN logits
+            if not _is_positive_number(getattr(self, key)):
+                fail(key, "a finite number > 0")
         bias, qk_norm = FAMILIES[self.model_type]
         if self.attention_bias is None:
             object.__setattr__(self, "attention_bias", bias)
@@ -114,17 +121,15 @@ class ModelConfig:
     def from_hf(cls, config: dict | str | os.PathLike, **overrides) -> "ModelConfig":
         """From a Hugging Face ``config.json`` (a dict, the file, or its directory). ``dtype`` and
         ``param_dtype`` default to the checkpoint's; ``overrides`` replace any field."""
+        source = "config.json"
         if not isinstance(config, dict):
-            path = os.path.join(config, "config.json") if os.path.isdir(config) else os.fspath(config)
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} does not exist: a Hugging Face checkpoint directory needs a "
-                                        "config.json.")
-            with open(path) as f:
-                config = json.load(f)
+            source = os.path.join(config, "config.json") if os.path.isdir(config) else os.fspath(config)
+            config = read_hf_config(source)
         model_type = config.get("model_type")
         if model_type not in FAMILIES:
-            raise ValueError(f"model_type={model_type!r} in config.json is not supported: supported model types "
+            raise ValueError(f"model_type={model_type!r} in {source} is not supported: supported model types "
                              f"are {tuple(FAMILIES)}.")
+        check_hf_fields(config, source)
         rope_theta, rope_scaling = _rope_from_hf(config)
         kwargs: dict[str, Any] = dict(
             vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
@@ -133,7 +138,7 @@ class ModelConfig:
             num_key_value_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
             head_dim=config.get("head_dim"), model_type=model_type,
             rms_norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope_scaling,
-            max_position_embeddings=config.get("max_position_embeddings", 32768),
+            max_position_embeddings=config.get("max_position_embeddings") or 32768,
             tie_word_embeddings=config.get("tie_word_embeddings", False),
         )
         if model_type == "qwen2":
@@ -141,10 +146,10 @@ class ModelConfig:
         elif "attention_bias" in config:
             kwargs["attention_bias"] = bool(config["attention_bias"])
         if config.get("mlp_bias"):
-            raise ValueError("mlp_bias=True in config.json is not supported: the MLP projections have no bias.")
+            raise ValueError(f"mlp_bias=True in {source} is not supported: the MLP projections have no bias.")
         act = config.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"hidden_act={act!r} in config.json is not supported: the MLP is SwiGLU ('silu').")
+            raise ValueError(f"hidden_act={act!r} in {source} is not supported: the MLP is SwiGLU ('silu').")
         dtype = config.get("dtype") or config.get("torch_dtype")
         if dtype in DTYPES:  # the checkpoint's dtype, for storage and computation
             kwargs["dtype"] = kwargs["param_dtype"] = dtype
@@ -169,6 +174,69 @@ class ModelConfig:
         return out
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_positive_number(value) -> bool:
+    """A real number (not a bool), finite and > 0."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+# config.json fields of sizes (positive integers; None allowed for the optional ones) and of constants (finite > 0)
+HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+HF_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+HF_CONSTANTS = ("rms_norm_eps", "rope_theta")
+
+
+def read_hf_config(path: str) -> dict:
+    """The JSON object in the ``config.json`` at ``path``; ``FileNotFoundError`` / ``ValueError``
+    naming the file when it is missing, not JSON, or not an object."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: a Hugging Face checkpoint directory needs a config.json.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object: a config.json is an object "
+                         "of the model's fields.")
+    return config
+
+
+def check_hf_fields(config: dict, source: str = "config.json") -> None:
+    """Raise ``ValueError`` naming ``source`` and the field when a size of ``config`` (a
+    ``config.json`` dict) is missing or not a positive integer, or a constant (``rms_norm_eps``,
+    ``rope_theta``, the ``rope_scaling`` numbers) is not a finite number > 0."""
+    def fail(key, value, allowed):
+        raise ValueError(f"{key}={value!r} in {source} is not allowed: {key} must be {allowed}.")
+
+    for key in HF_SIZES:
+        if key not in config:
+            raise ValueError(f"{source} has no {key}: a config.json needs {', '.join(HF_SIZES)}.")
+    for key in HF_SIZES + HF_OPTIONAL_SIZES:
+        value = config.get(key)
+        if (value is not None or key in HF_SIZES) and (not _is_int(value) or value < 1):
+            fail(key, value, "a positive integer")
+    constants = [(key, config[key]) for key in HF_CONSTANTS if key in config]
+    for name in ("rope_parameters", "rope_scaling"):  # transformers 5's form, the published checkpoints' form
+        section = config.get(name) or {}
+        if not isinstance(section, dict):
+            fail(name, section, "an object (or null)")
+        constants += [(f"{name}.{key}", value) for key, value in section.items()
+                      if key in ROPE_NUMBERS or key == "rope_theta"]
+    for key, value in constants:
+        if not _is_positive_number(value):
+            fail(key, value, "a finite number > 0")
+    if not isinstance(config.get("tie_word_embeddings", False), bool):
+        fail("tie_word_embeddings", config["tie_word_embeddings"], "true or false")
+
+
+# the numbers of a rope_scaling dict (each finite and > 0)
+ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 def _check_rope_scaling(scaling: dict) -> None:
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type not in ROPE_TYPES:
@@ -178,6 +246,9 @@ def _check_rope_scaling(scaling: dict) -> None:
     missing = [key for key in needed[rope_type] if key not in scaling]
     if missing:
         raise ValueError(f"rope_scaling of type {rope_type!r} needs the keys {missing}.")
+    bad = {key: scaling[key] for key in ROPE_NUMBERS if key in scaling and not _is_positive_number(scaling[key])}
+    if bad:
+        raise ValueError(f"rope_scaling {bad} is not allowed: {', '.join(bad)} must be finite numbers > 0.")
 
 
 def _rope_from_hf(config: dict) -> tuple[float, dict | None]:

@@ -37,16 +37,39 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     return f"model.{'.'.join(parents)}.{suffix}", leaf == "kernel"
 
 
+# safetensors dtypes of floating-point weights (integer / bool tensors are never weights)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def read_index(directory: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> file name) of the safetensors index in ``directory``;
+    ``ValueError`` naming the index when it is not an object with a weight_map of names to files
+    inside ``directory`` (no absolute paths, no ``..``: an index never reads beyond its folder)."""
+    index = os.path.join(directory, INDEX_FILE)
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): {error!r}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must be an object of tensor names to file names.")
+    for name, file in weight_map.items():
+        parts = file.replace("\\", "/").split("/")
+        if os.path.isabs(file) or ".." in parts or not file:
+            raise ValueError(f"{index}: weight_map[{name!r}]={file!r} is not allowed: shard files must be named "
+                             "relative to the checkpoint's folder, inside it (no absolute path, no '..').")
+    return weight_map
+
+
 class _Checkpoint:
     """Lazy access to the tensors of a safetensors checkpoint (one file or sharded)."""
 
     def __init__(self, path):
         from safetensors import safe_open  # noqa: PLC0415 (light, but only needed here)
 
-        index = os.path.join(path, INDEX_FILE)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+        self.path = path
+        if os.path.exists(os.path.join(path, INDEX_FILE)):
+            weight_map = read_index(path)
             files = sorted(set(weight_map.values()))
         elif os.path.exists(os.path.join(path, SINGLE_FILE)):
             files, weight_map = [SINGLE_FILE], None
@@ -63,11 +86,24 @@ class _Checkpoint:
             weight_map = {key: SINGLE_FILE for key in self.handles[SINGLE_FILE].keys()}
         self.weight_map = weight_map
 
+    def file(self, name) -> str:
+        """The path of the file holding tensor ``name``."""
+        return os.path.join(self.path, self.weight_map[name])
+
     def slice(self, name):
         return self.handles[self.weight_map[name]].get_slice(name)
 
     def shape(self, name):
         return tuple(self.slice(name).get_shape())
+
+
+def _checked(array: np.ndarray, file: str, name: str) -> np.ndarray:
+    """``array`` (a tensor read from ``file``, in the parameter's dtype), or ``ValueError`` naming
+    the tensor when it holds NaN or inf (also a finite value beyond the dtype's range)."""
+    if not np.isfinite(array).all():
+        raise ValueError(f"{file}: tensor {name} holds NaN or inf values (as {array.dtype}): the checkpoint's weights "
+                         "must be finite.")
+    return array
 
 
 def from_pretrained(path, dtype=None, *, param_dtype=None, mesh=None, rules=sharding_lib.DEFAULT_RULES,
@@ -77,20 +113,18 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, mesh=None, rules=shar
     ``dtype`` (computation) and ``param_dtype`` (storage) default to the checkpoint's dtype;
     ``param_dtype`` defaults to ``dtype`` when only that is given. With a ``mesh``, each parameter is
     created directly in its sharding (``rules``). Other keyword arguments replace
-    :class:`ModelConfig` fields (e.g. ``remat=True``).
+    :class:`ModelConfig` fields (e.g. ``remat=True``). Raises ``ValueError`` naming the file and
+    the field or tensor for a bad ``config.json`` value (:func:`jackpot_jax.models.config.check_hf_fields`),
+    an index naming files outside ``path``, a tensor that is not floating point, or NaN / inf
+    weights (each tensor, or each device's shard, checked as it is read, in the parameter's dtype).
     """
     directory = os.fspath(path)
     config_file = os.path.join(directory, "config.json")
-    if not os.path.exists(config_file):
-        raise FileNotFoundError(f"{config_file} does not exist: a Hugging Face checkpoint directory needs a "
-                                "config.json.")
-    with open(config_file) as f:
-        config_json = json.load(f)
     if dtype is not None:
         config_overrides.update(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype or dtype).name)
     elif param_dtype is not None:
         config_overrides.update(param_dtype=jnp.dtype(param_dtype).name)
-    config = ModelConfig.from_hf(config_json, **config_overrides)
+    config = ModelConfig.from_hf(config_file, **config_overrides)
     checkpoint = _Checkpoint(directory)
 
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
@@ -111,13 +145,17 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, mesh=None, rules=shar
         if shape != expected:
             raise ValueError(f"tensor {name} has shape {shape} in the checkpoint but the config needs {expected}.")
         tensor = checkpoint.slice(name)
+        file = checkpoint.file(name)
+        if tensor.get_dtype() not in FLOAT_DTYPES:
+            raise ValueError(f"{file}: tensor {name} has dtype {tensor.get_dtype()}, but weights are floating point "
+                             f"(one of {', '.join(FLOAT_DTYPES)}).")
         target = variable.dtype
 
         def read(index):
             index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-            if transposed:
-                return np.asarray(tensor[tuple(reversed(index))]).T.astype(target)
-            return np.asarray(tensor[index]).astype(target)
+            array = np.asarray(tensor[tuple(reversed(index))]).T if transposed else np.asarray(tensor[index])
+            with np.errstate(over="ignore"):  # a value beyond target's range: inf, refused by _checked
+                return _checked(array.astype(target), file, name)
 
         if mesh is None:
             return jnp.asarray(read(()))
@@ -303,18 +341,10 @@ def checkpoint_config(path, **overrides) -> ModelConfig:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} is not a directory: a Hugging Face checkpoint is a directory with "
                                 "config.json and *.safetensors.")
-    try:
-        config = ModelConfig.from_hf(directory, **overrides)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{os.path.join(directory, 'config.json')} is not valid JSON: {error}") from None
+    config = ModelConfig.from_hf(directory, **overrides)
     index = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as error:
-            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): "
-                             f"{error!r}") from None
+        files = sorted(set(read_index(directory).values()))
         missing = [name for name in files if not os.path.exists(os.path.join(directory, name))]
         if missing:
             raise FileNotFoundError(f"{os.path.join(directory, missing[0])} is listed in {INDEX_FILE} but does not "

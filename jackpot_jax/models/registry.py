@@ -49,19 +49,26 @@ def register(name: str, factory: Callable[..., Any] | None = None):
     return add if factory is None else add(factory)
 
 
-def resolve(name: str) -> Callable[..., Any]:
-    """The factory registered as ``name``, or imported from ``"package.module:attribute"``."""
+def resolve(name: str, *, imports: bool = True) -> Callable[..., Any]:
+    """The factory registered as ``name``, or imported from ``"package.module:attribute"``; with
+    ``imports=False`` (a name read from a checkpoint's metadata, which must never choose code to
+    import) registered families only."""
     if name in _FACTORIES:
         return _FACTORIES[name]
+    if ":" in name and not imports:
+        raise ValueError(f"model family {name!r} is not registered, and an import path read from a checkpoint's "
+                         f"metadata is never imported (registered families are {sorted(_FACTORIES)}): register the "
+                         f"family first (jackpot_jax.models.registry.register({name!r}, factory)).")
     if ":" in name:
         return import_object(name, "model family")
     raise ValueError(f"model family {name!r} is unknown: registered families are {sorted(_FACTORIES)}, or give an "
                      "import path 'package.module:factory'.")
 
 
-def build(name: str, config, *, rngs: nnx.Rngs):
-    """A model of family ``name`` for ``config``, checked against the protocol."""
-    model = resolve(name)(config, rngs=rngs)
+def build(name: str, config, *, rngs: nnx.Rngs, imports: bool = True):
+    """A model of family ``name`` for ``config``, checked against the protocol (``imports``: as
+    :func:`resolve`'s)."""
+    model = resolve(name, imports=imports)(config, rngs=rngs)
     check_protocol(model)
     return model
 

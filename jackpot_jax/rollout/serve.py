@@ -9,12 +9,18 @@ exact prompt: nothing is added, BOS included). Each response carries the new tok
 (each token decoded on its own, as JetStream 0.2.2 streams; decode the ids for exact text).
 
 JetStream's pieces run as they are (one :class:`~jackpot_jax.rollout.engine.JackpotEngine` for
-prefill and generate: its interleaved mode), with two changes:
+prefill and generate: its interleaved mode), with these changes:
 
 * requests are checked before they reach the orchestrator (whose worker threads kill the process
   on any error): an empty prompt, one longer than ``--max-prefill-length``, token ids outside the
   vocabulary, ``max_tokens <= 0`` or a completion that does not fit ``--max-target-length`` get an
-  ``INVALID_ARGUMENT`` status, and the server keeps serving;
+  ``INVALID_ARGUMENT`` status, and the server keeps serving; so do messages that are not valid
+  protobuf (JetStream's own handlers answer ``UNKNOWN``) and text prompts over
+  :data:`PROMPT_BYTES_PER_TOKEN` bytes per token of ``--max-prefill-length`` (checked before the
+  prompt is tokenized; tokenizing runs in a worker thread, never on the gRPC event loop, so a long
+  prompt does not stall the other clients);
+* a model with a NaN or infinite parameter is refused when the server starts (:func:`check_finite`):
+  its logits would be NaN, and every completion an empty one with status OK;
 * prompts are padded by :class:`~jackpot_jax.rollout.engine.HFTokenizer` (JetStream's padding
   would prepend a BOS to token ids, which Qwen has none of, and needs a power-of-two
   ``max_prefill_length``).
@@ -31,10 +37,17 @@ import sys
 import threading
 
 import grpc
+import jax
+import jax.numpy as jnp
+from google.protobuf.message import DecodeError
 
 from jackpot_jax.rollout.engine import JackpotEngine
-from jackpot_jax.rollout.jetstream_compat import jetstream_pb2_grpc, orchestrator
+from jackpot_jax.rollout.jetstream_compat import jetstream_pb2, orchestrator
 from jackpot_jax.rollout.sampling import check_sampling
+
+# The longest text prompt, in UTF-8 bytes per token of max_prefill_length: checked before tokenizing,
+# so a huge prompt is refused at once (a token of a Hugging Face tokenizer is a few bytes of text).
+PROMPT_BYTES_PER_TOKEN = 16
 
 
 class JackpotDriver(orchestrator.Driver):
@@ -57,10 +70,20 @@ def prompt_ids(request, tokenizer) -> list[int]:
     if which == "text_content":
         if not request.text_content.text:
             raise ValueError("text_content.text is empty: give a prompt.")
+        size, limit = len(request.text_content.text.encode("utf-8", "surrogatepass")), max_prompt_bytes(tokenizer)
+        if size > limit:
+            raise ValueError(f"text_content.text has {size} bytes, more than the server's limit of {limit} "
+                             f"({PROMPT_BYTES_PER_TOKEN} bytes per token of max_prefill_length="
+                             f"{tokenizer.max_prefill_length}).")
         return tokenizer.ids(request.text_content.text, is_bos=not request.session_cache)
     if which == "token_content":
         return list(request.token_content.token_ids)
     raise ValueError("the request has no content: set text_content or token_content.")
+
+
+def max_prompt_bytes(tokenizer) -> int:
+    """The longest text prompt the server tokenizes, in UTF-8 bytes."""
+    return PROMPT_BYTES_PER_TOKEN * tokenizer.max_prefill_length
 
 
 def check_request(request, tokenizer, engine: JackpotEngine) -> None:
@@ -93,13 +116,66 @@ class JackpotOrchestrator(orchestrator.LLMOrchestrator):
 
     async def Decode(self, request, context=None):  # noqa: N802 (the gRPC method's name)
         try:
-            check_request(request, self._tokenizer, self._engine)
+            if isinstance(request, Malformed):
+                raise ValueError(request.message)
+            # tokenizing takes time (seconds for megabytes): in a thread, so the event loop serves on
+            await asyncio.get_running_loop().run_in_executor(None, check_request, request, self._tokenizer,
+                                                             self._engine)
         except ValueError as error:
             if context is None:
                 raise
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         async for response in super().Decode(request, context):
             yield response
+
+    async def HealthCheck(self, request, context=None):  # noqa: N802 (the gRPC method's name)
+        if isinstance(request, Malformed):
+            if context is None:
+                raise ValueError(request.message)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await super().HealthCheck(request, context)
+
+
+class Malformed:
+    """What :func:`lenient_parser` gives for bytes that are not a valid message: the servicer
+    answers ``INVALID_ARGUMENT`` with ``message`` (a deserializer that raises gives ``UNKNOWN``)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def lenient_parser(message_class):
+    """``message_class.FromString``, giving a :class:`Malformed` for bytes that do not parse."""
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, RuntimeWarning, ValueError) as error:
+            return Malformed(f"the request is not a valid {message_class.DESCRIPTOR.full_name} message "
+                             f"({type(error).__name__}: {error}).")
+    return parse
+
+
+def add_servicer(servicer, server) -> None:
+    """JetStream's ``add_OrchestratorServicer_to_server`` with :func:`lenient_parser` requests."""
+    handlers = {
+        "Decode": grpc.unary_stream_rpc_method_handler(
+            servicer.Decode, request_deserializer=lenient_parser(jetstream_pb2.DecodeRequest),
+            response_serializer=jetstream_pb2.DecodeResponse.SerializeToString),
+        "HealthCheck": grpc.unary_unary_rpc_method_handler(
+            servicer.HealthCheck, request_deserializer=lenient_parser(jetstream_pb2.HealthCheckRequest),
+            response_serializer=jetstream_pb2.HealthCheckResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("jetstream_proto.Orchestrator",
+                                                                          handlers),))
+
+
+def check_finite(params) -> None:
+    """``ValueError`` naming the first parameter with a NaN or infinite value: such a model's logits
+    are NaN and every completion would come back empty with status OK."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
+            raise ValueError(f"the model's parameter {jax.tree_util.keystr(path)} has NaN or infinite values: "
+                             "refusing to serve it (its logits would be NaN).")
 
 
 class Server:
@@ -110,6 +186,7 @@ class Server:
         # the tokenizer first: the driver's threads build theirs too, and kill the process if that fails
         tokenizer = engine.build_tokenizer(engine.get_tokenizer())
         params = engine.load_params()
+        check_finite(params)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="jackpot-serve-grpc", daemon=True)
         self._loop_thread.start()
@@ -129,7 +206,7 @@ class Server:
     @staticmethod
     async def _start_grpc(servicer, address):
         server = grpc.aio.server()  # created in the loop that runs it, as grpc.aio requires
-        jetstream_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
+        add_servicer(servicer, server)
         try:
             port = server.add_insecure_port(address)
         except RuntimeError as error:

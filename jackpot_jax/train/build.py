@@ -107,7 +107,9 @@ def check_run(config):
     checkpoint's own tokenizer files (when it has them) are the run's tokenizer, token for token
     (:func:`~jackpot_jax.models.hf.tokenizer_difference`: the OBRS ratios compare the two models'
     distributions id by id); an actor copied from the policy (``actor.init="policy"``) has its
-    architecture; ``data.manual_dir`` exists. Raises a one-line ConfigError naming the keys."""
+    architecture; each model's ``max_position_embeddings`` covers a prompt and its completion
+    (``data.max_prompt_tokens + rollout.max_new_tokens``); ``data.manual_dir`` exists. Raises a
+    one-line ConfigError naming the keys."""
     names = _model_sections(config)
     checkpoints = {name: _checkpoint_config(config, name) for name in names if config[name].path}
     tokenizer = load_tokenizer(config)
@@ -116,7 +118,14 @@ def check_run(config):
                for name in names}
     kind, source, source_key = tokenizer_source(config)
     run_tokenizer = f"{source_key}={source!r}" if kind == "hf" else "the character-level tokenizer"
+    length = config.data.max_prompt_tokens + config.rollout.max_new_tokens
     for name, model_config in planned.items():
+        if length > model_config.max_position_embeddings:
+            raise ConfigError(f"config.data.max_prompt_tokens={config.data.max_prompt_tokens} + config.rollout."
+                              f"max_new_tokens={config.rollout.max_new_tokens} = {length} is not allowed with "
+                              f"{_describe(config, name)}: the {name}'s max_position_embeddings="
+                              f"{model_config.max_position_embeddings} is the longest sequence it was made for; lower "
+                              "them to fit.")
         if model_config.vocab_size < len(tokenizer):
             raise ConfigError(f"{_describe(config, name)} is not allowed: the model's vocab_size="
                               f"{model_config.vocab_size} is smaller than the run's tokenizer's {len(tokenizer)} "

@@ -10,8 +10,9 @@ line ``jackpot-train: message`` (exit status 1) and TensorFlow's and XLA's start
 
 ``jackpot-train`` without ``--config`` runs ``configs/demo.py``; without ``--workdir``, a fresh
 directory ``runs/<config name>-<date>-<time>``. A work dir that already holds checkpoints is only
-continued with ``--resume`` (never overwritten by accident). Multi-process runs start every process
-with the same flags plus ``--distributed`` (the cluster detected: TPU pod slices, SLURM) or the
+continued with ``--resume`` (never overwritten by accident), and is one run's: a second ``jackpot-train``
+on it fails at once, naming the process of the first (which holds ``WORKDIR/lock``). Multi-process runs
+start every process with the same flags plus ``--distributed`` (the cluster detected: TPU pod slices, SLURM) or the
 explicit three (``launch/local.sh``); see :func:`jackpot_jax.parallel.initialize`. ``jackpot-export`` writes a trained
 model of a run as a Hugging Face checkpoint (``config.json`` + safetensors, and the tokenizer).
 """
@@ -61,8 +62,9 @@ def _train(argv) -> None:
     del argv
     from jackpot_jax import parallel  # noqa: PLC0415 (after flag parsing: fast --help)
     from jackpot_jax.config import ConfigError  # noqa: PLC0415
+    from jackpot_jax.files import lock_holder  # noqa: PLC0415
     from jackpot_jax.train.checkpoint import Checkpointer, ResumeError  # noqa: PLC0415
-    from jackpot_jax.train.loop import Trainer, TrainingStopped  # noqa: PLC0415
+    from jackpot_jax.train.loop import LOCK_FILE, Trainer, TrainingStopped, workdir_in_use  # noqa: PLC0415
 
     logging.getLogger("jackpot_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
@@ -70,6 +72,9 @@ def _train(argv) -> None:
     workdir = args.workdir or _default_workdir(config_flags.get_config_filename(args["config"]))
     checkpoints = os.path.join(workdir, "checkpoints")
     if not args.resume and os.path.isdir(checkpoints) and Checkpointer.has_checkpoints(checkpoints):
+        holder = lock_holder(os.path.join(workdir, LOCK_FILE))  # a run going on there: resuming is no advice
+        if holder is not None:
+            sys.exit(f"jackpot-train: {workdir_in_use(os.path.abspath(workdir), holder)}")
         sys.exit(f"jackpot-train: {workdir} already holds checkpoints: pass --resume to continue that run, or "
                  f"choose another --workdir.")
     with user_errors("jackpot-train", debug=args.debug or debug_requested(),

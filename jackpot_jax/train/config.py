@@ -25,7 +25,12 @@ IMPLS = ("auto", "reference", "chunked", "pallas")
 TOKENIZER_KINDS = ("auto", "char", "hf")
 
 
-def _int(low=None, high=None):
+INT32_MAX = 2**31 - 1  # every integer key's default ceiling: counts and sizes reach int32 arrays
+SEED_MAX = 2**32 - 1  # seeds: uint32 (jax.random.fold_in's range; numpy and jax.random.key take more)
+FLOAT32_MAX = 3.4028234663852886e38  # float32's largest (np.finfo): float keys reach float32 arrays
+
+
+def _int(low=None, high=INT32_MAX):
     def ok(v):
         return isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low) and (high is None or v <= high)
     bounds = " and ".join(s for s in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "") if s)
@@ -33,13 +38,16 @@ def _int(low=None, high=None):
 
 
 def _float(low=None, high=None, *, low_open=False):
+    """A finite number within ``[low, high]`` (``(low, ...`` with ``low_open``) that float32 holds:
+    a larger one (``lr=1e300``) would be inf, then NaN, once on the device."""
     def ok(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > FLOAT32_MAX:
             return False
         return (low is None or (v > low if low_open else v >= low)) and (high is None or v <= high)
     low_text = f"{'>' if low_open else '>='} {low}" if low is not None else ""
     bounds = " and ".join(s for s in (low_text, f"<= {high}" if high is not None else "") if s)
-    return ok, f"a finite number{' ' + bounds if bounds else ''}"
+    # the float32 range in words: test_train_config reads "op number" pairs as the bounds
+    return ok, f"a finite number{' ' + bounds if bounds else ''} (within float32's range, up to 3.4e38)"
 
 
 def _choice(*allowed):
@@ -56,13 +64,14 @@ _MODEL = {"model": (lambda v: isinstance(v, str) and bool(v), "a registered mode
           "dtype": _choice("", "float32", "bfloat16"), "param_dtype": _choice("", "float32", "bfloat16"),
           "remat": _BOOL}
 
-_MESH_AXIS = (lambda v: _int(1)[0](v) or (_int()[0](v) and v == -1), "an integer >= 1, or -1 (the devices left over)")
+_MESH_AXIS = (lambda v: _int(1)[0](v) or (_int()[0](v) and v == -1),
+              f"an integer >= 1 and <= {INT32_MAX}, or -1 (the devices left over)")
 _BELOW_ONE = (lambda v: _float(0)[0](v) and v < 1, "a number in [0, 1)")
 _OPTIM = {"lr": _float(0, low_open=True), "schedule": _choice(*SCHEDULES), "warmup_steps": _int(0),
           "weight_decay": _float(0), "clip_norm": _float(0, low_open=True), "b1": _BELOW_ONE, "b2": _BELOW_ONE}
 
 RULES = {
-    "seed": _int(0),
+    "seed": _int(0, SEED_MAX),
     "policy": _MODEL,
     "actor": {**_MODEL, "init": _choice("own", "policy")},
     "tokenizer": {"kind": _choice(*TOKENIZER_KINDS), "path": _PATH},
@@ -72,12 +81,12 @@ RULES = {
     "warm_start": {"policy_steps": _int(0), "actor_steps": _int(0), "batch_size": _int(1),
                    "policy_lr": _float(0, low_open=True), "actor_lr": _float(0, low_open=True), "problems": _int(0),
                    "boxed": _float(0, 1),
-                   "seed": (_int(-1)[0], "an integer >= -1 (-1: config.seed)"),
+                   "seed": (_int(-1, SEED_MAX)[0], f"an integer >= -1 and <= {SEED_MAX} (-1: config.seed)"),
                    "dir": _PATH},
     "rollout": {"prompts_per_step": _int(1), "n": _int(2), "max_new_tokens": _int(1),
                 "temperature": _float(0, low_open=True), "top_p": _float(0, 1, low_open=True), "top_k": _int(0),
                 "logprobs_top_k": _int(0), "max_concurrent_decodes": _int(1),
-                "engine_devices": (_int(0)[0], "an integer >= 0 (0: all of a process's devices)")},
+                "engine_devices": (_int(0)[0], f"an integer >= 0 and <= {INT32_MAX} (0: all of a process's devices)")},
     "algorithm": {"mode": _choice(*MODES), "p_target": _choice("old", "new"), "lam": _float(0, low_open=True),
                   "target_accept": _float(0, 1), "z": _choice("topk", "exact"), "k": _int(1),
                   "c1": _float(0, low_open=True), "c2": _float(0, low_open=True), "clip": _BOOL,

@@ -15,11 +15,12 @@ weights are stop-gradient, so each model's gradient needs only values of the oth
 3. per micro-batch, on ``mesh``: the policy's forward under the gradient, and L_policy (eq. 5) with the
    scope's token weights, moved there once.
 
-Both optimizers then apply their gradients, or neither does when the loss or a gradient norm is not
-finite (as colocated). The price of the split: the policy forwards two or three times per micro-batch
-(as activation rematerialization would) and its unembedding's logits are computed on both meshes. The
-rollout batch and its :class:`~jackpot_jax.train.step.OldStats` are placed on both meshes; the results
-equal the colocated step's within float32 rounding (tests/test_parallel.py).
+Both optimizers then apply their gradients, or neither does when the loss, a gradient norm or a leaf
+of the updated parameters or optimizer states is not finite (as colocated). The price of the split: the
+policy forwards two or three times per micro-batch (as activation rematerialization would) and its
+unembedding's logits are computed on both meshes. The rollout batch and its
+:class:`~jackpot_jax.train.step.OldStats` are placed on both meshes; the results equal the colocated
+step's within float32 rounding (tests/test_parallel.py).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ import pallas_kernels as pk
 from jackpot_jax.models.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
 from jackpot_jax.train.batch import TrainBatch, split_micro
 from jackpot_jax.train import objective
-from jackpot_jax.train.step import MiniBatch, OldStats, TrainState, Updater, apply_updates, lr_scale_arg
+from jackpot_jax.train.step import (MiniBatch, OldStats, TrainState, Updater, apply_updates, finite_flags,
+                                    lr_scale_arg)
 
 
 def _micro(batch, num_micro: int, index):
@@ -94,12 +96,15 @@ class DisaggregatedUpdater(Updater):
         self._actor_micro = jax.jit(self._actor_micro_impl, static_argnums=(2,), donate_argnums=(8,))
         self._policy_micro = jax.jit(self._policy_micro_impl, static_argnums=(2,), donate_argnums=(7,))
         self._norm = jax.jit(optax.tree.norm)
-        self._apply_policy = jax.jit(self._apply_impl("policy"), donate_argnums=(0, 1, 2),
+        # not donated: the old state stays until the checks of both models' updates are read
+        self._apply_policy = jax.jit(self._apply_impl("policy"),
                                      out_shardings=(state_shardings.policy, state_shardings.policy_opt,
-                                                    state_shardings.updates))
+                                                    NamedSharding(self.mesh, PartitionSpec())))
+        self._count = jax.jit(lambda n: n + 1, donate_argnums=(0,), out_shardings=state_shardings.updates)
         if cfg.train_actor:
-            self._apply_actor = jax.jit(self._apply_impl("actor"), donate_argnums=(0, 1),
-                                        out_shardings=(state_shardings.actor, state_shardings.actor_opt))
+            self._apply_actor = jax.jit(self._apply_impl("actor"),
+                                        out_shardings=(state_shardings.actor, state_shardings.actor_opt,
+                                                       NamedSharding(self.actor_mesh, PartitionSpec())))
 
     # ------------------------------------------------------------------ the jitted pieces
 
@@ -149,11 +154,10 @@ class DisaggregatedUpdater(Updater):
     def _apply_impl(self, name):
         tx = self.policy_tx if name == "policy" else self.actor_tx
 
-        def apply(params, opt_state, *rest, scale=None):
-            *updates, grads, finite = rest
-            new = apply_updates(tx, grads, opt_state, params, scale)
-            params, opt_state = jax.tree.map(lambda u, c: jnp.where(finite, u, c), new, (params, opt_state))
-            return (params, opt_state, updates[0] + finite.astype(jnp.int32)) if updates else (params, opt_state)
+        def apply(params, opt_state, grads, scale=None):
+            """The updated ``(params, opt_state)`` and a finiteness flag per leaf of each (``finite_flags``)."""
+            params, opt_state = apply_updates(tx, grads, opt_state, params, scale)
+            return params, opt_state, finite_flags({name: params, f"{name}_opt": opt_state})
 
         return apply
 
@@ -230,12 +234,20 @@ class DisaggregatedUpdater(Updater):
         rows = [{**row, "loss/total": row["loss/policy"] + actor_loss} for actor_loss, row in results]
         metrics = {key: np.sum([row[key] for row in rows]) for key in rows[0]}  # parts of the mini-batch's
         metrics.update(scope_metrics)
-        finite = np.asarray(np.isfinite(metrics["loss/total"]) and all(np.isfinite(n) for n in norms.values()))
-        policy, policy_opt, updated = self._apply_policy(state.policy, state.policy_opt, state.updates, policy_grads,
-                                                         finite)
-        actor, actor_opt = (self._apply_actor(state.actor, state.actor_opt, actor_grads, finite,
-                                              scale=lr_scale_arg(actor_lr_scale))
-                            if cfg.train_actor else (state.actor, None))
+        checks = [np.isfinite(metrics["loss/total"])] + [np.isfinite(n) for n in norms.values()]
+        candidate = (state.policy, state.policy_opt, state.actor, state.actor_opt)
+        if all(checks):  # both models' updates, each checked on its own mesh; applied only if all finite
+            policy, policy_opt, policy_flags = self._apply_policy(state.policy, state.policy_opt, policy_grads)
+            actor, actor_opt, actor_flags = (self._apply_actor(state.actor, state.actor_opt, actor_grads,
+                                                               scale=lr_scale_arg(actor_lr_scale))
+                                             if cfg.train_actor else (state.actor, None, np.ones(0, bool)))
+            candidate = (policy, policy_opt, actor, actor_opt)
+            checks += list(np.concatenate(jax.device_get((policy_flags, actor_flags))))
+        finite = all(checks)
+        policy, policy_opt, actor, actor_opt = candidate if finite else (state.policy, state.policy_opt, state.actor,
+                                                                         state.actor_opt)
+        updated = self._count(state.updates) if finite else state.updates
+        self.last_checks = np.asarray(checks + [True] * (len(self._check_names) - len(checks)), bool)
         metrics.update({f"grad_norm/{name}": n for name, n in norms.items()})
         metrics["nonfinite/skipped"] = np.float32(1.0 - finite)
         if self.policy_lr is not None:

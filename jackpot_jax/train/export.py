@@ -123,9 +123,10 @@ def run_model_config(workdir, config, name: str, tokenizer) -> tuple[ModelConfig
 
 
 def _abstract_model(config, name: str, model_config: ModelConfig):
-    """The ``name`` model of the run with shapes and dtypes only (nothing allocated)."""
+    """The ``name`` model of the run with shapes and dtypes only (nothing allocated). ``config`` is
+    the checkpoint's metadata: its family must be registered, never an import path to import."""
     family = "transformer" if config[name].path else config[name].model  # as build.build_model builds it
-    return nnx.eval_shape(lambda: registry.build(family, model_config, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: registry.build(family, model_config, rngs=nnx.Rngs(0), imports=False))
 
 
 def export(workdir: str, out: str, *, model: str = "policy", step: int | None = None) -> str:
@@ -136,6 +137,7 @@ def export(workdir: str, out: str, *, model: str = "policy", step: int | None = 
     built, and only the checkpoint's state is read (see :func:`run_model_config`)."""
     if model not in MODELS:
         raise ValueError(f"model={model!r} is not allowed: it must be 'policy' or 'actor'.")
+    workdir = os.path.abspath(workdir)  # Orbax restores from absolute paths only; runs may be given relative ones
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints):
         raise FileNotFoundError(f"{workdir} has no checkpoints directory: is it a jackpot-train run directory?")

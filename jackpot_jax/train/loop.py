@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from typing import NamedTuple
 
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jackpot_jax import losses, parallel
+from jackpot_jax import files, losses, parallel
 from jackpot_jax.config import ConfigError
 from jackpot_jax.controller import KLController
 from jackpot_jax.data.batching import PromptBatcher
@@ -53,7 +54,9 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (too many non-finite updates in a row); checkpoints are kept."""
+    """The run stopped on purpose (too many non-finite updates in a row); checkpoints are kept and
+    the message names what was not finite (the loss, a gradient, a leaf of the rejected update, or the
+    parameters before it)."""
 
 
 def _mean_metrics(rows: list[dict]) -> dict:
@@ -123,8 +126,9 @@ def check_resume(config, checkpointer: Checkpointer) -> None:
     every changed key (a warning; logging, IO and layout keys at info), and raise a one-line
     :class:`ResumeError` naming each key that makes the run another experiment (the models, data,
     tokenizer, seed, ...) unless ``config.train.allow_changes``."""
-    step, directory = checkpointer.latest_step(), checkpointer.directory
-    changes = resume_changes(checkpointer.read_meta(step).get("config", {}), config.to_dict())
+    step, meta = checkpointer.latest_meta()  # the newest step whose meta is good (damaged ones set aside)
+    directory = checkpointer.directory
+    changes = resume_changes(meta.get("config", {}), config.to_dict())
     for change in changes:
         level = logging.INFO if change.kind == "free" else logging.WARNING
         logger.log(level, "resume: %s changed %r -> %r", f"config.{change.key}", change.saved, change.now)
@@ -168,6 +172,35 @@ def warm_start_only(config, workdir: str) -> None:
     _start(config, os.path.abspath(workdir), build.check_run(config))
 
 
+LOCK_FILE = "lock"  # in the work dir, held by process 0 of the run
+
+
+def workdir_in_use(workdir: str, holder: str) -> ConfigError:
+    """The one-line error of a run started in a work dir that ``holder`` (the lock file's text) holds."""
+    path = os.path.join(workdir, LOCK_FILE)
+    return ConfigError(f"workdir {workdir!r} is in use by another run: {holder or 'a process'} holds {path}; two "
+                       "runs must never share a work dir: wait for it to end, or choose another --workdir.")
+
+
+def lock_workdir(workdir: str):
+    """The run's exclusive lock on ``workdir`` (:func:`~jackpot_jax.files.try_exclusive_lock` on
+    ``WORKDIR/lock``, naming this process), taken by process 0 only (None in the others): never two
+    runs in one work dir. Raises a one-line ConfigError naming the process that holds it. A
+    filesystem without locks gives a warning and no lock."""
+    if jax.process_index() != 0:
+        return None
+    path = os.path.join(workdir, LOCK_FILE)
+    owner = f"pid {os.getpid()} on host {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S %Z')})"
+    try:
+        return files.try_exclusive_lock(path, owner)
+    except files.LockHeld as held:
+        raise workdir_in_use(workdir, held.owner) from None
+    except OSError as error:  # e.g. ENOLCK / EOPNOTSUPP on some network filesystems
+        logger.warning("%s: the work dir cannot be locked (%s): nothing stops another run from using it too.",
+                       path, error)
+        return None
+
+
 class Trainer:
     """A run of ``config`` in ``workdir`` (resumed from its latest checkpoint when there is one)."""
 
@@ -187,6 +220,15 @@ class Trainer:
         self.config, self.workdir = config, os.path.abspath(workdir)
         self.reward = get_reward(config.data.reward)
         os.makedirs(self.workdir, exist_ok=True)
+        self._lock = lock_workdir(self.workdir)  # before anything in it is read or written
+        try:
+            self._init(config, tokenizer, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init(self, config, tokenizer, resume: bool) -> None:
+        """What ``__init__`` builds once the work dir is locked: checkpointer, data, models, engine."""
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=config.train.save_every,
                                          keep=config.train.keep)
         if resume and self.checkpointer.latest_step() is not None:
@@ -219,7 +261,9 @@ class Trainer:
         if resume and self.checkpointer.latest_step() is not None:
             self._restore()
         self._push_actor()
-        self.writer = MetricsWriter(self.workdir, start_step=self.step + 1, enabled=jax.process_index() == 0)
+        # the rows after the checkpoint go (all of them when the run starts at step 0: its row 0 is written again)
+        self.writer = MetricsWriter(self.workdir, start_step=self.step + 1 if self.step else 0,
+                                    enabled=jax.process_index() == 0)
         if jax.process_index() == 0:  # what jackpot-export needs, kept in the run dir (once; after a resume's checks)
             save_run_files(self.workdir, config, self.tokenizer, policy, actor)
 
@@ -234,7 +278,10 @@ class Trainer:
 
     def _restore(self):
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        checked = self.checkpointer.latest_step()
         self.state, meta = self.checkpointer.restore(abstract, config=self.config.to_dict())
+        if self.checkpointer.latest_step() != checked:  # it fell back past a damaged step: check the config again
+            check_resume(self.config, self.checkpointer)
         try:
             self.batcher.load_state_dict(meta["data"])
         except ValueError as error:  # another data order (allowed by train.allow_changes)
@@ -388,12 +435,24 @@ class Trainer:
                 progress.update(self.step - 1, metrics)
                 self.checkpointer.save(self.step, self.state, self._meta(), force=self.step == cfg.steps)
                 if self.nonfinite_in_row >= cfg.max_nonfinite:
+                    cause, corrupt = self.updater.skip_cause(self.state)
+                    advice = ("the model or checkpoint the run started from is corrupt: rebuild it, or resume from an "
+                              "older checkpoint" if corrupt else
+                              f"the checkpoints in {self.checkpointer.directory} are intact (no skipped update was "
+                              "applied): lower the learning rate or lam, then resume")
                     raise TrainingStopped(
-                        f"step {self.step}: {self.nonfinite_in_row} updates in a row had a non-finite loss or gradient "
-                        f"(train.max_nonfinite={cfg.max_nonfinite}) and were skipped. The checkpoints in "
-                        f"{self.checkpointer.directory} are intact: lower the learning rate or lam, then resume.")
+                        f"step {self.step}: {self.nonfinite_in_row} updates in a row had a non-finite loss, gradient or "
+                        f"update (train.max_nonfinite={cfg.max_nonfinite}) and were skipped; not finite: {cause}. "
+                        f"{advice[0].upper() + advice[1:]}.")
         finally:
             progress.close()
             self.checkpointer.wait()
             self.writer.close()
+            self.close()
         return history
+
+    def close(self) -> None:
+        """Releases the work dir's lock (:func:`lock_workdir`; idempotent): :meth:`run` does at its end."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

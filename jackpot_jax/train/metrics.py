@@ -88,6 +88,21 @@ def read_metrics(workdir_or_file) -> list[dict]:
     return rows
 
 
+def _truncate(path: str, start_step: int) -> None:
+    """Drops the rows of ``path`` with ``step >= start_step`` (and a truncated last line), crash-safe:
+    the kept rows go to a temporary file renamed over ``path``; a file with nothing to drop is left
+    as it is (no rewrite)."""
+    with open(path, "rb") as f:
+        complete = f.read().endswith(b"\n") or os.path.getsize(path) == 0
+    rows = read_metrics(path)
+    kept = [row for row in rows if row["step"] < start_step]
+    if len(kept) == len(rows) and complete:
+        return
+    atomic_write_text(path, "".join(_encode_line(row) for row in kept))
+    logger.info("%s: dropped %d rows from step %d on (the run restarts there).", path, len(rows) - len(kept),
+                start_step)
+
+
 class MetricsWriter:
     """Writes each step's scalars to ``WORKDIR/metrics.jsonl`` and (``tensorboard=True``) to
     TensorBoard events under ``WORKDIR/tensorboard``. With ``enabled=False`` (every JAX process
@@ -99,8 +114,10 @@ class MetricsWriter:
 
     A run that starts at ``start_step`` keeps only the existing rows with ``step < start_step``
     (all rows are dropped when a run starts over from step 0): the rows after the resume point
-    are written again by the resumed run. TensorBoard drops its events from that step on too
-    (``purge_step``).
+    are written again by the resumed run. That truncation is the only rewrite of the file (once,
+    when rows are dropped, by a rename: crash-safe); every row after it is appended. TensorBoard
+    drops its events from that step on too (``purge_step``). One writer per file: the trainer's
+    lock on its work dir (:func:`jackpot_jax.train.loop.lock_workdir`) keeps a second run out.
     """
 
     def __init__(self, workdir, *, start_step: int = 0, enabled: bool = True, tensorboard: bool = True):
@@ -115,12 +132,7 @@ class MetricsWriter:
             raise ValueError(f"start_step must be >= 0, got {start_step}.")
         os.makedirs(workdir, exist_ok=True)
         if os.path.exists(self.path):
-            rows = read_metrics(self.path)
-            kept = [row for row in rows if row["step"] < start_step]
-            atomic_write_text(self.path, "".join(_encode_line(row) for row in kept))
-            if len(kept) < len(rows):
-                logger.info("%s: dropped %d rows from step %d on (the run restarts there).",
-                            self.path, len(rows) - len(kept), start_step)
+            _truncate(self.path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:

@@ -14,7 +14,8 @@ Then :meth:`Updater.update`, per mini-batch, in one jitted function with explici
    ``rollout.max_new_tokens``), the sampled tokens' log-probs and the distillation KL from the fused
    kernels (never forming the logits), and eq. 8's L = L_policy (eq. 5) + L_actor (eq. 6 + beta eq. 7)
    of :mod:`~jackpot_jax.train.objective`, whose gradients add up to the mini-batch's;
-3. both optax updates, or neither when the loss or a gradient is not finite.
+3. both optax updates, or neither when the loss, a gradient, or a leaf of the parameters or optimizer
+   states they would give is not finite (a NaN learning rate with finite gradients, say).
 
 p_inf in Z is the actor that sampled the batch at the rollout temperature (its top-p / top-k
 truncation aside; kappa rescales the top-k Z to the measured acceptance): the update's actor, or
@@ -154,6 +155,10 @@ class Updater:
         yet. Fixes the shardings the jitted functions take and return."""
         place = lambda params, name: None if params is None else jax.device_put(params, self._param_shardings[name])
         policy_params, actor_params = place(policy_params, "policy"), place(actor_params, "actor")
+        bad = nonfinite_leaves({"policy": policy_params, "actor": actor_params})
+        if bad:  # before any update: no learning rate made them so
+            raise ValueError(f"the parameters are not finite (NaN or inf) before any update, first at {bad[0]} "
+                             f"({len(bad)} leaves): the model or checkpoint they come from is corrupt.")
         # optax's init outside jit: its parameter-shaped leaves (AdamW's mu, nu) keep the parameters'
         # shardings (under jit XLA would be free to replicate them); the others (a step count) land on
         # one device and are replicated over the mesh below
@@ -168,6 +173,7 @@ class Updater:
                                on(self.mesh, state.policy_opt), on(self.actor_mesh, state.actor_opt),
                                on(self.mesh, state.updates))
         state = jax.device_put(state, shardings)  # committed, as update's outputs: one compilation, not two
+        self._check_names = self._checks_of(shardings)
         self._compile(shardings)
         return state
 
@@ -227,8 +233,39 @@ class Updater:
             rollout_actor = parallel.from_local(rollout_actor, self._param_shardings["actor"])
         # a mini-batch cut from a rollout batch on the device may have another layout: into the rows'
         batch, old = jax.device_put((batch, old), self.rows)
-        return self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor,
-                                                           self._beta(beta), lr_scale_arg(actor_lr_scale))
+        state, metrics = self._update_jit[rollout_actor is not None](state, batch, old, key, lam_old, rollout_actor,
+                                                                     self._beta(beta), lr_scale_arg(actor_lr_scale))
+        self.last_checks = metrics.pop("nonfinite/checks")  # on the device: read only by skip_cause
+        return state, metrics
+
+    def _checks_of(self, state) -> list[str]:
+        """The names of the update's finiteness checks, in the order of its ``nonfinite/checks``: the
+        loss, each gradient, then each leaf of the updated parameters and optimizer states."""
+        grads = ["the policy's gradient"] + (["the actor's gradient"] if self.cfg.train_actor else [])
+        return ["the loss"] + grads + leaf_names(self._candidate(state.policy, state.policy_opt, state.actor,
+                                                                  state.actor_opt))
+
+    def _candidate(self, policy, policy_opt, actor, actor_opt) -> dict:
+        """What an update changes, by name (the actor's part when it is trained)."""
+        parts = {"policy": policy, "policy_opt": policy_opt}
+        return {**parts, "actor": actor, "actor_opt": actor_opt} if self.cfg.train_actor else parts
+
+    def skip_cause(self, state: TrainState) -> tuple[str, bool]:
+        """``(what was not finite, corrupt)`` for the last update skipped (host side, after a stop):
+        ``corrupt`` when ``state``'s parameters, kept from before the skipped updates, are themselves
+        not finite (the model or checkpoint the run started from), else what the last update's checks
+        found: the loss, a gradient, or the first non-finite leaf of the update it would have applied."""
+        bad = nonfinite_leaves({"policy": state.policy, "actor": state.actor})
+        if bad:
+            return f"the parameters before the update, first at {bad[0]} ({len(bad)} leaves)", True
+        checks = np.asarray(jax.device_get(getattr(self, "last_checks", np.ones(0, bool))))
+        failed = [name for name, ok in zip(self._check_names, checks) if not ok]
+        if not failed:
+            return "nothing (the last update was applied)", False
+        if failed[0].startswith("the "):
+            return failed[0], False
+        return (f"the updated parameters / optimizer state, first at {failed[0]} ({len(failed)} leaves; "
+                "loss and gradients finite: the learning rate or an optimizer setting overflows)"), False
 
     def _beta(self, beta):
         """The update's beta argument: ``beta``, or the config's when None."""
@@ -482,20 +519,51 @@ class Updater:
             metrics.update(scope.metrics)
 
         norms = {name: optax.tree.norm(g) for name, g in grads.items()}
-        finite = jnp.isfinite(metrics["loss/total"]) & functools.reduce(jnp.logical_and,
-                                                                         [jnp.isfinite(n) for n in norms.values()])
         new = {"policy": apply_updates(self.policy_tx, grads["policy"], state.policy_opt, state.policy)}
         if cfg.train_actor:
             new["actor"] = apply_updates(self.actor_tx, grads["actor"], state.actor_opt, state.actor, actor_lr_scale)
+        # the loss, the gradients and everything the update would apply: one flag each (see _checks_of)
+        checks = jnp.concatenate([jnp.stack([jnp.isfinite(metrics["loss/total"])]
+                                            + [jnp.isfinite(n) for n in norms.values()]),
+                                  finite_flags(self._candidate(*new["policy"], *new.get("actor", (None, None))))])
+        finite = jnp.all(checks)
         keep = lambda updated, current: jax.tree.map(lambda u, c: jnp.where(finite, u, c), updated, current)
         policy, policy_opt = keep(new["policy"], (state.policy, state.policy_opt))
         actor, actor_opt = (keep(new["actor"], (state.actor, state.actor_opt)) if cfg.train_actor
                              else (state.actor, None))
         metrics.update({f"grad_norm/{name}": n for name, n in norms.items()})
         metrics["nonfinite/skipped"] = 1.0 - finite.astype(jnp.float32)
+        metrics["nonfinite/checks"] = checks  # popped by update
         if self.policy_lr is not None:
             metrics["lr"] = jnp.asarray(self.policy_lr(state.updates), jnp.float32)
         return TrainState(policy, actor, policy_opt, actor_opt, state.updates + finite.astype(jnp.int32)), metrics
+
+
+def finite_flags(parts: dict) -> jax.Array:
+    """``[leaves]`` bool: each leaf of ``parts`` (a dict of trees, in its order) all finite; integer
+    leaves are. Traceable: inside the update, one reduction per leaf fused with the update itself."""
+    leaves = [x for tree in parts.values() for x in jax.tree.leaves(tree)]
+    flags = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.ones((), bool) for x in leaves]
+    return jnp.stack(flags) if flags else jnp.ones((0,), bool)
+
+
+def leaf_names(parts: dict) -> list[str]:
+    """The names of :func:`finite_flags`' leaves, e.g. ``policy['layers'][0]['mlp']['down']['kernel']``."""
+    return [name + jax.tree_util.keystr(path).removesuffix(".value")
+            for name, tree in parts.items() for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+_finite_flags = jax.jit(finite_flags)
+
+
+def nonfinite_leaves(parts: dict) -> list[str]:
+    """The names of the leaves of ``parts`` (a dict of trees) with a NaN or an inf, on the host (one
+    jitted reduction per tree: each may live on its own mesh): ``[]`` when all are finite."""
+    bad = []
+    for name, tree in parts.items():
+        flags = np.asarray(jax.device_get(_finite_flags({name: tree})))
+        bad += [leaf for leaf, ok in zip(leaf_names({name: tree}), flags) if not ok]
+    return bad
 
 
 def _zero(x, valid):
